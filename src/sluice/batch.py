@@ -1,0 +1,181 @@
+"""Batches and dead letters: what flows between sources, steps and sinks.
+
+A batch is a ``pyarrow.Table``. Two hidden *position columns* ride along with the user's columns
+so that a row can be traced back to where it came from, whichever step rejects it later:
+
+* ``__sluice_source`` (dictionary<string>): the file (or topic/stream) the row came from
+* ``__sluice_row`` (int64): the 0-based record number inside that source (a line number for
+  line-oriented formats is reported separately in dead letters when the reader knows it)
+
+Steps keep them when they keep whole rows (filter, select, cast, ...); SQL that does not select
+them drops them, after which later dead letters carry no position. Sinks never write them
+(:func:`strip_positions`).
+
+Dead letters are an Arrow table with :data:`DEAD_LETTER_SCHEMA`; build them with
+:func:`dead_letters` (vectorized) and never as a Python loop over a big batch.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import Final
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+SOURCE_COL: Final = "__sluice_source"
+ROW_COL: Final = "__sluice_row"
+POSITION_COLS: Final = (SOURCE_COL, ROW_COL)
+
+#: Reason codes a dead letter may carry. Connectors may add their own; these are the common ones.
+REASONS: Final = {
+    "parse_error": "the record could not be parsed (malformed CSV/JSON/XML)",
+    "column_count": "a CSV row has a different number of fields than the header",
+    "encoding": "bytes that are not valid in the declared encoding",
+    "cast_error": "a value cannot be converted to the declared type",
+    "corrupt_file": "a whole file could not be read (corrupt or truncated)",
+    "expression_error": "an expression failed on this record",
+    "join_unmatched": "no matching row in the reference table",
+    "sink_rejected": "the sink refused the record after retries",
+    "replay_error": "a replayed dead letter could not be parsed back",
+}
+
+DEAD_LETTER_SCHEMA: Final = pa.schema(
+    [
+        pa.field("pipeline", pa.string()),
+        pa.field("run_id", pa.string()),
+        pa.field("step_id", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("message", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("position", pa.int64()),
+        pa.field("line", pa.int64()),
+        pa.field("payload", pa.string()),
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+_EMPTY_DL = DEAD_LETTER_SCHEMA.empty_table()
+
+
+def empty_dead_letters() -> pa.Table:
+    return _EMPTY_DL
+
+
+def _as_array(value: object, n: int, typ: pa.DataType) -> pa.Array:
+    if isinstance(value, pa.ChunkedArray):
+        value = value.combine_chunks()
+    if isinstance(value, pa.Array):
+        if value.type != typ:
+            value = pc.cast(value, typ)
+        return value
+    if isinstance(value, (list, tuple)):
+        return pa.array(value, type=typ)
+    return pa.array([value] * n, type=typ) if n else pa.array([], type=typ)
+
+
+def dead_letters(
+    *,
+    step_id: str,
+    reason: str,
+    message: object,
+    payload: object,
+    n: int | None = None,
+    source: object = None,
+    position: object = None,
+    line: object = None,
+) -> pa.Table:
+    """Build a dead-letter table. Each argument is a scalar (repeated) or an array of length n.
+
+    ``pipeline`` and ``run_id`` are filled in by the executor when the letters are written.
+    """
+    if n is None:
+        for v in (payload, message, source, position, line):
+            if isinstance(v, (pa.Array, pa.ChunkedArray, list, tuple)):
+                n = len(v)
+                break
+        else:
+            n = 1
+    now = dt.datetime.now(dt.UTC)
+    cols = {
+        "pipeline": pa.nulls(n, pa.string()),
+        "run_id": pa.nulls(n, pa.string()),
+        "step_id": _as_array(step_id, n, pa.string()),
+        "reason": _as_array(reason, n, pa.string()),
+        "message": _as_array(message, n, pa.string()),
+        "source": _as_array(source, n, pa.string()),
+        "position": _as_array(position, n, pa.int64()),
+        "line": _as_array(line, n, pa.int64()),
+        "payload": _as_array(payload, n, pa.string()),
+        "created_at": _as_array(now, n, pa.timestamp("us", tz="UTC")),
+    }
+    return pa.Table.from_pydict(cols, schema=DEAD_LETTER_SCHEMA)
+
+
+def rows_as_json(table: pa.Table) -> pa.Array:
+    """Serialize each row (without position columns) to a JSON object string, vectorized."""
+    data = strip_positions(table)
+    if data.num_columns == 0:
+        return pa.array(["{}"] * table.num_rows, type=pa.string())
+    df = pl.from_arrow(data)
+    assert isinstance(df, pl.DataFrame)
+    # Types JSON cannot hold natively (decimals, dates, binaries) are rendered as strings.
+    safe = [
+        pl.col(c).cast(pl.String) if not _json_native(df.schema[c]) else pl.col(c) for c in df.columns
+    ]
+    out = df.select(pl.struct(safe).struct.json_encode().alias("j"))["j"]
+    return out.to_arrow().cast(pa.string())
+
+
+def _json_native(dtype: pl.DataType) -> bool:
+    return dtype.is_numeric() and not isinstance(dtype, pl.Decimal) or dtype in (pl.String, pl.Boolean)
+
+
+def rows_dead_letters(
+    table: pa.Table, *, step_id: str, reason: str, message: object
+) -> pa.Table:
+    """Dead letters for whole rows of ``table`` (payload = the row as JSON, position from the row)."""
+    n = table.num_rows
+    if n == 0:
+        return _EMPTY_DL
+    names = table.column_names
+    source = table.column(SOURCE_COL) if SOURCE_COL in names else None
+    if source is not None and pa.types.is_dictionary(source.type):
+        source = pc.cast(source, pa.string())
+    position = table.column(ROW_COL) if ROW_COL in names else None
+    return dead_letters(
+        step_id=step_id,
+        reason=reason,
+        message=message,
+        payload=rows_as_json(table),
+        n=n,
+        source=source,
+        position=position,
+    )
+
+
+def with_positions(table: pa.Table, source: str, first_row: int) -> pa.Table:
+    """Append the position columns to a freshly read table."""
+    n = table.num_rows
+    src = pa.DictionaryArray.from_arrays(
+        pa.array(np.zeros(n, dtype=np.int32)), pa.array([source], pa.string())
+    )
+    rows = pa.array(np.arange(first_row, first_row + n, dtype=np.int64))
+    return table.append_column(SOURCE_COL, src).append_column(ROW_COL, rows)
+
+
+def strip_positions(table: pa.Table) -> pa.Table:
+    """Drop the hidden position columns (sinks call this before writing)."""
+    drop = [c for c in POSITION_COLS if c in table.column_names]
+    return table.drop_columns(drop) if drop else table
+
+
+def concat(tables: Sequence[pa.Table]) -> pa.Table:
+    """Concatenate tables whose schemas may differ in column order or missing nullable columns."""
+    tables = [t for t in tables if t.num_columns]
+    if len(tables) == 1:
+        return tables[0]
+    return pa.concat_tables(tables, promote_options="permissive")

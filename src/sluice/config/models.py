@@ -1,0 +1,283 @@
+"""Frozen pydantic models for every setting: pipeline, sources, steps, sinks, dead letters.
+
+YAML loading, the Python builder, ``sluice validate`` and ``sluice schema`` all come from these
+models, so a setting is declared exactly once.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+
+from sluice.types import parse_type
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+def _check_types(v: dict[str, str] | None) -> dict[str, str] | None:
+    for col, name in (v or {}).items():
+        try:
+            parse_type(name)
+        except ValueError as exc:
+            raise ValueError(f"column {col!r}: {exc}") from None
+    return v
+
+
+# --------------------------------------------------------------------------------------- sources
+
+
+class FileSourceBase(Model):
+    id: str = Field("source", description="Step id of the source (used in dead letters).")
+    path: str = Field(description="A file, or a glob of files of one format (e.g. data/*.csv).")
+    columns: dict[str, str] | None = Field(
+        None,
+        alias="schema",
+        description="Explicit column types {name: type}; columns not listed are inferred.",
+    )
+
+    _types = field_validator("columns")(classmethod(lambda cls, v: _check_types(v)))
+
+
+class CsvSource(FileSourceBase):
+    """CSV files. Rows with the wrong field count, bad encoding or uncastable values are dead letters."""
+
+    kind: Literal["csv"]
+    delimiter: str = Field(",", min_length=1, max_length=1)
+    quote: str | None = Field('"', description="Quote character; null disables quoting.")
+    escape: str | None = Field(None, description="Escape character inside quoted fields.")
+    header: bool = Field(True, description="First line holds the column names.")
+    column_names: list[str] | None = Field(None, description="Names when there is no header.")
+    encoding: str = Field("utf-8", description="Any Python codec: utf-8, latin-1, utf-16, cp1252...")
+    infer_types: bool = Field(True, description="Infer numbers/booleans/timestamps; false = strings.")
+    null_values: list[str] = Field(default_factory=lambda: [""])
+    block_size: int = Field(8 << 20, ge=1 << 12, description="Bytes parsed per batch.")
+
+
+class JsonSource(FileSourceBase):
+    """A JSON document per file: an array of objects (one row each) or a single object."""
+
+    kind: Literal["json"]
+    max_bytes: int = Field(1 << 30, description="Files larger than this are refused (dead letter).")
+
+
+class JsonlSource(FileSourceBase):
+    """JSON lines: one object per line. A bad line is a dead letter; the rest of the file is read."""
+
+    kind: Literal["jsonl"]
+    block_size: int = Field(8 << 20, ge=1 << 12)
+
+
+class ParquetSource(FileSourceBase):
+    """Parquet files. A corrupt file is dead-lettered whole and the run goes on."""
+
+    kind: Literal["parquet"]
+    select: list[str] | None = Field(None, description="Read only these columns.")
+
+
+class XmlSource(FileSourceBase):
+    """XML files; ``record_path`` names the repeating element that becomes a row."""
+
+    kind: Literal["xml"]
+    record_path: str = Field(
+        description="Path of the repeating element, e.g. 'orders/order' or just 'order'."
+    )
+
+
+SourceConfig = Annotated[
+    CsvSource | JsonSource | JsonlSource | ParquetSource | XmlSource, Field(discriminator="kind")
+]
+
+# ----------------------------------------------------------------------------------------- steps
+
+
+class StepBase(Model):
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+    from_: str | list[str] | None = Field(
+        None,
+        alias="from",
+        description="Input step id(s); default: the step declared just before. A list merges.",
+    )
+
+    def inputs(self, previous: str) -> list[str]:
+        if self.from_ is None:
+            return [previous]
+        return [self.from_] if isinstance(self.from_, str) else list(self.from_)
+
+
+class SelectStep(StepBase):
+    select: list[str] = Field(min_length=1, description="Columns to keep, in this order.")
+
+
+class RenameStep(StepBase):
+    rename: dict[str, str] = Field(min_length=1, description="{old_name: new_name}")
+
+
+class CastStep(StepBase):
+    cast: dict[str, str] = Field(
+        min_length=1, description="{column: type}; uncastable values become dead letters."
+    )
+
+    _types = field_validator("cast")(classmethod(lambda cls, v: _check_types(v)))
+
+
+class FilterStep(StepBase):
+    filter: str = Field(min_length=1, description="SQL boolean expression; rows not true are filtered.")
+
+
+class DeriveStep(StepBase):
+    derive: dict[str, str] = Field(
+        min_length=1, description="{new_column: SQL expression}, evaluated in order."
+    )
+
+
+class SqlStep(StepBase):
+    sql: str = Field(min_length=1, description="DuckDB SQL over the current batch, named `input`.")
+
+
+class DedupOptions(Model):
+    key: list[str] = Field(min_length=1, description="Columns that identify a record.")
+
+
+class DeduplicateStep(StepBase):
+    deduplicate: DedupOptions = Field(description="Keep the first row per key across the whole run.")
+
+
+class JoinOptions(Model):
+    reference: SourceConfig = Field(description="A file source read once, held in memory.")
+    on: list[str] = Field(min_length=1, description="Key columns present on both sides.")
+    how: Literal["left", "inner"] = "left"
+    unmatched: Literal["filter", "dead_letter"] = Field(
+        "filter", description="With how=inner: what happens to rows without a match."
+    )
+
+
+class JoinStep(StepBase):
+    join: JoinOptions
+
+
+STEP_KEYS = ("select", "rename", "cast", "filter", "derive", "sql", "deduplicate", "join")
+
+
+def _step_tag(v: Any) -> str | None:
+    keys = v.keys() if isinstance(v, dict) else v.__class__.model_fields.keys()
+    found = [k for k in STEP_KEYS if k in keys]
+    return found[0] if len(found) == 1 else None
+
+
+StepConfig = Annotated[
+    Annotated[SelectStep, Tag("select")]
+    | Annotated[RenameStep, Tag("rename")]
+    | Annotated[CastStep, Tag("cast")]
+    | Annotated[FilterStep, Tag("filter")]
+    | Annotated[DeriveStep, Tag("derive")]
+    | Annotated[SqlStep, Tag("sql")]
+    | Annotated[DeduplicateStep, Tag("deduplicate")]
+    | Annotated[JoinStep, Tag("join")],
+    Discriminator(
+        _step_tag,
+        custom_error_type="step_kind",
+        custom_error_message=(
+            "a step needs exactly one of: " + ", ".join(STEP_KEYS) + " (plus 'id' and optional 'from')"
+        ),
+    ),
+]
+
+# ----------------------------------------------------------------------------------------- sinks
+
+
+class SinkBase(Model):
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+    from_: str | list[str] | None = Field(
+        None, alias="from", description="Step id(s) to write; default: the last step."
+    )
+
+    def inputs(self, previous: str) -> list[str]:
+        if self.from_ is None:
+            return [previous]
+        return [self.from_] if isinstance(self.from_, str) else list(self.from_)
+
+
+class FileSinkBase(SinkBase):
+    path: str = Field(
+        description="A directory of part files, or a single file when it ends in the format's "
+        "extension. Files appear only when complete (written under a temporary name, then renamed)."
+    )
+
+
+class ParquetSink(FileSinkBase):
+    kind: Literal["parquet"]
+    partition_by: list[str] = Field(default_factory=list, description="Hive-style partition columns.")
+    compression: Literal["zstd", "snappy", "gzip", "lz4", "none"] = "zstd"
+    rows_per_file: int = Field(5_000_000, ge=1, description="Start a new part file after this many rows.")
+
+
+class CsvSink(FileSinkBase):
+    kind: Literal["csv"]
+    delimiter: str = Field(",", min_length=1, max_length=1)
+    header: bool = True
+
+
+class JsonlSink(FileSinkBase):
+    kind: Literal["jsonl"]
+
+
+class DeltaSink(SinkBase):
+    kind: Literal["delta"]
+    path: str = Field(description="Delta table location (a directory).")
+    mode: Literal["append", "overwrite"] = "append"
+    partition_by: list[str] = Field(default_factory=list)
+
+
+class DuckdbSink(SinkBase):
+    kind: Literal["duckdb"]
+    path: str = Field(description="DuckDB database file (created if missing).")
+    table: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_\.]*$")
+    mode: Literal["append", "replace"] = "append"
+
+
+class PostgresSink(SinkBase):
+    kind: Literal["postgres"]
+    dsn: str = Field(description="libpq connection string; use ${ENV_VARS} for secrets.")
+    table: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_\.]*$")
+    mode: Literal["append", "upsert"] = "append"
+    key: list[str] = Field(default_factory=list, description="Conflict key columns for upsert.")
+    create: bool = Field(True, description="Create the table from the data's schema if missing.")
+
+
+SinkConfig = Annotated[
+    ParquetSink | CsvSink | JsonlSink | DeltaSink | DuckdbSink | PostgresSink,
+    Field(discriminator="kind"),
+]
+
+
+class DeadLetterConfig(Model):
+    kind: Literal["jsonl", "parquet"] = "jsonl"
+    path: str = Field(
+        "dead_letters/{pipeline}",
+        description="Directory; each run writes one file named after its run id.",
+    )
+
+
+class Settings(Model):
+    batch_rows: int = Field(262_144, ge=1, description="Target rows per batch between steps.")
+    queue_size: int = Field(4, ge=1, description="Batches buffered between reader, steps and sinks.")
+
+
+class PipelineConfig(Model):
+    """The immutable pipeline graph: one source, steps in order, sinks, a dead-letter output."""
+
+    pipeline: str = Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+    source: SourceConfig
+    steps: list[StepConfig] = Field(default_factory=list)
+    sinks: list[SinkConfig] = Field(min_length=1)
+    dead_letter: DeadLetterConfig = Field(default_factory=DeadLetterConfig)
+    settings: Settings = Field(default_factory=Settings)
+
+    def step(self, step_id: str) -> Any:
+        for node in (self.source, *self.steps, *self.sinks):
+            if node.id == step_id:
+                return node
+        raise KeyError(step_id)

@@ -1,0 +1,1 @@
+"""Connectors: one module (or folder) per technology."""

@@ -1,0 +1,1 @@
+"""File formats: readers (csv, json, jsonl, parquet, xml) and atomic writers."""

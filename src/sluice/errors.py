@@ -1,0 +1,117 @@
+"""Every error Sluice raises, in one tree.
+
+::
+
+    SluiceError                      root: catch this to catch everything from Sluice
+    ├── ConfigError                  a pipeline/step/connector setting is wrong (names step, value, fix)
+    │   └── ConfigErrors             several ConfigErrors reported at once (``sluice validate``)
+    ├── MissingDependencyError       an optional extra is not installed (says which ``pip install``)
+    ├── StepError                    a step failed while running (carries ``step_id``)
+    │   ├── TransientError           worth retrying with backoff (network blip, lock timeout)
+    │   └── TerminalError            retrying will not help: the record/batch becomes a dead letter
+    ├── SourceError                  a source could not be opened or read
+    └── SinkError                    a sink could not be opened, written or committed
+
+Third-party exceptions are converted at the connector boundary with ``raise ... from exc`` so the
+original cause stays visible in the traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class SluiceError(Exception):
+    """Root of every error raised by Sluice."""
+
+
+class ConfigError(SluiceError):
+    """A configuration mistake: names the step, the offending value and the fix."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        step_id: str | None = None,
+        field: str | None = None,
+        value: object = None,
+        fix: str | None = None,
+    ) -> None:
+        self.step_id = step_id
+        self.field = field
+        self.value = value
+        self.fix = fix
+        self.message = message
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = f"step '{self.step_id}'" if self.step_id else "pipeline"
+        if self.field:
+            where += f", field '{self.field}'"
+        text = f"{where}: {self.message}"
+        if self.value is not None:
+            text += f" (got {self.value!r})"
+        if self.fix:
+            text += f". Fix: {self.fix}"
+        return text
+
+
+class ConfigErrors(ConfigError):
+    """Many configuration mistakes, reported together."""
+
+    def __init__(self, errors: Iterable[ConfigError]) -> None:
+        self.errors = list(errors)
+        lines = [f"{len(self.errors)} problem(s) in the pipeline:"]
+        lines += [f"  - {e}" for e in self.errors]
+        Exception.__init__(self, "\n".join(lines))
+        self.step_id = None
+        self.field = None
+        self.value = None
+        self.fix = None
+        self.message = lines[0]
+
+
+class MissingDependencyError(SluiceError, ImportError):
+    """An optional dependency is missing; the message names the extra to install."""
+
+    def __init__(self, package: str, extra: str, feature: str) -> None:
+        super().__init__(
+            f"{feature} needs the '{package}' package, which is not installed. "
+            f"Fix: pip install 'sluice[{extra}]'"
+        )
+
+
+class StepError(SluiceError):
+    """A step failed at run time."""
+
+    def __init__(self, step_id: str, message: str, *, fix: str | None = None) -> None:
+        self.step_id = step_id
+        self.fix = fix
+        text = f"step '{step_id}': {message}"
+        if fix:
+            text += f". Fix: {fix}"
+        super().__init__(text)
+
+
+class TransientError(StepError):
+    """A failure that may succeed when retried (with exponential backoff and jitter)."""
+
+
+class TerminalError(StepError):
+    """A failure that retrying will not fix; the affected records become dead letters."""
+
+
+class SourceError(StepError):
+    """A source could not be opened or read."""
+
+
+class SinkError(StepError):
+    """A sink could not be opened, written or committed."""
+
+
+def require(package: str, extra: str, feature: str) -> None:
+    """Raise :class:`MissingDependencyError` unless ``package`` can be imported."""
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None:
+        raise MissingDependencyError(package, extra, feature)

@@ -1,0 +1,159 @@
+"""The three small interfaces every connector and step implements, and the registry by name.
+
+Call contracts (the executor keeps them; implementations may rely on them):
+
+``Source``
+    ``open(ctx)`` once, then ``read()`` is iterated once to the end (or until the run stops),
+    then ``close()`` exactly once, even after an error. ``read`` yields :class:`Chunk` objects:
+    data (a ``pyarrow.Table`` *with* the position columns from :mod:`sluice.batch`), and/or dead
+    letters for what could not be read. A corrupt file yields dead letters and the source goes on
+    with the next file; ``read`` raises only for errors that make the whole run pointless (e.g. no
+    file matches the glob), as a :class:`~sluice.errors.SourceError` naming the step.
+
+``Step``
+    ``open(ctx)`` once; ``process(table)`` for each batch in order, returning a
+    :class:`StepResult` whose counts satisfy ``in = out + dead + filtered``; ``finish()`` once at
+    end of input (may emit a last result); ``close()`` exactly once.
+
+``Sink``
+    ``open(ctx)`` once; ``write(table)`` per batch (the table still has position columns: drop them
+    with :func:`sluice.batch.strip_positions`, use them for dead letters), returning dead letters
+    for rows the sink refused (empty table when all were written); then either ``commit()`` (the
+    run succeeded: make the output visible atomically) or ``abort()`` (remove partial output).
+    ``write`` is called from one thread per sink, never concurrently.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import pyarrow as pa
+
+from sluice.batch import empty_dead_letters
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every source, step and sink learns about the run it is part of."""
+
+    pipeline: str
+    run_id: str
+    base_dir: Path = field(default_factory=Path.cwd)
+
+    def resolve(self, path: str) -> Path:
+        """Resolve a configured path: relative paths are relative to the pipeline file's folder."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+
+@dataclass
+class Chunk:
+    """One item from a source: rows, dead letters, or both; ``bytes_read`` drives progress."""
+
+    table: pa.Table | None = None
+    dead: pa.Table | None = None
+    bytes_read: int = 0
+
+
+@dataclass
+class StepResult:
+    """What a step returns for one batch."""
+
+    table: pa.Table | None
+    dead: pa.Table = field(default_factory=empty_dead_letters)
+    filtered: int = 0
+
+
+@runtime_checkable
+class Source(Protocol):
+    step_id: str
+
+    def open(self, ctx: RunContext) -> None: ...
+    def read(self) -> Iterator[Chunk]: ...
+    def size_hint(self) -> int | None: ...
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Step(Protocol):
+    step_id: str
+
+    def open(self, ctx: RunContext) -> None: ...
+    def process(self, table: pa.Table) -> StepResult: ...
+    def finish(self) -> StepResult | None: ...
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Sink(Protocol):
+    step_id: str
+
+    def open(self, ctx: RunContext) -> None: ...
+    def write(self, table: pa.Table) -> pa.Table: ...
+    def commit(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+Factory = Callable[[Any], Any]
+
+# Built-ins are imported lazily ("module:attribute") so a run only imports what it uses.
+_BUILTIN: dict[str, dict[str, str]] = {
+    "source": {
+        "csv": "sluice.connectors.files.csv:CsvReader",
+        "json": "sluice.connectors.files.json:JsonReader",
+        "jsonl": "sluice.connectors.files.json:JsonlReader",
+        "parquet": "sluice.connectors.files.parquet:ParquetReader",
+        "xml": "sluice.connectors.files.xml:XmlReader",
+    },
+    "sink": {
+        "parquet": "sluice.connectors.files.writers:ParquetWriter",
+        "csv": "sluice.connectors.files.writers:CsvWriter",
+        "jsonl": "sluice.connectors.files.writers:JsonlWriter",
+        "delta": "sluice.connectors.delta:DeltaWriter",
+        "duckdb": "sluice.connectors.duckdb:DuckdbWriter",
+        "postgres": "sluice.connectors.postgres:PostgresWriter",
+    },
+    "step": {
+        "select": "sluice.steps.columns:Select",
+        "rename": "sluice.steps.columns:Rename",
+        "cast": "sluice.steps.columns:Cast",
+        "filter": "sluice.steps.expressions:Filter",
+        "derive": "sluice.steps.expressions:Derive",
+        "sql": "sluice.steps.sql:Sql",
+        "deduplicate": "sluice.steps.dedupe:Deduplicate",
+        "join": "sluice.steps.join:Join",
+    },
+}
+_REGISTERED: dict[str, dict[str, Factory]] = {"source": {}, "sink": {}, "step": {}}
+
+
+def register(role: str, name: str, factory: Factory) -> None:
+    """Register a source, sink or step factory under a name (third parties: entry points
+    ``sluice.sources`` / ``sluice.sinks`` / ``sluice.steps``)."""
+    _REGISTERED[role][name] = factory
+
+
+def lookup(role: str, name: str) -> Factory:
+    if name in _REGISTERED[role]:
+        return _REGISTERED[role][name]
+    if name in _BUILTIN[role]:
+        module, attr = _BUILTIN[role][name].split(":")
+        factory: Factory = getattr(importlib.import_module(module), attr)
+        _REGISTERED[role][name] = factory
+        return factory
+    for ep in entry_points(group=f"sluice.{role}s"):
+        if ep.name == name:
+            factory = ep.load()
+            _REGISTERED[role][name] = factory
+            return factory
+    known = sorted({*_BUILTIN[role], *_REGISTERED[role]})
+    raise KeyError(f"no {role} named {name!r}; known: {', '.join(known)}")
+
+
+def names(role: str) -> list[str]:
+    return sorted({*_BUILTIN[role], *_REGISTERED[role]})

@@ -1,0 +1,1 @@
+"""The local executor: threads, bounded queues, accounting, run reports."""

@@ -3,7 +3,8 @@
 A batch is a ``pyarrow.Table``. Two hidden *position columns* ride along with the user's columns
 so that a row can be traced back to where it came from, whichever step rejects it later:
 
-* ``__sluice_source`` (dictionary<string>): the file (or topic/stream) the row came from
+* ``__sluice_source`` (int32): the interned id of the file (or topic/stream) the row came from;
+  :func:`source_name` turns it back into the name (ids are process-wide, see :func:`source_id`)
 * ``__sluice_row`` (int64): the 0-based record number inside that source (a line number for
   line-oriented formats is reported separately in dead letters when the reader knows it)
 
@@ -18,6 +19,7 @@ Dead letters are an Arrow table with :data:`DEAD_LETTER_SCHEMA`; build them with
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections.abc import Sequence
 from typing import Final
 
@@ -142,9 +144,7 @@ def rows_dead_letters(
     if n == 0:
         return _EMPTY_DL
     names = table.column_names
-    source = table.column(SOURCE_COL) if SOURCE_COL in names else None
-    if source is not None and pa.types.is_dictionary(source.type):
-        source = pc.cast(source, pa.string())
+    source = source_names(table.column(SOURCE_COL)) if SOURCE_COL in names else None
     position = table.column(ROW_COL) if ROW_COL in names else None
     return dead_letters(
         step_id=step_id,
@@ -157,12 +157,34 @@ def rows_dead_letters(
     )
 
 
+_SOURCE_IDS: dict[str, int] = {}
+_SOURCE_NAMES: list[str] = []
+_SOURCE_LOCK = threading.Lock()
+
+
+def source_id(name: str) -> int:
+    """Intern a source name (file path, topic...) and return its process-wide id."""
+    with _SOURCE_LOCK:
+        sid = _SOURCE_IDS.get(name)
+        if sid is None:
+            sid = _SOURCE_IDS[name] = len(_SOURCE_NAMES)
+            _SOURCE_NAMES.append(name)
+        return sid
+
+
+def source_names(ids: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Map interned source ids back to their names, vectorized."""
+    with _SOURCE_LOCK:
+        names = pa.array(list(_SOURCE_NAMES), pa.string())
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    return pc.take(names, ids)
+
+
 def with_positions(table: pa.Table, source: str, first_row: int) -> pa.Table:
     """Append the position columns to a freshly read table."""
     n = table.num_rows
-    src = pa.DictionaryArray.from_arrays(
-        pa.array(np.zeros(n, dtype=np.int32)), pa.array([source], pa.string())
-    )
+    src = pa.array(np.full(n, source_id(source), dtype=np.int32))
     rows = pa.array(np.arange(first_row, first_row + n, dtype=np.int64))
     return table.append_column(SOURCE_COL, src).append_column(ROW_COL, rows)
 

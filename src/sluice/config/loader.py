@@ -80,7 +80,23 @@ def parse_pipeline(raw: Mapping[str, Any], env: Mapping[str, str] | None = None)
     errors.extend(check_graph(data))
     if errors or cfg is None:
         raise ConfigErrors(errors)
-    return cfg
+    return canonical(cfg)
+
+
+def canonical(cfg: PipelineConfig) -> PipelineConfig:
+    """Make every edge explicit (``from`` filled in), so equal graphs compare equal however
+    they were written."""
+
+    def edge(inputs: list[str]) -> str | list[str]:
+        return inputs[0] if len(inputs) == 1 else inputs
+
+    previous = cfg.source.id
+    steps = []
+    for step in cfg.steps:
+        steps.append(step.model_copy(update={"from_": edge(step.inputs(previous))}))
+        previous = step.id
+    sinks = [s.model_copy(update={"from_": edge(s.inputs(previous))}) for s in cfg.sinks]
+    return cfg.model_copy(update={"steps": steps, "sinks": sinks})
 
 
 def check_graph(data: Mapping[str, Any]) -> list[ConfigError]:

@@ -147,7 +147,7 @@ class DeduplicateStep(StepBase):
 
 class JoinOptions(Model):
     reference: SourceConfig = Field(description="A file source read once, held in memory.")
-    on: list[str] = Field(min_length=1, description="Key columns present on both sides.")
+    key: list[str] = Field(min_length=1, description="Key columns present on both sides.")
     how: Literal["left", "inner"] = "left"
     unmatched: Literal["filter", "dead_letter"] = Field(
         "filter", description="With how=inner: what happens to rows without a match."
@@ -262,8 +262,17 @@ class DeadLetterConfig(Model):
 
 
 class Settings(Model):
-    batch_rows: int = Field(262_144, ge=1, description="Target rows per batch between steps.")
+    batch_rows: int = Field(
+        131_072, ge=1, description="Small source batches are merged up to this many rows."
+    )
     queue_size: int = Field(4, ge=1, description="Batches buffered between reader, steps and sinks.")
+    report_dir: str = Field(
+        "runs/{pipeline}", description="Where each run's JSON report goes ({run_id}.json)."
+    )
+    retry_attempts: int = Field(5, ge=1, description="Tries for a sink write that fails transiently.")
+    retry_backoff: float = Field(
+        0.2, ge=0, description="First retry delay in seconds; doubles each try, with full jitter."
+    )
 
 
 class PipelineConfig(Model):

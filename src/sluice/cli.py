@@ -1,0 +1,153 @@
+"""The ``sluice`` command: run, validate, schema, replay."""
+
+from __future__ import annotations
+
+import json as jsonlib
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sluice.config.loader import json_schema, load_pipeline
+from sluice.config.models import PipelineConfig
+from sluice.errors import ConfigErrors, SluiceError
+from sluice.runtime.executor import Executor
+from sluice.runtime.report import RunReport
+
+app = typer.Typer(
+    name="sluice",
+    help="Columnar data pipelines with dead letters: run, validate, schema, replay.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+PipelineArg = Annotated[Path, typer.Argument(help="Pipeline YAML file.", show_default=False)]
+
+
+def summary_table(rep: RunReport) -> Table:
+    """The per-step summary printed after a run."""
+    t = Table(title=f"pipeline {rep.pipeline} · run {rep.run_id} · {rep.status}", title_justify="left")
+    for col in ("step", "kind", "in", "out", "dead letters", "filtered", "seconds", "balanced"):
+        t.add_column(col, justify="left" if col in ("step", "kind") else "right")
+    for s in rep.steps:
+        t.add_row(s.step_id, s.kind, f"{s.rows_in:,}", f"{s.rows_out:,}",
+                  f"[red]{s.dead:,}[/red]" if s.dead else "0", f"{s.filtered:,}",
+                  f"{s.seconds:.2f}", "[green]yes[/green]" if s.balanced else "[red]NO[/red]")
+    return t
+
+
+def print_summary(rep: RunReport, report_path: Path) -> None:
+    out.print(summary_table(rep))
+    rate = f"{rep.rows_read / rep.seconds:,.0f} rows/s" if rep.seconds else ""
+    out.print(f"{rep.rows_read:,} rows read in {rep.seconds:.2f} s ({rate}), "
+              f"peak RSS {rep.peak_rss_mb:,.0f} MB")
+    if rep.dead_letters:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(rep.dead_letters_by_reason.items()))
+        out.print(f"[red]{rep.dead_letters:,} dead letters[/red] ({reasons}) → {rep.dead_letter_path}")
+    else:
+        out.print("no dead letters")
+    out.print(f"run report → {report_path}")
+
+
+@app.command()
+def run(
+    pipeline: PipelineArg,
+    report: Annotated[Path | None, typer.Option(help="Write the JSON run report here.")] = None,
+    progress: Annotated[bool | None, typer.Option(
+        "--progress/--no-progress", help="Progress bar (default: on a terminal, off in CI).")] = None,
+    json: Annotated[bool, typer.Option("--json", help="Print the run report as JSON.")] = False,
+    fail_on_dead_letters: Annotated[bool, typer.Option(
+        help="Exit 3 when the run produced dead letters.")] = False,
+) -> None:
+    """Run a pipeline to the end of its input and print a per-step summary."""
+    cfg = _load(pipeline)
+    ex = Executor(cfg, base_dir=pipeline.parent, progress=progress, report_path=report)
+    try:
+        rep = ex.run()
+    except SluiceError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        if not json:
+            print_summary(ex.report, ex.report_path)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/red]: data sinks aborted, dead letters kept")
+        raise typer.Exit(130) from None
+    if json:
+        out.print_json(data=rep.to_dict())
+    else:
+        print_summary(rep, ex.report_path)
+    if not rep.balanced:
+        err.print("[red]error:[/red] a step's counts do not balance (in ≠ out + dead + filtered)")
+        raise typer.Exit(4)
+    if fail_on_dead_letters and rep.dead_letters:
+        raise typer.Exit(3)
+
+
+@app.command()
+def validate(pipeline: PipelineArg) -> None:
+    """Check a pipeline file and report every mistake at once (exit 2 if any)."""
+    cfg = _load(pipeline)
+    sinks = ", ".join(f"{s.id} ({s.kind})" for s in cfg.sinks)
+    out.print(f"[green]ok[/green]: pipeline '{cfg.pipeline}': source {cfg.source.kind}, "
+              f"{len(cfg.steps)} step(s), sinks: {sinks}")
+
+
+@app.command()
+def schema(
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to a file.")] = None,
+) -> None:
+    """Print the JSON Schema of pipeline files (for editor completion and validation)."""
+    text = jsonlib.dumps(json_schema(), indent=2)
+    if output:
+        output.write_text(text + "\n", encoding="utf-8")
+        err.print(f"JSON Schema written to {output}")
+    else:
+        sys.stdout.write(text + "\n")
+
+
+@app.command()
+def replay(
+    dead_letters: Annotated[Path, typer.Argument(help="Dead-letter file or folder (.jsonl/.parquet).")],
+    pipeline: Annotated[Path, typer.Option("--pipeline", "-p", help="Pipeline YAML (after your fix).")],
+    reason: Annotated[list[str] | None, typer.Option(help="Replay only these reason codes.")] = None,
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress")] = None,
+) -> None:
+    """Send dead letters back through the pipeline after a fix."""
+    from sluice.runtime.replay import replay as do_replay
+
+    cfg = _load(pipeline)
+    try:
+        reports = do_replay(cfg, dead_letters, base_dir=pipeline.parent, reasons=reason,
+                            progress=progress)
+    except SluiceError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    for rep in reports:
+        out.print(summary_table(rep))
+    total_in = sum(r.steps[0].rows_in for r in reports)
+    total_dead = sum(r.dead_letters for r in reports)
+    out.print(f"replayed {total_in:,} record(s); {total_dead:,} failed again "
+              f"(new dead letters: {', '.join(str(r.dead_letter_path) for r in reports if r.dead_letters) or 'none'})")
+
+
+def _load(path: Path) -> PipelineConfig:
+    try:
+        return load_pipeline(path)
+    except ConfigErrors as exc:
+        err.print(f"[red]{len(exc.errors)} problem(s)[/red] in {path}:")
+        for e in exc.errors:
+            err.print(f"  - {e}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    except SluiceError as exc:
+        err.print(f"[red]error:[/red] {exc}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+
+
+def main() -> None:
+    app()

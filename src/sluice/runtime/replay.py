@@ -1,0 +1,192 @@
+"""``sluice replay``: send dead letters back through a (fixed) pipeline.
+
+Each dead letter re-enters where it left:
+
+* a letter written by a **step or sink** holds the row as a JSON object; it re-enters at that
+  step (the step and everything downstream of it run again);
+* a letter written by the **source** for one record (a bad CSV row, a bad JSON line) holds the raw
+  text; it is written to a temporary file of the source's format (for CSV with the header line
+  of the original file) and read again by the pipeline's own source;
+* a letter for a **whole file** (``corrupt_file``, an unparseable JSON document) has no payload;
+  the original file (its path is in ``source``) is read again.
+
+Replay appends: it refuses pipelines with a single-file sink, whose file it would replace.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import orjson
+import polars as pl
+
+from sluice.config.loader import parse_pipeline
+from sluice.config.models import PipelineConfig
+from sluice.errors import ConfigError
+from sluice.runtime.executor import Executor
+from sluice.runtime.report import RunReport
+
+_SINGLE_FILE_EXT = {"parquet": ".parquet", "csv": ".csv", "jsonl": ".jsonl"}
+
+
+def read_dead_letters(path: Path) -> pl.DataFrame:
+    files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path])
+                   if p.suffix in (".jsonl", ".parquet") and not p.name.startswith("."))
+    if not files:
+        raise ConfigError(f"no dead-letter files (.jsonl, .parquet) at {str(path)!r}",
+                          fix="pass a dead-letter file or folder written by `sluice run`")
+    frames = [pl.read_parquet(f) if f.suffix == ".parquet" else
+              pl.read_ndjson(f, infer_schema_length=None) for f in files]
+    cols = ["step_id", "reason", "source", "payload"]
+    return pl.concat([f.select([pl.col(c).cast(pl.String) for c in cols]) for f in frames])
+
+
+def replay(
+    cfg: PipelineConfig,
+    dead_letters: Path,
+    *,
+    base_dir: Path,
+    reasons: list[str] | None = None,
+    progress: bool | None = None,
+) -> list[RunReport]:
+    for sink in cfg.sinks:
+        ext = _SINGLE_FILE_EXT.get(sink.kind)
+        if ext and getattr(sink, "path", "").endswith(ext):
+            raise ConfigError("replay would replace this single-file output", step_id=sink.id,
+                              field="path", value=getattr(sink, "path", None),
+                              fix="write to a folder (a path without the file extension)")
+    letters = read_dead_letters(dead_letters)
+    if reasons:
+        letters = letters.filter(pl.col("reason").is_in(reasons))
+    reports: list[RunReport] = []
+    with tempfile.TemporaryDirectory(prefix="sluice-replay-") as tmp:
+        tmpdir = Path(tmp)
+        src_id = cfg.source.id
+        from_source = letters.filter(pl.col("step_id") == src_id)
+        from_steps = letters.filter(pl.col("step_id") != src_id)
+        if from_source.height:
+            reports += _replay_source(cfg, from_source, tmpdir, base_dir, progress)
+        for (step_id,), group in from_steps.group_by(["step_id"], maintain_order=True):
+            reports.append(_replay_rows(cfg, str(step_id), group, tmpdir, base_dir, progress))
+    return reports
+
+
+def _is_object(payload: str | None) -> bool:
+    return bool(payload) and payload.lstrip().startswith("{")  # type: ignore[union-attr]
+
+
+def _replay_source(cfg: PipelineConfig, letters: pl.DataFrame, tmpdir: Path, base_dir: Path,
+                   progress: bool | None) -> list[RunReport]:
+    raw: dict[str, list[str]] = {}
+    objects: list[str] = []
+    whole_files: list[str] = []
+    for row in letters.iter_rows(named=True):  # dead letters are few; a loop is fine here
+        payload, source = row["payload"], row["source"]
+        if payload is None:
+            if source:
+                whole_files.append(source)
+        elif _is_object(payload) and cfg.source.kind != "jsonl":
+            objects.append(payload)
+        else:
+            raw.setdefault(source or "", []).append(payload)
+    reports: list[RunReport] = []
+    kind = cfg.source.kind
+    files: list[str] = list(dict.fromkeys(whole_files))
+    for n, (origin, lines) in enumerate(raw.items()):
+        if kind not in ("csv", "jsonl"):
+            raise ConfigError(f"cannot replay raw {kind} records", step_id=cfg.source.id)
+        target = tmpdir / f"raw-{n}.{kind}"
+        header = ""
+        if kind == "csv" and getattr(cfg.source, "header", True):
+            header = _first_line(Path(origin), cfg.source.encoding)  # type: ignore[union-attr]
+        with target.open("w", encoding="utf-8", newline="") as fh:
+            if header:
+                fh.write(header)
+            for line in lines:
+                fh.write(line if line.endswith("\n") else line + "\n")
+        files.append(str(target))
+    for f in files:
+        src = cfg.source.model_dump(by_alias=True, exclude_none=True)
+        src["path"] = f
+        if f.startswith(str(tmpdir)) and "encoding" in src:
+            src["encoding"] = "utf-8"
+        reports.append(_run(cfg, src, None, tmpdir, base_dir, progress))
+    if objects:
+        reports.append(_replay_objects(cfg, None, objects, tmpdir, base_dir, progress))
+    return reports
+
+
+def _first_line(path: Path, encoding: str) -> str:
+    if not path.is_file():
+        raise ConfigError(f"cannot replay CSV rows: the original file {str(path)!r} (needed for "
+                          "its header line) is gone", fix="restore the file, or replay with a "
+                          "pipeline whose CSV source has header: false and column_names")
+    with path.open(encoding=encoding, newline="") as fh:
+        return fh.readline()
+
+
+def _replay_rows(cfg: PipelineConfig, step_id: str, letters: pl.DataFrame, tmpdir: Path,
+                 base_dir: Path, progress: bool | None) -> RunReport:
+    payloads = [p for p in letters["payload"].to_list() if p]
+    return _replay_objects(cfg, step_id, payloads, tmpdir, base_dir, progress)
+
+
+def _replay_objects(cfg: PipelineConfig, step_id: str | None, payloads: list[str], tmpdir: Path,
+                    base_dir: Path, progress: bool | None) -> RunReport:
+    target = tmpdir / f"rows-{step_id or 'source'}.jsonl"
+    with target.open("wb") as fh:
+        for p in payloads:
+            fh.write(orjson.dumps(orjson.loads(p)) + b"\n")
+    src = {"kind": "jsonl", "path": str(target)}
+    return _run(cfg, src, step_id, tmpdir, base_dir, progress)
+
+
+def _run(cfg: PipelineConfig, source: dict[str, Any], entry: str | None, tmpdir: Path,
+         base_dir: Path, progress: bool | None) -> RunReport:
+    """Run the part of the pipeline downstream of ``entry`` (the whole pipeline when None)."""
+    raw = cfg.model_dump(by_alias=True, exclude_none=True)
+    src_id = f"replay_{entry}" if entry else cfg.source.id
+    raw["source"] = {**source, "id": src_id}
+    steps = raw["steps"]
+    previous = cfg.source.id
+    kept: set[str] = {src_id}
+    new_steps = []
+    started = entry is None
+    for step in steps:
+        inputs = step.get("from", previous)
+        inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+        previous = step["id"]
+        if entry is not None and step["id"] == entry:
+            started = True
+            step["from"] = src_id
+        elif not started:
+            continue
+        else:
+            inside = [i for i in inputs if i in kept]
+            if not inside:
+                continue
+            step["from"] = inside if len(inside) > 1 else inside[0]
+        kept.add(step["id"])
+        new_steps.append(step)
+    sinks = []
+    for sink in raw["sinks"]:
+        inputs = sink.get("from", previous)
+        inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+        inside = [i for i in inputs if i in kept]
+        if inside:
+            sink["from"] = inside if len(inside) > 1 else inside[0]
+            sinks.append(sink)
+    if entry is not None and entry not in kept:
+        if any(s["id"] == entry for s in raw["sinks"]):
+            sinks = [s for s in raw["sinks"] if s["id"] == entry]
+            sinks[0]["from"] = src_id
+        else:
+            raise ConfigError("dead letters name a step this pipeline does not have",
+                              step_id=entry, fix="replay with the pipeline that wrote them")
+    raw["steps"] = new_steps
+    raw["sinks"] = sinks
+    sub = parse_pipeline(raw, env={})
+    return Executor(sub, base_dir=base_dir, progress=progress).run()
+

@@ -1,0 +1,88 @@
+"""The run report: per-step accounting (the conservation law), timings, dead letters, outputs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class StepStats:
+    """Counts for one node. For every node: ``in + created == out + dead + filtered``.
+
+    ``created`` is non-zero only for steps that may add rows (SQL with UNNEST, for example);
+    ``filtered`` counts rows removed on purpose (filter, deduplicate, SQL WHERE).
+    """
+
+    step_id: str
+    kind: str
+    rows_in: int = 0
+    rows_out: int = 0
+    dead: int = 0
+    filtered: int = 0
+    created: int = 0
+    seconds: float = 0.0
+    batches: int = 0
+
+    def add(self, rows_in: int, rows_out: int, dead: int, filtered: int, seconds: float) -> None:
+        self.rows_in += rows_in
+        self.rows_out += rows_out
+        self.dead += dead
+        self.filtered += filtered
+        self.created += max(0, rows_out + dead + filtered - rows_in)
+        self.seconds += seconds
+        self.batches += 1
+
+    @property
+    def balanced(self) -> bool:
+        return self.rows_in + self.created == self.rows_out + self.dead + self.filtered
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["seconds"] = round(self.seconds, 4)
+        d["balanced"] = self.balanced
+        return d
+
+
+@dataclass
+class RunReport:
+    pipeline: str
+    run_id: str
+    status: str = "running"  # running | succeeded | failed
+    started_at: str = ""
+    finished_at: str = ""
+    seconds: float = 0.0
+    rows_read: int = 0
+    bytes_read: int = 0
+    dead_letters: int = 0
+    dead_letters_by_reason: dict[str, int] = field(default_factory=dict)
+    dead_letter_path: str | None = None
+    peak_rss_mb: float = 0.0
+    error: str | None = None
+    steps: list[StepStats] = field(default_factory=list)
+
+    def step(self, step_id: str) -> StepStats:
+        for s in self.steps:
+            if s.step_id == step_id:
+                return s
+        raise KeyError(step_id)
+
+    @property
+    def balanced(self) -> bool:
+        return all(s.balanced for s in self.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k != "steps"}
+        d["seconds"] = round(self.seconds, 3)
+        d["rows_per_second"] = round(self.rows_read / self.seconds) if self.seconds else None
+        d["balanced"] = self.balanced
+        d["steps"] = [s.to_dict() for s in self.steps]
+        return d
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
+        tmp.replace(path)

@@ -1,0 +1,73 @@
+"""Shared plumbing for built-in steps: Arrow <-> Polars and friendly column errors."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+
+from sluice.batch import POSITION_COLS
+from sluice.errors import StepError
+from sluice.plugins import RunContext, StepResult
+
+
+class BaseStep:
+    """Default open/finish/close; subclasses implement ``process``."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.step_id: str = config.id
+        self.ctx: RunContext | None = None
+
+    def open(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+
+    def finish(self) -> StepResult | None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def to_polars(table: pa.Table) -> pl.DataFrame:
+    df = pl.from_arrow(table, rechunk=False)
+    assert isinstance(df, pl.DataFrame)
+    return df
+
+
+def to_arrow(df: pl.DataFrame) -> pa.Table:
+    return df.to_arrow()
+
+
+def user_columns(names: Iterable[str]) -> list[str]:
+    return [n for n in names if n not in POSITION_COLS]
+
+
+def check_columns(step_id: str, wanted: Iterable[str], available: Iterable[str], what: str) -> None:
+    """Raise a StepError naming the missing column(s), the closest match and the columns there are."""
+    have = user_columns(available)
+    missing = [c for c in wanted if c not in have]
+    if not missing:
+        return
+    hints = []
+    for m in missing:
+        close = difflib.get_close_matches(m, have, n=1)
+        hints.append(f"'{m}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    raise StepError(
+        step_id,
+        f"{what} names column(s) not in the input: {', '.join(hints)}",
+        fix=f"use one of the input columns: {', '.join(have)}",
+    )
+
+
+def polars_error(step_id: str, what: str, exc: Exception, columns: Iterable[str]) -> StepError:
+    """Convert a Polars/DuckDB error into a StepError that names the step and the columns."""
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return StepError(
+        step_id,
+        f"{what} failed: {msg}",
+        fix=f"check the expression; input columns are: {', '.join(user_columns(columns))}",
+    )

@@ -1,0 +1,131 @@
+"""Column steps: select, rename, cast (uncastable values become dead letters)."""
+
+from __future__ import annotations
+
+import polars as pl
+import pyarrow as pa
+
+from sluice.batch import POSITION_COLS, empty_dead_letters, rows_dead_letters
+from sluice.config.models import CastStep, RenameStep, SelectStep
+from sluice.errors import StepError
+from sluice.plugins import StepResult
+from sluice.steps._base import BaseStep, check_columns, to_arrow, to_polars
+from sluice.types import parse_type
+
+
+class Select(BaseStep):
+    """Keep the listed columns in the listed order (position columns always ride along)."""
+
+    config: SelectStep
+
+    def process(self, table: pa.Table) -> StepResult:
+        check_columns(self.step_id, self.config.select, table.column_names, "select")
+        keep = list(self.config.select) + [c for c in POSITION_COLS if c in table.column_names]
+        return StepResult(table.select(keep))
+
+
+class Rename(BaseStep):
+    """Rename columns: ``{old: new}``."""
+
+    config: RenameStep
+
+    def process(self, table: pa.Table) -> StepResult:
+        mapping = self.config.rename
+        check_columns(self.step_id, mapping, table.column_names, "rename")
+        names = [mapping.get(n, n) for n in table.column_names]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise StepError(self.step_id, f"rename would create duplicate column(s) {dup}",
+                            fix="rename to names that are not already used")
+        return StepResult(table.rename_columns(names))
+
+
+def _polars_dtype(arrow_type: pa.DataType) -> pl.DataType:
+    s = pl.from_arrow(pa.array([], type=arrow_type))
+    assert isinstance(s, pl.Series)
+    return s.dtype
+
+
+_TRUE = ["true", "t", "yes", "y", "1"]
+_FALSE = ["false", "f", "no", "n", "0"]
+
+
+def _cast_expr(col: str, src: pl.DataType, dst: pl.DataType) -> pl.Expr:
+    """A non-strict cast: a value that does not convert becomes null (and is detected after)."""
+    c = pl.col(col)
+    if src == pl.String:
+        if dst == pl.Boolean:
+            low = c.str.strip_chars().str.to_lowercase()
+            return pl.when(low.is_in(_TRUE)).then(True).when(low.is_in(_FALSE)).then(False).otherwise(None)
+        if dst == pl.Date:
+            return c.str.strip_chars().str.to_date(strict=False)
+        if isinstance(dst, pl.Datetime):
+            return c.str.strip_chars().str.to_datetime(
+                strict=False, time_unit="us", time_zone=dst.time_zone
+            )
+        if dst.is_numeric():
+            return c.str.strip_chars().cast(dst, strict=False)
+    return c.cast(dst, strict=False)
+
+
+class Cast(BaseStep):
+    """Cast columns to types; a row with any value that cannot be cast is a dead letter.
+
+    Vectorized: each column is cast non-strictly, and a value that was non-null before and null
+    after marks its row. Empty or blank strings become null (a missing value, not an error). The dead letter lists every failing column of the row with its value.
+    """
+
+    config: CastStep
+
+    def __init__(self, config: CastStep) -> None:
+        super().__init__(config)
+        self.targets = {c: _polars_dtype(parse_type(t)) for c, t in config.cast.items()}
+        self.type_names = dict(config.cast)
+
+    def process(self, table: pa.Table) -> StepResult:
+        check_columns(self.step_id, self.targets, table.column_names, "cast")
+        df = to_polars(table)
+        exprs = []
+        bad_flags = []
+        messages = []
+        for col, dst in self.targets.items():
+            src = df.schema[col]
+            if src == dst:
+                continue
+            new = _cast_expr(col, src, dst)
+            present = pl.col(col).is_not_null()
+            if src == pl.String:  # an empty or blank string is a missing value, not an error
+                present = present & (pl.col(col).str.strip_chars() != "")
+            bad = present & new.is_null()
+            exprs.append(new.alias(col))
+            bad_flags.append(bad)
+            messages.append(
+                pl.when(bad).then(
+                    pl.format(
+                        "column '{}': value {} cannot be cast to {}",
+                        pl.lit(col),
+                        pl.col(col).cast(pl.String).str.slice(0, 80),
+                        pl.lit(self.type_names[col]),
+                    )
+                )
+            )
+        if not exprs:
+            return StepResult(table)
+        any_bad = pl.any_horizontal(bad_flags)
+        marked = df.with_columns(
+            any_bad.alias("__bad"),
+            pl.concat_str(messages, separator="; ", ignore_nulls=True).alias("__msg"),
+        )
+        n_bad = int(marked["__bad"].sum())
+        dead = empty_dead_letters()
+        if n_bad:
+            bad_rows = marked.filter(pl.col("__bad"))
+            dead = rows_dead_letters(
+                to_arrow(bad_rows.drop("__bad", "__msg")),
+                step_id=self.step_id,
+                reason="cast_error",
+                message=bad_rows["__msg"].to_arrow(),
+            )
+            df = marked.filter(~pl.col("__bad")).drop("__bad", "__msg")
+        out = df.with_columns(exprs)
+        return StepResult(to_arrow(out), dead=dead)

@@ -1,0 +1,83 @@
+"""Join each batch with a reference table read once from a file."""
+
+from __future__ import annotations
+
+import polars as pl
+import pyarrow as pa
+
+from sluice.batch import concat, empty_dead_letters, rows_dead_letters, strip_positions
+from sluice.config.models import JoinStep
+from sluice.errors import StepError
+from sluice.plugins import RunContext, StepResult, lookup
+from sluice.steps._base import BaseStep, check_columns, to_arrow, to_polars
+
+
+class Join(BaseStep):
+    """Left or inner join with a reference file, held in memory.
+
+    The reference must have unique keys (checked at open): a join that multiplied rows would break
+    the per-step accounting ``in = out + dead + filtered``. Rows of the reference file that cannot
+    be read become dead letters of this step (reported with the first batch). With ``how: inner``
+    an input row without a match is filtered, or a dead letter with ``unmatched: dead_letter``.
+    """
+
+    config: JoinStep
+
+    def __init__(self, config: JoinStep) -> None:
+        super().__init__(config)
+        self.ref: pl.DataFrame | None = None
+        self.pending_dead = empty_dead_letters()
+
+    def open(self, ctx: RunContext) -> None:
+        super().open(ctx)
+        opts = self.config.join
+        src_cfg = opts.reference.model_copy(update={"id": self.step_id})
+        reader = lookup("source", src_cfg.kind)(src_cfg)
+        reader.open(ctx)
+        tables, dead = [], []
+        try:
+            for chunk in reader.read():
+                if chunk.table is not None and chunk.table.num_rows:
+                    tables.append(strip_positions(chunk.table))
+                if chunk.dead is not None and chunk.dead.num_rows:
+                    dead.append(chunk.dead)
+        finally:
+            reader.close()
+        if not tables:
+            raise StepError(self.step_id, f"reference {opts.reference.path!r} has no rows",
+                            fix="point join.reference.path at a file with data")
+        ref = to_polars(concat(tables))
+        check_columns(self.step_id, opts.key, ref.columns, "join.key (reference side)")
+        dup = ref.select(opts.key).is_duplicated()
+        if dup.any():
+            example = ref.filter(dup).select(opts.key).row(0)
+            raise StepError(self.step_id,
+                            f"reference has duplicate keys on {opts.key}, e.g. {example}",
+                            fix="deduplicate the reference file; a join must not multiply rows")
+        self.ref = ref
+        if dead:
+            self.pending_dead = concat(dead)
+
+    def process(self, table: pa.Table) -> StepResult:
+        assert self.ref is not None, "open() first"
+        opts = self.config.join
+        check_columns(self.step_id, opts.key, table.column_names, "join.key")
+        df = to_polars(table)
+        ref = self.ref
+        # match key dtypes (e.g. int keys read as strings on one side)
+        casts = [pl.col(k).cast(df.schema[k]) for k in opts.key if ref.schema[k] != df.schema[k]]
+        if casts:
+            ref = ref.with_columns(casts)
+        dead, self.pending_dead = self.pending_dead, empty_dead_letters()
+        if opts.how == "left":
+            out = df.join(ref, on=opts.key, how="left", maintain_order="left", suffix="_ref")
+            return StepResult(to_arrow(out), dead=dead)
+        matched = df.join(ref.select(opts.key), on=opts.key, how="semi")
+        out = df.join(ref, on=opts.key, how="inner", maintain_order="left", suffix="_ref")
+        missing = df.height - matched.height
+        if opts.unmatched == "dead_letter" and missing:
+            miss = df.join(ref.select(opts.key), on=opts.key, how="anti")
+            dl = rows_dead_letters(to_arrow(miss), step_id=self.step_id, reason="join_unmatched",
+                                   message=f"no row in the reference with this {', '.join(opts.key)}")
+            return StepResult(to_arrow(out), dead=concat([dead, dl]))
+        return StepResult(to_arrow(out), dead=dead, filtered=missing)

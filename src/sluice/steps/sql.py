@@ -1,0 +1,46 @@
+"""SQL step: DuckDB SQL over the current batch, which the query sees as the table ``input``."""
+
+from __future__ import annotations
+
+import duckdb
+import pyarrow as pa
+
+from sluice.config.models import SqlStep
+from sluice.plugins import RunContext, StepResult
+from sluice.steps._base import BaseStep, polars_error
+
+
+class Sql(BaseStep):
+    """Run a DuckDB query per batch. Rows it does not return count as filtered on purpose;
+    rows it adds (e.g. UNNEST) are counted as created, so the run report still balances.
+
+    The query sees one batch at a time: aggregates are per batch (use windows for aggregates
+    over a stream). Position columns survive when the query selects them (``SELECT *`` does).
+    """
+
+    config: SqlStep
+
+    def __init__(self, config: SqlStep) -> None:
+        super().__init__(config)
+        self.con: duckdb.DuckDBPyConnection | None = None
+
+    def open(self, ctx: RunContext) -> None:
+        super().open(ctx)
+        self.con = duckdb.connect(":memory:")
+        self.con.execute("SET threads TO 2")
+
+    def process(self, table: pa.Table) -> StepResult:
+        assert self.con is not None, "open() first"
+        self.con.register("input", table)
+        try:
+            out = self.con.sql(self.config.sql).to_arrow_table()
+        except duckdb.Error as exc:
+            raise polars_error(self.step_id, "SQL", exc, table.column_names) from exc
+        finally:
+            self.con.unregister("input")
+        return StepResult(out, filtered=max(0, table.num_rows - out.num_rows))
+
+    def close(self) -> None:
+        if self.con is not None:
+            self.con.close()
+            self.con = None

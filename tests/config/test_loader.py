@@ -1,0 +1,102 @@
+"""Pipeline configs: YAML and Python give the same graph; every mistake is reported at once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+import sluice
+from sluice.config import json_schema, load_pipeline, parse_pipeline
+from sluice.errors import ConfigError, ConfigErrors
+
+ROOT = Path(__file__).resolve().parents[2]
+
+YAML = """
+pipeline: orders
+source: {kind: csv, path: "${DATA_DIR:-data}/*.csv", delimiter: ";"}
+steps:
+  - {id: types, cast: {amount: "decimal(12,2)"}}
+  - {id: big, filter: "amount > 100"}
+  - {id: vat, derive: {vat: "amount * 0.2"}}
+sinks:
+  - {id: out, kind: parquet, path: out/orders, partition_by: [country]}
+"""
+
+
+def test_yaml_and_python_build_the_same_graph(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(YAML)
+    from_yaml = load_pipeline(path, env={})
+    p = sluice.Pipeline("orders")
+    s = p.read(sluice.csv("data/*.csv", delimiter=";"))
+    s = s.cast("types", {"amount": "decimal(12,2)"}).filter("big", "amount > 100")
+    s.derive("vat", {"vat": "amount * 0.2"}).write(
+        "out", sluice.parquet("out/orders", partition_by=["country"]))
+    assert p.build() == from_yaml
+    with pytest.raises(Exception, match="frozen"):
+        from_yaml.steps[0].id = "x"  # type: ignore[misc]
+
+
+def test_env_interpolation() -> None:
+    raw = yaml.safe_load(YAML)
+    assert parse_pipeline(raw, env={"DATA_DIR": "/in"}).source.path == "/in/*.csv"
+    raw["sinks"][0]["path"] = "${OUT}"
+    with pytest.raises(ConfigErrors, match=r"\$\{OUT\} is not set.*export OUT"):
+        parse_pipeline(raw, env={})
+
+
+def test_every_mistake_is_reported_at_once_with_step_value_and_fix() -> None:
+    raw = {
+        "pipeline": "p",
+        "source": {"kind": "csv", "path": "x.csv", "delimter": ";"},
+        "steps": [
+            {"id": "a", "filtr": "x > 1"},
+            {"id": "b", "cast": {"x": "decimel"}},
+            {"id": "b", "from": "aa", "filter": "x > 1"},
+        ],
+        "sinks": [
+            {"id": "o", "kind": "parqet", "path": "out"},
+            {"id": "pg", "kind": "postgres", "dsn": "x", "table": "t", "mode": "upsert"},
+        ],
+    }
+    with pytest.raises(ConfigErrors) as info:
+        parse_pipeline(raw)
+    errs = info.value.errors
+    text = [str(e) for e in errs]
+    assert len(errs) == 7, text
+    assert any("step 'source', field 'delimter'" in t and "did you mean 'delimiter'" in t for t in text)
+    assert any(t.startswith("step 'a'") and "exactly one of" in t for t in text)
+    assert any("step 'b', field 'cast'" in t and "decimel" in t for t in text)
+    assert any("step 'b', field 'id': duplicate id" in t for t in text)
+    assert any("field 'from'" in t and "'aa'" in t and "did you mean 'a'" in t for t in text)
+    assert any(t.startswith("step 'o'") and "parqet" in t for t in text)
+    assert any("step 'pg', field 'key'" in t and "upsert" in t for t in text)
+    assert all(isinstance(e, ConfigError) and e.step_id for e in errs)
+
+
+def test_yaml_errors_are_config_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pipeline: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_pipeline(bad)
+    with pytest.raises(ConfigError, match="cannot read pipeline file"):
+        load_pipeline(tmp_path / "missing.yaml")
+
+
+def test_json_schema_validates_the_example_and_rejects_mistakes() -> None:
+    schema = json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    example = yaml.safe_load((ROOT / "examples/orders/pipeline.yaml").read_text())
+    jsonschema.validate(example, schema)
+    example["sinks"][0]["kind"] = "nope"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(example, schema)
+
+
+def test_published_schema_file_is_up_to_date() -> None:
+    published = json.loads((ROOT / "docs/pipeline.schema.json").read_text())
+    assert published == json_schema(), "run: sluice schema -o docs/pipeline.schema.json"

@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test lint typecheck pytest services bench clean
+.PHONY: demo test lint typecheck pytest services bench clean schema
 
 $(VENV)/bin/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Sluice needs Python >= 3.11 (set PYTHON=python3.11)")'
@@ -45,3 +45,7 @@ bench: $(VENV)/.dev-installed
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache examples/orders/data examples/orders/out \
 	       examples/orders/dead_letters examples/orders/runs
+
+## schema: regenerate docs/pipeline.schema.json after changing a config model
+schema: $(VENV)/.dev-installed
+	$(VENV)/bin/sluice schema -o docs/pipeline.schema.json

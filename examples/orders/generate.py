@@ -24,22 +24,28 @@ def generate(rows: int, out: Path, files: int = 3, seed: int = 7) -> dict[str, i
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
     n_customers = 5_000
-    customers = pl.DataFrame({
-        "customer_id": np.arange(1, n_customers + 1),
-        "segment": rng.choice(["retail", "smb", "enterprise"], n_customers, p=[0.7, 0.25, 0.05]),
-        "country": rng.choice(["DE", "FR", "NL", "PL", "ES"], n_customers),
-    })
+    customers = pl.DataFrame(
+        {
+            "customer_id": np.arange(1, n_customers + 1),
+            "segment": rng.choice(
+                ["retail", "smb", "enterprise"], n_customers, p=[0.7, 0.25, 0.05]
+            ),
+            "country": rng.choice(["DE", "FR", "NL", "PL", "ES"], n_customers),
+        }
+    )
     customers.write_csv(out / "customers.csv")
     ids = np.arange(1, rows + 1)
     base = np.datetime64("2026-11-01T00:00:00")
-    df = pl.DataFrame({
-        "order_id": ids,
-        "customer_id": rng.integers(1, n_customers + 1, rows),
-        "ts": (base + rng.integers(0, 30 * 86400, rows).astype("timedelta64[s]")).astype(str),
-        "amount": np.round(rng.gamma(2.0, 60.0, rows), 2).astype(str),
-        "quantity": rng.integers(1, 10, rows),
-        "status": rng.choice(["paid", "paid", "paid", "refunded", "test"], rows),
-    })
+    df = pl.DataFrame(
+        {
+            "order_id": ids,
+            "customer_id": rng.integers(1, n_customers + 1, rows),
+            "ts": (base + rng.integers(0, 30 * 86400, rows).astype("timedelta64[s]")).astype(str),
+            "amount": np.round(rng.gamma(2.0, 60.0, rows), 2).astype(str),
+            "quantity": rng.integers(1, 10, rows),
+            "status": rng.choice(["paid", "paid", "paid", "refunded", "test"], rows),
+        }
+    )
     # a few duplicated order ids (filtered on purpose by the deduplicate step)
     dup_rows = df.sample(max(1, rows // 2000), seed=seed)
     df = pl.concat([df, dup_rows]).sample(fraction=1.0, shuffle=True, seed=seed)

@@ -126,20 +126,22 @@ def rows_as_json(table: pa.Table) -> pa.Array:
     assert isinstance(df, pl.DataFrame)
     # Types JSON cannot hold natively (decimals, dates, binaries) are rendered as strings.
     safe = [
-        pl.col(c).cast(pl.String) if not _json_native(df.schema[c]) else pl.col(c) for c in df.columns
+        pl.col(c).cast(pl.String) if not _json_native(df.schema[c]) else pl.col(c)
+        for c in df.columns
     ]
     out = df.select(pl.struct(safe).struct.json_encode().alias("j"))["j"]
     return out.to_arrow().cast(pa.string())
 
 
 def _json_native(dtype: pl.DataType) -> bool:
-    return dtype.is_numeric() and not isinstance(dtype, pl.Decimal) or dtype in (pl.String, pl.Boolean)
+    return (dtype.is_numeric() and not isinstance(dtype, pl.Decimal)) or dtype in (
+        pl.String,
+        pl.Boolean,
+    )
 
 
-def rows_dead_letters(
-    table: pa.Table, *, step_id: str, reason: str, message: object
-) -> pa.Table:
-    """Dead letters for whole rows of ``table`` (payload = the row as JSON, position from the row)."""
+def rows_dead_letters(table: pa.Table, *, step_id: str, reason: str, message: object) -> pa.Table:
+    """Dead letters for rows of ``table``: payload = the row as JSON, position from the row."""
     n = table.num_rows
     if n == 0:
         return _EMPTY_DL

@@ -24,46 +24,75 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+_WIDTH = None if sys.stdout.isatty() else 120
+out = Console(soft_wrap=True, width=_WIDTH)
+err = Console(stderr=True, soft_wrap=True, width=_WIDTH)
 
 PipelineArg = Annotated[Path, typer.Argument(help="Pipeline YAML file.", show_default=False)]
 
 
 def summary_table(rep: RunReport) -> Table:
     """The per-step summary printed after a run."""
-    t = Table(title=f"pipeline {rep.pipeline} · run {rep.run_id} · {rep.status}", title_justify="left")
+    t = Table(
+        title=f"pipeline {rep.pipeline} · run {rep.run_id} · {rep.status}", title_justify="left"
+    )
     for col in ("step", "kind", "in", "out", "dead letters", "filtered", "seconds", "balanced"):
-        t.add_column(col, justify="left" if col in ("step", "kind") else "right")
+        t.add_column(col, justify="left" if col in ("step", "kind") else "right", no_wrap=True)
     for s in rep.steps:
-        t.add_row(s.step_id, s.kind, f"{s.rows_in:,}", f"{s.rows_out:,}",
-                  f"[red]{s.dead:,}[/red]" if s.dead else "0", f"{s.filtered:,}",
-                  f"{s.seconds:.2f}", "[green]yes[/green]" if s.balanced else "[red]NO[/red]")
+        t.add_row(
+            s.step_id,
+            s.kind,
+            f"{s.rows_in:,}",
+            f"{s.rows_out:,}",
+            f"[red]{s.dead:,}[/red]" if s.dead else "0",
+            f"{s.filtered:,}",
+            f"{s.seconds:.2f}",
+            "[green]yes[/green]" if s.balanced else "[red]NO[/red]",
+        )
     return t
+
+
+def _rel(path: str | Path | None) -> str:
+    """Show paths relative to the current folder when they are below it."""
+    if path is None:
+        return ""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
 
 
 def print_summary(rep: RunReport, report_path: Path) -> None:
     out.print(summary_table(rep))
     rate = f"{rep.rows_read / rep.seconds:,.0f} rows/s" if rep.seconds else ""
-    out.print(f"{rep.rows_read:,} rows read in {rep.seconds:.2f} s ({rate}), "
-              f"peak RSS {rep.peak_rss_mb:,.0f} MB")
+    out.print(
+        f"{rep.rows_read:,} rows read in {rep.seconds:.2f} s ({rate}), "
+        f"peak RSS {rep.peak_rss_mb:,.0f} MB"
+    )
     if rep.dead_letters:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(rep.dead_letters_by_reason.items()))
-        out.print(f"[red]{rep.dead_letters:,} dead letters[/red] ({reasons}) → {rep.dead_letter_path}")
+        where = _rel(rep.dead_letter_path)
+        out.print(f"[red]{rep.dead_letters:,} dead letters[/red] ({reasons}) → {where}")
     else:
         out.print("no dead letters")
-    out.print(f"run report → {report_path}")
+    out.print(f"run report → {_rel(report_path)}")
 
 
 @app.command()
 def run(
     pipeline: PipelineArg,
     report: Annotated[Path | None, typer.Option(help="Write the JSON run report here.")] = None,
-    progress: Annotated[bool | None, typer.Option(
-        "--progress/--no-progress", help="Progress bar (default: on a terminal, off in CI).")] = None,
+    progress: Annotated[
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress", help="Progress bar (default: on a terminal, off in CI)."
+        ),
+    ] = None,
     json: Annotated[bool, typer.Option("--json", help="Print the run report as JSON.")] = False,
-    fail_on_dead_letters: Annotated[bool, typer.Option(
-        help="Exit 3 when the run produced dead letters.")] = False,
+    fail_on_dead_letters: Annotated[
+        bool, typer.Option(help="Exit 3 when the run produced dead letters.")
+    ] = False,
 ) -> None:
     """Run a pipeline to the end of its input and print a per-step summary."""
     cfg = _load(pipeline)
@@ -94,8 +123,10 @@ def validate(pipeline: PipelineArg) -> None:
     """Check a pipeline file and report every mistake at once (exit 2 if any)."""
     cfg = _load(pipeline)
     sinks = ", ".join(f"{s.id} ({s.kind})" for s in cfg.sinks)
-    out.print(f"[green]ok[/green]: pipeline '{cfg.pipeline}': source {cfg.source.kind}, "
-              f"{len(cfg.steps)} step(s), sinks: {sinks}")
+    out.print(
+        f"[green]ok[/green]: pipeline '{cfg.pipeline}': source {cfg.source.kind}, "
+        f"{len(cfg.steps)} step(s), sinks: {sinks}"
+    )
 
 
 @app.command()
@@ -113,9 +144,15 @@ def schema(
 
 @app.command()
 def replay(
-    dead_letters: Annotated[Path, typer.Argument(help="Dead-letter file or folder (.jsonl/.parquet).")],
-    pipeline: Annotated[Path, typer.Option("--pipeline", "-p", help="Pipeline YAML (after your fix).")],
-    reason: Annotated[list[str] | None, typer.Option(help="Replay only these reason codes.")] = None,
+    dead_letters: Annotated[
+        Path, typer.Argument(help="Dead-letter file or folder (.jsonl/.parquet).")
+    ],
+    pipeline: Annotated[
+        Path, typer.Option("--pipeline", "-p", help="Pipeline YAML (after your fix).")
+    ],
+    reason: Annotated[
+        list[str] | None, typer.Option(help="Replay only these reason codes.")
+    ] = None,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress")] = None,
 ) -> None:
     """Send dead letters back through the pipeline after a fix."""
@@ -123,17 +160,32 @@ def replay(
 
     cfg = _load(pipeline)
     try:
-        reports = do_replay(cfg, dead_letters, base_dir=pipeline.parent, reasons=reason,
-                            progress=progress)
+        reports = do_replay(
+            cfg, dead_letters, base_dir=pipeline.parent, reasons=reason, progress=progress
+        )
     except SluiceError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
+    t = Table(title="replay", title_justify="left")
+    for col in ("enters at", "records", "written", "filtered", "failed again"):
+        t.add_column(col, justify="left" if col == "enters at" else "right", no_wrap=True)
     for rep in reports:
-        out.print(summary_table(rep))
+        entry = rep.steps[0].step_id.removeprefix("replay_")
+        sinks = [s for s in rep.steps if s.kind.endswith(" sink")]
+        t.add_row(
+            entry,
+            f"{rep.steps[0].rows_in:,}",
+            f"{max((s.rows_out for s in sinks), default=0):,}",
+            f"{sum(s.filtered for s in rep.steps):,}",
+            f"{rep.dead_letters:,}",
+        )
+    out.print(t)
+    failed = [r.dead_letter_path for r in reports if r.dead_letters]
     total_in = sum(r.steps[0].rows_in for r in reports)
     total_dead = sum(r.dead_letters for r in reports)
-    out.print(f"replayed {total_in:,} record(s); {total_dead:,} failed again "
-              f"(new dead letters: {', '.join(str(r.dead_letter_path) for r in reports if r.dead_letters) or 'none'})")
+    out.print(f"replayed {total_in:,} record(s); {total_dead:,} failed again")
+    if failed:
+        out.print(f"new dead letters in {_rel(Path(str(failed[0])).parent)}")
 
 
 def _load(path: Path) -> PipelineConfig:

@@ -3,7 +3,7 @@
 ::
 
     SluiceError                      root: catch this to catch everything from Sluice
-    ├── ConfigError                  a pipeline/step/connector setting is wrong (names step, value, fix)
+    ├── ConfigError                  a setting is wrong (names the step, the value, the fix)
     │   └── ConfigErrors             several ConfigErrors reported at once (``sluice validate``)
     ├── MissingDependencyError       an optional extra is not installed (says which ``pip install``)
     ├── StepError                    a step failed while running (carries ``step_id``)

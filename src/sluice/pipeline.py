@@ -91,15 +91,28 @@ class Stream:
     def deduplicate(self, step_id: str, key: list[str]) -> Stream:
         return self._step(step_id, "deduplicate", {"key": key})
 
-    def join(self, step_id: str, reference: Connector, key: list[str], how: str = "left",
-             unmatched: str = "filter") -> Stream:
-        return self._step(step_id, "join", {"reference": reference.as_dict(), "key": key,
-                                            "how": how, "unmatched": unmatched})
+    def join(
+        self,
+        step_id: str,
+        reference: Connector,
+        key: list[str],
+        how: str = "left",
+        unmatched: str = "filter",
+    ) -> Stream:
+        return self._step(
+            step_id,
+            "join",
+            {"reference": reference.as_dict(), "key": key, "how": how, "unmatched": unmatched},
+        )
 
     def merge(self, step_id: str, *others: Stream) -> Stream:
         """Union this stream with others (columns matched by name)."""
         self.pipeline._steps.append(
-            {"id": step_id, "from": [self.id, *(o.id for o in others)], "sql": "SELECT * FROM input"}
+            {
+                "id": step_id,
+                "from": [self.id, *(o.id for o in others)],
+                "sql": "SELECT * FROM input",
+            }
         )
         return Stream(self.pipeline, step_id)
 
@@ -127,8 +140,12 @@ class Pipeline:
         self._dead_letter = {"kind": kind, "path": path}
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"pipeline": self.name, "source": self._source, "steps": self._steps,
-                             "sinks": self._sinks}
+        d: dict[str, Any] = {
+            "pipeline": self.name,
+            "source": self._source,
+            "steps": self._steps,
+            "sinks": self._sinks,
+        }
         if self._dead_letter:
             d["dead_letter"] = self._dead_letter
         if self._settings:
@@ -147,8 +164,12 @@ def load(path: str | Path) -> PipelineConfig:
     return load_pipeline(path)
 
 
-def run(pipeline: str | Path | PipelineConfig, *, base_dir: Path | None = None,
-        progress: bool | None = None) -> RunReport:
+def run(
+    pipeline: str | Path | PipelineConfig,
+    *,
+    base_dir: Path | None = None,
+    progress: bool | None = None,
+) -> RunReport:
     """Run a pipeline given as a YAML path or a config. Relative paths in a YAML file resolve
     against the file's folder."""
     if isinstance(pipeline, PipelineConfig):

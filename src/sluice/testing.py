@@ -19,8 +19,13 @@ from sluice.plugins import Chunk, RunContext
 class MemorySource:
     """Yields the given tables (and dead-letter tables) as batches, adding position columns."""
 
-    def __init__(self, tables: Sequence[pa.Table], step_id: str = "source",
-                 name: str = "memory", dead: Sequence[pa.Table] = ()) -> None:
+    def __init__(
+        self,
+        tables: Sequence[pa.Table],
+        step_id: str = "source",
+        name: str = "memory",
+        dead: Sequence[pa.Table] = (),
+    ) -> None:
         self.step_id = step_id
         self.tables = list(tables)
         self.dead = list(dead)
@@ -39,7 +44,7 @@ class MemorySource:
             yield Chunk(dead=d)
 
     def size_hint(self) -> int | None:
-        return sum(t.nbytes for t in self.tables)
+        return int(sum(t.nbytes for t in self.tables))
 
     def close(self) -> None:
         self.closed = True
@@ -77,8 +82,15 @@ class FlakySink(MemorySink):
     """Fails a fraction of writes with :class:`TransientError` (retried by the executor) and
     refuses batches containing ``poison`` values in ``column`` with :class:`TerminalError`."""
 
-    def __init__(self, step_id: str = "sink", *, transient_rate: float = 0.0, seed: int = 0,
-                 column: str | None = None, poison: Sequence[object] = ()) -> None:
+    def __init__(
+        self,
+        step_id: str = "sink",
+        *,
+        transient_rate: float = 0.0,
+        seed: int = 0,
+        column: str | None = None,
+        poison: Sequence[object] = (),
+    ) -> None:
         super().__init__(step_id)
         self.rng = random.Random(seed)
         self.transient_rate = transient_rate

@@ -1,4 +1,4 @@
-"""The type names a user writes in configs (``int``, ``decimal(12,2)``, ...) and their Arrow types."""
+"""Type names users write in configs (``int``, ``decimal(12,2)``...) and their Arrow types."""
 
 from __future__ import annotations
 

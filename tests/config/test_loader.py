@@ -35,7 +35,8 @@ def test_yaml_and_python_build_the_same_graph(tmp_path: Path) -> None:
     s = p.read(sluice.csv("data/*.csv", delimiter=";"))
     s = s.cast("types", {"amount": "decimal(12,2)"}).filter("big", "amount > 100")
     s.derive("vat", {"vat": "amount * 0.2"}).write(
-        "out", sluice.parquet("out/orders", partition_by=["country"]))
+        "out", sluice.parquet("out/orders", partition_by=["country"])
+    )
     assert p.build() == from_yaml
     with pytest.raises(Exception, match="frozen"):
         from_yaml.steps[0].id = "x"  # type: ignore[misc]
@@ -68,7 +69,9 @@ def test_every_mistake_is_reported_at_once_with_step_value_and_fix() -> None:
     errs = info.value.errors
     text = [str(e) for e in errs]
     assert len(errs) == 7, text
-    assert any("step 'source', field 'delimter'" in t and "did you mean 'delimiter'" in t for t in text)
+    assert any(
+        "step 'source', field 'delimter'" in t and "did you mean 'delimiter'" in t for t in text
+    )
     assert any(t.startswith("step 'a'") and "exactly one of" in t for t in text)
     assert any("step 'b', field 'cast'" in t and "decimel" in t for t in text)
     assert any("step 'b', field 'id': duplicate id" in t for t in text)
@@ -99,4 +102,4 @@ def test_json_schema_validates_the_example_and_rejects_mistakes() -> None:
 
 def test_published_schema_file_is_up_to_date() -> None:
     published = json.loads((ROOT / "docs/pipeline.schema.json").read_text())
-    assert published == json_schema(), "run: sluice schema -o docs/pipeline.schema.json"
+    assert published == json_schema(), "run: make schema"

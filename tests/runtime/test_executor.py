@@ -22,22 +22,36 @@ from sluice.runtime.executor import Executor
 from sluice.testing import FlakySink, MemorySink, MemorySource
 
 
-def _cfg(tmp_path: Path, steps: list[dict[str, object]], **settings: object) -> sluice.PipelineConfig:
-    return parse_pipeline({
-        "pipeline": "t",
-        "source": {"kind": "csv", "path": "unused.csv"},
-        "steps": steps,
-        "sinks": [{"id": "out", "kind": "jsonl", "path": "unused"}],
-        "dead_letter": {"kind": "jsonl", "path": str(tmp_path / "dl")},
-        "settings": {"report_dir": str(tmp_path / "runs"), "retry_backoff": 0, **settings},
-    })
+def _cfg(
+    tmp_path: Path, steps: list[dict[str, object]], **settings: object
+) -> sluice.PipelineConfig:
+    return parse_pipeline(
+        {
+            "pipeline": "t",
+            "source": {"kind": "csv", "path": "unused.csv"},
+            "steps": steps,
+            "sinks": [{"id": "out", "kind": "jsonl", "path": "unused"}],
+            "dead_letter": {"kind": "jsonl", "path": str(tmp_path / "dl")},
+            "settings": {"report_dir": str(tmp_path / "runs"), "retry_backoff": 0, **settings},
+        }
+    )
 
 
-def _run(tmp_path: Path, steps: list[dict[str, object]], tables: list[pa.Table],
-         sink: MemorySink | None = None, **settings: object) -> tuple[sluice.RunReport, MemorySink]:
+def _run(
+    tmp_path: Path,
+    steps: list[dict[str, object]],
+    tables: list[pa.Table],
+    sink: MemorySink | None = None,
+    **settings: object,
+) -> tuple[sluice.RunReport, MemorySink]:
     sink = sink or MemorySink("out")
-    ex = Executor(_cfg(tmp_path, steps, **settings), base_dir=tmp_path, progress=False,
-                  source=MemorySource(tables), sinks={"out": sink})
+    ex = Executor(
+        _cfg(tmp_path, steps, **settings),
+        base_dir=tmp_path,
+        progress=False,
+        source=MemorySource(tables),
+        sinks={"out": sink},
+    )
     return ex.run(), sink
 
 
@@ -100,13 +114,21 @@ rows = st.lists(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=rows, batch=st.integers(1, 50))
 def test_conservation_law_holds_for_any_mix(tmp_path: Path, data: list[str], batch: int) -> None:
     """in = out + dead + filtered, per step and end to end, over random good/bad rows."""
-    tables = [pa.table({"v": data[i:i + batch], "k": [str(j % 7) for j in range(i, i + len(data[i:i + batch]))]})
-              for i in range(0, len(data), batch)] or [pa.table({"v": pa.array([], pa.string()),
-                                                                "k": pa.array([], pa.string())})]
+    tables = [
+        pa.table(
+            {
+                "v": data[i : i + batch],
+                "k": [str(j % 7) for j in range(i, i + len(data[i : i + batch]))],
+            }
+        )
+        for i in range(0, len(data), batch)
+    ] or [pa.table({"v": pa.array([], pa.string()), "k": pa.array([], pa.string())})]
     steps = [
         {"id": "types", "cast": {"v": "int"}},
         {"id": "nonneg", "filter": "v >= 0"},
@@ -137,7 +159,9 @@ def test_permanent_sink_failures_become_dead_letters_and_the_rest_flows(tmp_path
     tables = [pa.table({"id": list(range(i * 10, i * 10 + 10))}) for i in range(10)]
     sink = FlakySink("out", column="id", poison=[35])
     rep, _ = _run(tmp_path, [], tables, sink=sink, batch_rows=1)
-    assert sorted(sink.table().column("id").to_pylist()) == [i for i in range(100) if not 30 <= i < 40]
+    assert sorted(sink.table().column("id").to_pylist()) == [
+        i for i in range(100) if not 30 <= i < 40
+    ]
     letters = _dead_letters(rep)
     assert sorted(json.loads(d["payload"])["id"] for d in letters) == list(range(30, 40))
     assert {d["reason"] for d in letters} == {"sink_rejected"} and rep.step("out").dead == 10
@@ -148,7 +172,7 @@ def test_step_error_aborts_sinks_but_keeps_dead_letters(tmp_path: Path) -> None:
     t1 = pa.table({"a": ["1", "x"]})
     t2 = pa.table({"b": ["2"]})  # second batch lacks column 'a': the cast step fails
     sink = MemorySink("out")
-    with pytest.raises(StepError, match="step 'types'.*'a'"):
+    with pytest.raises(StepError, match=r"step 'types'.*'a'"):
         _run(tmp_path, [{"id": "types", "cast": {"a": "int"}}], [t1, t2], sink=sink, batch_rows=1)
     assert sink.aborted and not sink.committed
     letters = list((tmp_path / "dl").glob("*.jsonl"))
@@ -190,8 +214,13 @@ class _BlockedSink(MemorySink):
 def test_backpressure_bounds_what_the_reader_runs_ahead(tmp_path: Path) -> None:
     src = _CountingSource()
     sink = _BlockedSink()
-    ex = Executor(_cfg(tmp_path, [], batch_rows=1, queue_size=2), base_dir=tmp_path, progress=False,
-                  source=src, sinks={"out": sink})
+    ex = Executor(
+        _cfg(tmp_path, [], batch_rows=1, queue_size=2),
+        base_dir=tmp_path,
+        progress=False,
+        source=src,
+        sinks={"out": sink},
+    )
     result: list[sluice.RunReport] = []
     th = threading.Thread(target=lambda: result.append(ex.run()))
     th.start()

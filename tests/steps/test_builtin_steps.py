@@ -53,8 +53,9 @@ def test_cast_types_and_dead_letters_name_column_value_and_type() -> None:
         ts=["2026-01-01T10:00:00", "2026-01-02", "2026-01-03 01:02:03", "nope", None],
         b=["true", "no", "1", "F", "maybe"],
     )
-    step = Cast(CastStep(id="c", cast={"i": "int", "d": "decimal(10,2)", "ts": "timestamp",
-                                       "b": "bool"}))
+    step = Cast(
+        CastStep(id="c", cast={"i": "int", "d": "decimal(10,2)", "ts": "timestamp", "b": "bool"})
+    )
     res = step.process(t)
     out = res.table.to_pydict()
     assert out["i"] == [1, 2]
@@ -104,8 +105,10 @@ def test_sql_sees_the_batch_as_input() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(keys=st.lists(st.tuples(st.integers(0, 20), st.sampled_from(["a", "b", None])), max_size=200),
-       size=st.integers(1, 40))
+@given(
+    keys=st.lists(st.tuples(st.integers(0, 20), st.sampled_from(["a", "b", None])), max_size=200),
+    size=st.integers(1, 40),
+)
 def test_dedupe_across_batches_equals_global_first_occurrence(
     keys: list[tuple[int, str | None]], size: int
 ) -> None:
@@ -113,11 +116,12 @@ def test_dedupe_across_batches_equals_global_first_occurrence(
     got: list[tuple[int, str | None]] = []
     filtered = 0
     for i in range(0, len(keys), size):
-        part = keys[i:i + size]
+        part = keys[i : i + size]
         res = step.process(batch(k=[k for k, _ in part], s=[s for _, s in part]))
         assert res.table is not None
-        got += list(zip(res.table.column("k").to_pylist(), res.table.column("s").to_pylist(),
-                        strict=True))
+        got += list(
+            zip(res.table.column("k").to_pylist(), res.table.column("s").to_pylist(), strict=True)
+        )
         filtered += res.filtered
     assert got == list(dict.fromkeys(keys))
     assert len(got) + filtered == len(keys)

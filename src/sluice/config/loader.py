@@ -43,7 +43,10 @@ def interpolate(value: Any, env: Mapping[str, str] | None = None, *, where: str 
     if isinstance(value, list):
         return [interpolate(v, env, where=where) for v in value]
     if isinstance(value, dict):
-        return {k: interpolate(v, env, where=f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+        return {
+            k: interpolate(v, env, where=f"{where}.{k}" if where else str(k))
+            for k, v in value.items()
+        }
     return value
 
 
@@ -53,15 +56,18 @@ def load_pipeline(path: str | Path, env: Mapping[str, str] | None = None) -> Pip
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read pipeline file {str(p)!r}: {exc.strerror}",
-                          fix="check the path") from exc
+        raise ConfigError(
+            f"cannot read pipeline file {str(p)!r}: {exc.strerror}", fix="check the path"
+        ) from exc
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p} is not valid YAML: {exc}", fix="fix the YAML syntax") from exc
     if not isinstance(raw, dict):
-        raise ConfigError(f"{p} must hold a mapping with keys pipeline, source, steps, sinks",
-                          value=type(raw).__name__)
+        raise ConfigError(
+            f"{p} must hold a mapping with keys pipeline, source, steps, sinks",
+            value=type(raw).__name__,
+        )
     return parse_pipeline(raw, env)
 
 
@@ -120,29 +126,50 @@ def check_graph(data: Mapping[str, Any]) -> list[ConfigError]:
                 continue
             nid = node["id"]
             if nid in seen:
-                errors.append(ConfigError("duplicate id", step_id=nid, field="id",
-                                          fix="give every source, step and sink a unique id"))
+                errors.append(
+                    ConfigError(
+                        "duplicate id",
+                        step_id=nid,
+                        field="id",
+                        fix="give every source, step and sink a unique id",
+                    )
+                )
             refs = node.get("from", previous)
             for ref in [refs] if isinstance(refs, str) else (refs or []):
                 if ref not in seen or ref in sink_ids:
-                    errors.append(_unknown_ref(nid, str(ref), [s for s in seen if s not in sink_ids]))
+                    errors.append(
+                        _unknown_ref(nid, str(ref), [s for s in seen if s not in sink_ids])
+                    )
             seen.append(nid)
             if kind == "step":
                 previous = nid
             elif node.get("mode") == "upsert" and not node.get("key"):
-                errors.append(ConfigError("mode 'upsert' needs key columns", step_id=nid,
-                                          field="key", fix="add key: [id_column]"))
+                errors.append(
+                    ConfigError(
+                        "mode 'upsert' needs key columns",
+                        step_id=nid,
+                        field="key",
+                        fix="add key: [id_column]",
+                    )
+                )
     return errors
 
 
 def _unknown_ref(step_id: str, ref: str, known: list[str]) -> ConfigError:
     close = difflib.get_close_matches(ref, known, n=1)
-    hint = f"did you mean '{close[0]}'?" if close else f"use one of the earlier ids: {', '.join(known)}"
-    return ConfigError("'from' names no earlier step", step_id=step_id, field="from", value=ref,
-                       fix=hint)
+    hint = (
+        f"did you mean '{close[0]}'?"
+        if close
+        else f"use one of the earlier ids: {', '.join(known)}"
+    )
+    return ConfigError(
+        "'from' names no earlier step", step_id=step_id, field="from", value=ref, fix=hint
+    )
 
 
-def _node_id(data: Mapping[str, Any], loc: tuple[int | str, ...]) -> tuple[str | None, tuple[int | str, ...]]:
+def _node_id(
+    data: Mapping[str, Any], loc: tuple[int | str, ...]
+) -> tuple[str | None, tuple[int | str, ...]]:
     """Map a pydantic error location to (step id, remaining field path)."""
     if not loc:
         return None, loc

@@ -42,7 +42,7 @@ class FileSourceBase(Model):
 
 
 class CsvSource(FileSourceBase):
-    """CSV files. Rows with the wrong field count, bad encoding or uncastable values are dead letters."""
+    """CSV files. Rows with a wrong field count, bad encoding or uncastable values: dead letters."""
 
     kind: Literal["csv"]
     delimiter: str = Field(",", min_length=1, max_length=1)
@@ -50,8 +50,12 @@ class CsvSource(FileSourceBase):
     escape: str | None = Field(None, description="Escape character inside quoted fields.")
     header: bool = Field(True, description="First line holds the column names.")
     column_names: list[str] | None = Field(None, description="Names when there is no header.")
-    encoding: str = Field("utf-8", description="Any Python codec: utf-8, latin-1, utf-16, cp1252...")
-    infer_types: bool = Field(True, description="Infer numbers/booleans/timestamps; false = strings.")
+    encoding: str = Field(
+        "utf-8", description="Any Python codec: utf-8, latin-1, utf-16, cp1252..."
+    )
+    infer_types: bool = Field(
+        True, description="Infer numbers/booleans/timestamps; false = strings."
+    )
     null_values: list[str] = Field(default_factory=lambda: [""])
     block_size: int = Field(8 << 20, ge=1 << 12, description="Bytes parsed per batch.")
 
@@ -64,7 +68,7 @@ class JsonSource(FileSourceBase):
 
 
 class JsonlSource(FileSourceBase):
-    """JSON lines: one object per line. A bad line is a dead letter; the rest of the file is read."""
+    """JSON lines: one object per line. A bad line is a dead letter; the rest is still read."""
 
     kind: Literal["jsonl"]
     block_size: int = Field(8 << 20, ge=1 << 12)
@@ -124,7 +128,9 @@ class CastStep(StepBase):
 
 
 class FilterStep(StepBase):
-    filter: str = Field(min_length=1, description="SQL boolean expression; rows not true are filtered.")
+    filter: str = Field(
+        min_length=1, description="SQL boolean expression; rows not true are filtered."
+    )
 
 
 class DeriveStep(StepBase):
@@ -142,7 +148,9 @@ class DedupOptions(Model):
 
 
 class DeduplicateStep(StepBase):
-    deduplicate: DedupOptions = Field(description="Keep the first row per key across the whole run.")
+    deduplicate: DedupOptions = Field(
+        description="Keep the first row per key across the whole run."
+    )
 
 
 class JoinOptions(Model):
@@ -180,7 +188,9 @@ StepConfig = Annotated[
         _step_tag,
         custom_error_type="step_kind",
         custom_error_message=(
-            "a step needs exactly one of: " + ", ".join(STEP_KEYS) + " (plus 'id' and optional 'from')"
+            "a step needs exactly one of: "
+            + ", ".join(STEP_KEYS)
+            + " (plus 'id' and optional 'from')"
         ),
     ),
 ]
@@ -209,9 +219,13 @@ class FileSinkBase(SinkBase):
 
 class ParquetSink(FileSinkBase):
     kind: Literal["parquet"]
-    partition_by: list[str] = Field(default_factory=list, description="Hive-style partition columns.")
+    partition_by: list[str] = Field(
+        default_factory=list, description="Hive-style partition columns."
+    )
     compression: Literal["zstd", "snappy", "gzip", "lz4", "none"] = "zstd"
-    rows_per_file: int = Field(5_000_000, ge=1, description="Start a new part file after this many rows.")
+    rows_per_file: int = Field(
+        5_000_000, ge=1, description="Start a new part file after this many rows."
+    )
 
 
 class CsvSink(FileSinkBase):
@@ -265,11 +279,15 @@ class Settings(Model):
     batch_rows: int = Field(
         131_072, ge=1, description="Small source batches are merged up to this many rows."
     )
-    queue_size: int = Field(4, ge=1, description="Batches buffered between reader, steps and sinks.")
+    queue_size: int = Field(
+        4, ge=1, description="Batches buffered between reader, steps and sinks."
+    )
     report_dir: str = Field(
         "runs/{pipeline}", description="Where each run's JSON report goes ({run_id}.json)."
     )
-    retry_attempts: int = Field(5, ge=1, description="Tries for a sink write that fails transiently.")
+    retry_attempts: int = Field(
+        5, ge=1, description="Tries for a sink write that fails transiently."
+    )
     retry_backoff: float = Field(
         0.2, ge=0, description="First retry delay in seconds; doubles each try, with full jitter."
     )

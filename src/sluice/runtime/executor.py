@@ -2,9 +2,9 @@
 
 ::
 
-    reader thread ──(queue)──▶ main thread: steps in declaration order ──(queue per sink)──▶ sink threads
-                                   │                                                       │
-                                   └──────────── dead letters ──(queue)──▶ dead-letter thread ◀┘
+    reader thread ─(queue)─▶ main thread: steps, in order ─(queue per sink)─▶ sink threads
+                                   │                                                │
+                                   └───── dead letters ─(queue)─▶ dead-letter thread ◀┘
 
 Queues are bounded (``settings.queue_size`` batches), so a slow sink pauses the steps and the
 reader: memory does not grow with the input. Arrow, Polars and DuckDB release the GIL while they
@@ -17,6 +17,7 @@ are still committed, so nothing is lost; the error is re-raised after the report
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import queue
 import resource
@@ -34,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sluice.batch import DEAD_LETTER_SCHEMA, concat, rows_dead_letters
-from sluice.config.models import JsonlSink, ParquetSink, PipelineConfig
+from sluice.config.models import STEP_KEYS, JsonlSink, ParquetSink, PipelineConfig
 from sluice.errors import SluiceError, TerminalError, TransientError
 from sluice.plugins import Chunk, RunContext, Sink, Source, Step, lookup
 from sluice.runtime.progress import RunProgress, progress_wanted
@@ -57,8 +58,9 @@ def new_run_id() -> str:
 class _Worker(threading.Thread):
     """Feeds one sink from a bounded queue; records its failure instead of dying silently."""
 
-    def __init__(self, name: str, handle: Callable[[pa.Table], None], queue_size: int,
-                 stop: threading.Event) -> None:
+    def __init__(
+        self, name: str, handle: Callable[[pa.Table], None], queue_size: int, stop: threading.Event
+    ) -> None:
         super().__init__(name=name, daemon=True)
         self.q: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self.handle = handle
@@ -110,9 +112,10 @@ class Executor:
         self.ctx = RunContext(config.pipeline, self.run_id, (base_dir or Path.cwd()).resolve())
         self.show_progress = progress_wanted() if progress is None else progress
         fmt = {"pipeline": config.pipeline, "run_id": self.run_id}
-        self.report_path = report_path or self.ctx.resolve(
-            config.settings.report_dir.format(**fmt)
-        ) / f"{self.run_id}.json"
+        self.report_path = (
+            report_path
+            or self.ctx.resolve(config.settings.report_dir.format(**fmt)) / f"{self.run_id}.json"
+        )
         self.report = RunReport(config.pipeline, self.run_id)
         self.stop = threading.Event()
         self._dl_lock = threading.Lock()
@@ -124,8 +127,7 @@ class Executor:
         self.steps: list[tuple[Step, list[str]]] = []
         previous = config.source.id
         for sc in config.steps:
-            kind = next(k for k in ("select", "rename", "cast", "filter", "derive", "sql",
-                                    "deduplicate", "join") if k in type(sc).model_fields)
+            kind = next(k for k in STEP_KEYS if k in type(sc).model_fields)
             self.steps.append((lookup("step", kind)(sc), sc.inputs(previous)))
             previous = sc.id
         self.last = previous
@@ -144,14 +146,20 @@ class Executor:
         self.dl_sink: Sink = lookup("sink", dl_cfg.kind)(dl_cfg)
         self.dl_path = self.ctx.resolve(dl_path)
 
-        self.stats: dict[str, StepStats] = {config.source.id: StepStats(config.source.id,
-                                                                          config.source.kind)}
+        self.stats: dict[str, StepStats] = {
+            config.source.id: StepStats(config.source.id, config.source.kind)
+        }
         for step, _ in self.steps:
-            self.stats[step.step_id] = StepStats(step.step_id, type(step).__name__.lower())
+            kind = next(k for k in STEP_KEYS if k in type(config.step(step.step_id)).model_fields)
+            self.stats[step.step_id] = StepStats(step.step_id, kind)
         for sink, _ in self.sinks:
-            self.stats[sink.step_id] = StepStats(sink.step_id, f"sink:{type(sink).__name__}")
+            kind = next(sk.kind for sk in config.sinks if sk.id == sink.step_id)
+            self.stats[sink.step_id] = StepStats(sink.step_id, f"{kind} sink")
         self.report.steps = list(self.stats.values())
         self._retry = (s.retry_attempts, s.retry_backoff)
+        self._dl_open = False
+        self._dl_worker = _Worker("sluice-dead-letters", self._write_dead, 64, self.stop)
+        self._workers: list[_Worker] = []
 
     # ------------------------------------------------------------------ dead letters
 
@@ -186,8 +194,9 @@ class Executor:
             try:
                 dead = retry(lambda: sink.write(table), attempts=attempts, backoff=backoff)
             except (TransientError, TerminalError) as exc:
-                dead = rows_dead_letters(table, step_id=sink.step_id, reason="sink_rejected",
-                                         message=str(exc))
+                dead = rows_dead_letters(
+                    table, step_id=sink.step_id, reason="sink_rejected", message=str(exc)
+                )
             stats.add(n, n - dead.num_rows, dead.num_rows, 0, time.perf_counter() - t0)
             self._dead(dead)
 
@@ -208,8 +217,9 @@ class Executor:
             res = step.process(table)
             out = res.table
             n_out = out.num_rows if out is not None else 0
-            self.stats[step.step_id].add(table.num_rows, n_out, res.dead.num_rows, res.filtered,
-                                         time.perf_counter() - t0)
+            self.stats[step.step_id].add(
+                table.num_rows, n_out, res.dead.num_rows, res.filtered, time.perf_counter() - t0
+            )
             self._dead(res.dead)
             outputs[step.step_id] = out
         for i, (_sink, inputs) in enumerate(self.sinks):
@@ -261,10 +271,8 @@ class Executor:
         finally:
             self.stop.set()
             while reader.is_alive():
-                try:
+                with contextlib.suppress(queue.Empty):
                     q.get(timeout=0.05)
-                except queue.Empty:
-                    pass
 
     def run(self) -> RunReport:
         """Run to the end of the input; return the report (also written as JSON)."""
@@ -272,19 +280,26 @@ class Executor:
         started = time.perf_counter()
         rep.started_at = dt.datetime.now(dt.UTC).isoformat()
         rep.dead_letter_path = str(self.dl_path)
-        self._dl_open = False
-        self._dl_worker = _Worker("sluice-dead-letters", self._write_dead, 64, self.stop)
         self._workers = [
-            _Worker(f"sluice-sink-{sink.step_id}", self._sink_handler(sink),
-                    self.cfg.settings.queue_size, self.stop)
+            _Worker(
+                f"sluice-sink-{sink.step_id}",
+                self._sink_handler(sink),
+                self.cfg.settings.queue_size,
+                self.stop,
+            )
             for sink, _ in self.sinks
         ]
-        opened: list[Any] = []
+        opened: list[Source | Step | Sink] = []
         error: BaseException | None = None
         src_stats = self.stats[self.cfg.source.id]
         try:
             self._dl_worker.start()
-            for obj in [self.source, *(s for s, _ in self.steps), *(s for s, _ in self.sinks)]:
+            parts: list[Source | Step | Sink] = [
+                self.source,
+                *(s for s, _ in self.steps),
+                *(s for s, _ in self.sinks),
+            ]
+            for obj in parts:
                 obj.open(self.ctx)
                 opened.append(obj)
             for w in self._workers:
@@ -292,8 +307,9 @@ class Executor:
             pending: list[pa.Table] = []
             pending_rows = 0
             batch_rows = self.cfg.settings.batch_rows
-            with RunProgress(self.cfg.pipeline, self.source.size_hint(),
-                             self.show_progress) as progress:
+            with RunProgress(
+                self.cfg.pipeline, self.source.size_hint(), self.show_progress
+            ) as progress:
                 for chunk in self._chunks():
                     rep.bytes_read += chunk.bytes_read
                     if chunk.dead is not None and chunk.dead.num_rows:
@@ -310,8 +326,9 @@ class Executor:
                         if pending_rows >= batch_rows:
                             self._process({self.cfg.source.id: concat(pending)})
                             pending, pending_rows = [], 0
-                    progress.update(rep.bytes_read, rep.rows_read, self._dl_count,
-                                    time.perf_counter() - started)
+                    progress.update(
+                        rep.bytes_read, rep.rows_read, self._dl_count, time.perf_counter() - started
+                    )
                 if pending:
                     self._process({self.cfg.source.id: concat(pending)})
                 self._finish_steps()
@@ -323,8 +340,9 @@ class Executor:
                         raise w.error
                 for sink, _ in self.sinks:
                     sink.commit()
-                progress.update(rep.bytes_read, rep.rows_read, self._dl_count,
-                                time.perf_counter() - started)
+                progress.update(
+                    rep.bytes_read, rep.rows_read, self._dl_count, time.perf_counter() - started
+                )
             rep.status = "succeeded"
         except BaseException as exc:
             error = exc
@@ -347,10 +365,8 @@ class Executor:
             closable: list[Source | Step] = [self.source, *(s for s, _ in self.steps)]
             for obj in reversed(closable):
                 if obj in opened:
-                    try:
+                    with contextlib.suppress(Exception):  # closing never hides the outcome
                         obj.close()
-                    except Exception:  # closing must never hide the run's outcome
-                        pass
             rep.seconds = time.perf_counter() - started
             rep.finished_at = dt.datetime.now(dt.UTC).isoformat()
             rep.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -392,4 +408,3 @@ def run_pipeline(
 ) -> RunReport:
     """Run a pipeline with the local executor and return its report."""
     return Executor(config, base_dir=base_dir, progress=progress).run()
-

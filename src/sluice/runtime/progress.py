@@ -41,8 +41,9 @@ class RunProgress:
                 console=Console(stderr=True),
                 transient=False,
             )
-            self._task = self._progress.add_task(pipeline, total=total_bytes, rows=0, rate=0.0,
-                                                 dead=0)
+            self._task = self._progress.add_task(
+                pipeline, total=total_bytes, rows=0, rate=0.0, dead=0
+            )
 
     def __enter__(self) -> RunProgress:
         if self._progress is not None:

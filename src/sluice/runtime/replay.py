@@ -11,10 +11,14 @@ Each dead letter re-enters where it left:
   the original file (its path is in ``source``) is read again.
 
 Replay appends: it refuses pipelines with a single-file sink, whose file it would replace.
+Records that fail again become new dead letters in a subfolder ``replay-<time>/`` of the
+pipeline's dead-letter folder, so replaying the original folder again never picks them up
+(only files directly inside the given folder are read).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -32,13 +36,22 @@ _SINGLE_FILE_EXT = {"parquet": ".parquet", "csv": ".csv", "jsonl": ".jsonl"}
 
 
 def read_dead_letters(path: Path) -> pl.DataFrame:
-    files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path])
-                   if p.suffix in (".jsonl", ".parquet") and not p.name.startswith("."))
+    files = sorted(
+        p
+        for p in (path.glob("*") if path.is_dir() else [path])
+        if p.suffix in (".jsonl", ".parquet") and not p.name.startswith(".")
+    )
     if not files:
-        raise ConfigError(f"no dead-letter files (.jsonl, .parquet) at {str(path)!r}",
-                          fix="pass a dead-letter file or folder written by `sluice run`")
-    frames = [pl.read_parquet(f) if f.suffix == ".parquet" else
-              pl.read_ndjson(f, infer_schema_length=None) for f in files]
+        raise ConfigError(
+            f"no dead-letter files (.jsonl, .parquet) at {str(path)!r}",
+            fix="pass a dead-letter file or folder written by `sluice run`",
+        )
+    frames = [
+        pl.read_parquet(f)
+        if f.suffix == ".parquet"
+        else pl.read_ndjson(f, infer_schema_length=None)
+        for f in files
+    ]
     cols = ["step_id", "reason", "source", "payload"]
     return pl.concat([f.select([pl.col(c).cast(pl.String) for c in cols]) for f in frames])
 
@@ -54,10 +67,22 @@ def replay(
     for sink in cfg.sinks:
         ext = _SINGLE_FILE_EXT.get(sink.kind)
         if ext and getattr(sink, "path", "").endswith(ext):
-            raise ConfigError("replay would replace this single-file output", step_id=sink.id,
-                              field="path", value=getattr(sink, "path", None),
-                              fix="write to a folder (a path without the file extension)")
+            raise ConfigError(
+                "replay would replace this single-file output",
+                step_id=sink.id,
+                field="path",
+                value=getattr(sink, "path", None),
+                fix="write to a folder (a path without the file extension)",
+            )
     letters = read_dead_letters(dead_letters)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    cfg = cfg.model_copy(
+        update={
+            "dead_letter": cfg.dead_letter.model_copy(
+                update={"path": f"{cfg.dead_letter.path}/replay-{stamp}"}
+            )
+        }
+    )
     if reasons:
         letters = letters.filter(pl.col("reason").is_in(reasons))
     reports: list[RunReport] = []
@@ -77,8 +102,9 @@ def _is_object(payload: str | None) -> bool:
     return bool(payload) and payload.lstrip().startswith("{")  # type: ignore[union-attr]
 
 
-def _replay_source(cfg: PipelineConfig, letters: pl.DataFrame, tmpdir: Path, base_dir: Path,
-                   progress: bool | None) -> list[RunReport]:
+def _replay_source(
+    cfg: PipelineConfig, letters: pl.DataFrame, tmpdir: Path, base_dir: Path, progress: bool | None
+) -> list[RunReport]:
     raw: dict[str, list[str]] = {}
     objects: list[str] = []
     whole_files: list[str] = []
@@ -120,21 +146,36 @@ def _replay_source(cfg: PipelineConfig, letters: pl.DataFrame, tmpdir: Path, bas
 
 def _first_line(path: Path, encoding: str) -> str:
     if not path.is_file():
-        raise ConfigError(f"cannot replay CSV rows: the original file {str(path)!r} (needed for "
-                          "its header line) is gone", fix="restore the file, or replay with a "
-                          "pipeline whose CSV source has header: false and column_names")
+        raise ConfigError(
+            f"cannot replay CSV rows: the original file {str(path)!r} (needed for "
+            "its header line) is gone",
+            fix="restore the file, or replay with a "
+            "pipeline whose CSV source has header: false and column_names",
+        )
     with path.open(encoding=encoding, newline="") as fh:
         return fh.readline()
 
 
-def _replay_rows(cfg: PipelineConfig, step_id: str, letters: pl.DataFrame, tmpdir: Path,
-                 base_dir: Path, progress: bool | None) -> RunReport:
+def _replay_rows(
+    cfg: PipelineConfig,
+    step_id: str,
+    letters: pl.DataFrame,
+    tmpdir: Path,
+    base_dir: Path,
+    progress: bool | None,
+) -> RunReport:
     payloads = [p for p in letters["payload"].to_list() if p]
     return _replay_objects(cfg, step_id, payloads, tmpdir, base_dir, progress)
 
 
-def _replay_objects(cfg: PipelineConfig, step_id: str | None, payloads: list[str], tmpdir: Path,
-                    base_dir: Path, progress: bool | None) -> RunReport:
+def _replay_objects(
+    cfg: PipelineConfig,
+    step_id: str | None,
+    payloads: list[str],
+    tmpdir: Path,
+    base_dir: Path,
+    progress: bool | None,
+) -> RunReport:
     target = tmpdir / f"rows-{step_id or 'source'}.jsonl"
     with target.open("wb") as fh:
         for p in payloads:
@@ -143,8 +184,14 @@ def _replay_objects(cfg: PipelineConfig, step_id: str | None, payloads: list[str
     return _run(cfg, src, step_id, tmpdir, base_dir, progress)
 
 
-def _run(cfg: PipelineConfig, source: dict[str, Any], entry: str | None, tmpdir: Path,
-         base_dir: Path, progress: bool | None) -> RunReport:
+def _run(
+    cfg: PipelineConfig,
+    source: dict[str, Any],
+    entry: str | None,
+    tmpdir: Path,
+    base_dir: Path,
+    progress: bool | None,
+) -> RunReport:
     """Run the part of the pipeline downstream of ``entry`` (the whole pipeline when None)."""
     raw = cfg.model_dump(by_alias=True, exclude_none=True)
     src_id = f"replay_{entry}" if entry else cfg.source.id
@@ -183,10 +230,12 @@ def _run(cfg: PipelineConfig, source: dict[str, Any], entry: str | None, tmpdir:
             sinks = [s for s in raw["sinks"] if s["id"] == entry]
             sinks[0]["from"] = src_id
         else:
-            raise ConfigError("dead letters name a step this pipeline does not have",
-                              step_id=entry, fix="replay with the pipeline that wrote them")
+            raise ConfigError(
+                "dead letters name a step this pipeline does not have",
+                step_id=entry,
+                fix="replay with the pipeline that wrote them",
+            )
     raw["steps"] = new_steps
     raw["sinks"] = sinks
     sub = parse_pipeline(raw, env={})
     return Executor(sub, base_dir=base_dir, progress=progress).run()
-

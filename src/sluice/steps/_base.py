@@ -47,7 +47,7 @@ def user_columns(names: Iterable[str]) -> list[str]:
 
 
 def check_columns(step_id: str, wanted: Iterable[str], available: Iterable[str], what: str) -> None:
-    """Raise a StepError naming the missing column(s), the closest match and the columns there are."""
+    """Raise a StepError naming the missing column(s), the closest match and the input columns."""
     have = user_columns(available)
     missing = [c for c in wanted if c not in have]
     if not missing:

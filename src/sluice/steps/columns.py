@@ -35,8 +35,11 @@ class Rename(BaseStep):
         names = [mapping.get(n, n) for n in table.column_names]
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})
-            raise StepError(self.step_id, f"rename would create duplicate column(s) {dup}",
-                            fix="rename to names that are not already used")
+            raise StepError(
+                self.step_id,
+                f"rename would create duplicate column(s) {dup}",
+                fix="rename to names that are not already used",
+            )
         return StepResult(table.rename_columns(names))
 
 
@@ -56,7 +59,13 @@ def _cast_expr(col: str, src: pl.DataType, dst: pl.DataType) -> pl.Expr:
     if src == pl.String:
         if dst == pl.Boolean:
             low = c.str.strip_chars().str.to_lowercase()
-            return pl.when(low.is_in(_TRUE)).then(True).when(low.is_in(_FALSE)).then(False).otherwise(None)
+            return (
+                pl.when(low.is_in(_TRUE))
+                .then(True)
+                .when(low.is_in(_FALSE))
+                .then(False)
+                .otherwise(None)
+            )
         if dst == pl.Date:
             return c.str.strip_chars().str.to_date(strict=False)
         if isinstance(dst, pl.Datetime):
@@ -72,7 +81,8 @@ class Cast(BaseStep):
     """Cast columns to types; a row with any value that cannot be cast is a dead letter.
 
     Vectorized: each column is cast non-strictly, and a value that was non-null before and null
-    after marks its row. Empty or blank strings become null (a missing value, not an error). The dead letter lists every failing column of the row with its value.
+    after marks its row. Empty or blank strings become null (a missing value, not an error).
+    The dead letter lists every failing column of the row with its value.
     """
 
     config: CastStep
@@ -85,9 +95,8 @@ class Cast(BaseStep):
     def process(self, table: pa.Table) -> StepResult:
         check_columns(self.step_id, self.targets, table.column_names, "cast")
         df = to_polars(table)
-        exprs = []
-        bad_flags = []
-        messages = []
+        casts: dict[str, pl.Expr] = {}
+        flags: dict[str, pl.Expr] = {}
         for col, dst in self.targets.items():
             src = df.schema[col]
             if src == dst:
@@ -96,36 +105,43 @@ class Cast(BaseStep):
             present = pl.col(col).is_not_null()
             if src == pl.String:  # an empty or blank string is a missing value, not an error
                 present = present & (pl.col(col).str.strip_chars() != "")
-            bad = present & new.is_null()
-            exprs.append(new.alias(col))
-            bad_flags.append(bad)
-            messages.append(
-                pl.when(bad).then(
-                    pl.format(
-                        "column '{}': value {} cannot be cast to {}",
-                        pl.lit(col),
-                        pl.col(col).cast(pl.String).str.slice(0, 80),
-                        pl.lit(self.type_names[col]),
-                    )
+            casts[col] = new
+            flags[col] = present & pl.col(f"{col}__cast").is_null()
+        if not casts:
+            return StepResult(table)
+        # the cast values (suffixed), then a failure flag per column computed from them
+        marked = df.with_columns(*(e.alias(f"{c}__cast") for c, e in casts.items()))
+        marked = marked.with_columns(*(e.alias(f"{c}__bad") for c, e in flags.items()))
+        bad_cols = [f"{c}__bad" for c in flags]
+        any_bad = pl.any_horizontal(bad_cols)
+        helper_cols = [f"{c}__cast" for c in casts] + bad_cols
+        dead = empty_dead_letters()
+        if marked.select(any_bad.any()).item():
+            bad_rows = marked.filter(any_bad)
+            # messages are built for the failing rows only
+            messages = bad_rows.select(
+                pl.concat_str(
+                    [
+                        pl.when(pl.col(f"{c}__bad")).then(
+                            pl.format(
+                                "column '{}': value {} cannot be cast to {}",
+                                pl.lit(c),
+                                pl.col(c).cast(pl.String).str.slice(0, 80),
+                                pl.lit(self.type_names[c]),
+                            )
+                        )
+                        for c in flags
+                    ],
+                    separator="; ",
+                    ignore_nulls=True,
                 )
             )
-        if not exprs:
-            return StepResult(table)
-        any_bad = pl.any_horizontal(bad_flags)
-        marked = df.with_columns(
-            any_bad.alias("__bad"),
-            pl.concat_str(messages, separator="; ", ignore_nulls=True).alias("__msg"),
-        )
-        n_bad = int(marked["__bad"].sum())
-        dead = empty_dead_letters()
-        if n_bad:
-            bad_rows = marked.filter(pl.col("__bad"))
             dead = rows_dead_letters(
-                to_arrow(bad_rows.drop("__bad", "__msg")),
+                to_arrow(bad_rows.drop(helper_cols)),
                 step_id=self.step_id,
                 reason="cast_error",
-                message=bad_rows["__msg"].to_arrow(),
+                message=messages.to_series().to_arrow(),
             )
-            df = marked.filter(~pl.col("__bad")).drop("__bad", "__msg")
-        out = df.with_columns(exprs)
+            marked = marked.filter(~any_bad)
+        out = marked.with_columns(*(pl.col(f"{c}__cast").alias(c) for c in casts)).drop(helper_cols)
         return StepResult(to_arrow(out), dead=dead)

@@ -15,9 +15,13 @@ def compile_expr(step_id: str, text: str, field: str) -> pl.Expr:
     try:
         return pl.sql_expr(text)
     except Exception as exc:  # polars raises several types for SQL syntax errors
-        raise ConfigError(f"cannot parse SQL expression: {str(exc).splitlines()[0]}",
-                          step_id=step_id, field=field, value=text,
-                          fix="write a SQL expression such as: amount > 0 AND status = 'ok'") from exc
+        raise ConfigError(
+            f"cannot parse SQL expression: {str(exc).splitlines()[0]}",
+            step_id=step_id,
+            field=field,
+            value=text,
+            fix="write a SQL expression such as: amount > 0 AND status = 'ok'",
+        ) from exc
 
 
 class Filter(BaseStep):
@@ -36,7 +40,9 @@ class Filter(BaseStep):
         except Exception as exc:
             if isinstance(exc, StepError):
                 raise
-            raise polars_error(self.step_id, f"filter {self.config.filter!r}", exc, df.columns) from exc
+            raise polars_error(
+                self.step_id, f"filter {self.config.filter!r}", exc, df.columns
+            ) from exc
         return StepResult(to_arrow(out), filtered=df.height - out.height)
 
 

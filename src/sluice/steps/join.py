@@ -44,16 +44,21 @@ class Join(BaseStep):
         finally:
             reader.close()
         if not tables:
-            raise StepError(self.step_id, f"reference {opts.reference.path!r} has no rows",
-                            fix="point join.reference.path at a file with data")
+            raise StepError(
+                self.step_id,
+                f"reference {opts.reference.path!r} has no rows",
+                fix="point join.reference.path at a file with data",
+            )
         ref = to_polars(concat(tables))
         check_columns(self.step_id, opts.key, ref.columns, "join.key (reference side)")
         dup = ref.select(opts.key).is_duplicated()
         if dup.any():
             example = ref.filter(dup).select(opts.key).row(0)
-            raise StepError(self.step_id,
-                            f"reference has duplicate keys on {opts.key}, e.g. {example}",
-                            fix="deduplicate the reference file; a join must not multiply rows")
+            raise StepError(
+                self.step_id,
+                f"reference has duplicate keys on {opts.key}, e.g. {example}",
+                fix="deduplicate the reference file; a join must not multiply rows",
+            )
         self.ref = ref
         if dead:
             self.pending_dead = concat(dead)
@@ -77,7 +82,11 @@ class Join(BaseStep):
         missing = df.height - matched.height
         if opts.unmatched == "dead_letter" and missing:
             miss = df.join(ref.select(opts.key), on=opts.key, how="anti")
-            dl = rows_dead_letters(to_arrow(miss), step_id=self.step_id, reason="join_unmatched",
-                                   message=f"no row in the reference with this {', '.join(opts.key)}")
+            dl = rows_dead_letters(
+                to_arrow(miss),
+                step_id=self.step_id,
+                reason="join_unmatched",
+                message=f"no row in the reference with this {', '.join(opts.key)}",
+            )
             return StepResult(to_arrow(out), dead=concat([dead, dl]))
         return StepResult(to_arrow(out), dead=dead, filtered=missing)

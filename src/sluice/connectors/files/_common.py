@@ -1,0 +1,388 @@
+"""Shared machinery of the file readers: glob expansion, the per-file loop, explicit schemas.
+
+Every reader subclasses :class:`FileReader` and implements :meth:`FileReader._read_file`, a
+generator of :class:`~sluice.plugins.Chunk` for one file. The base class
+
+* expands ``config.path`` (a file or a glob) at :meth:`~FileReader.open`, sorted, and raises
+  :class:`~sluice.errors.SourceError` when nothing matches (the run would be pointless);
+* runs the files in order; an unexpected exception while reading one file becomes one dead letter
+  (reason ``corrupt_file``, payload null, ``source`` = the file) and the run goes on with the next;
+* makes ``bytes_read`` of one file's chunks add up to the file's size, so a progress bar driven by
+  :meth:`~FileReader.size_hint` reaches 100 %.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sluice.batch import (
+    ROW_COL,
+    SOURCE_COL,
+    dead_letters,
+    empty_dead_letters,
+    rows_as_json,
+    source_names,
+)
+from sluice.errors import SourceError
+from sluice.plugins import Chunk, RunContext
+from sluice.types import parse_type
+
+#: Rows per emitted batch for readers that build tables from Python objects (JSON, XML).
+OBJECT_BATCH_ROWS = 65_536
+
+#: Maximum payload kept in a dead letter for a whole-document failure.
+MAX_PAYLOAD = 64 * 1024
+
+
+# --------------------------------------------------------------------------------------- paths
+
+
+def expand_paths(pattern: str, *, ctx: RunContext | None, step_id: str) -> list[Path]:
+    """Expand a file path or glob to a sorted list of files.
+
+    Raises :class:`SourceError` (naming the step, the pattern and a fix) when a glob matches no
+    file, or a plain path does not exist / is not a file.
+    """
+    resolved = ctx.resolve(pattern) if ctx is not None else Path(pattern).expanduser()
+    text = str(resolved)
+    where = f" (relative paths are resolved against {ctx.base_dir})" if ctx is not None else ""
+    if glob.has_magic(text):
+        files = sorted(Path(p) for p in glob.glob(text, recursive=True) if os.path.isfile(p))
+        if not files:
+            raise SourceError(
+                step_id,
+                f"no file matches the pattern {pattern!r} (looked for {text})",
+                fix=f"check the path and the pattern{where}",
+            )
+        return files
+    if not resolved.exists():
+        raise SourceError(
+            step_id,
+            f"file {pattern!r} does not exist (looked for {text})",
+            fix=f"check the path{where}",
+        )
+    if not resolved.is_file():
+        raise SourceError(
+            step_id,
+            f"{pattern!r} is not a file (looked for {text})",
+            fix="name a file, or use a glob such as 'folder/*.ext'",
+        )
+    return [resolved]
+
+
+# ------------------------------------------------------------------------------------ the reader
+
+
+@dataclass
+class FileState:
+    """What the per-file loop knows about the file being read (readers update ``rows``)."""
+
+    path: Path
+    size: int
+    rows: int = 0  # data rows already emitted from this file
+
+    @property
+    def source(self) -> str:
+        return str(self.path)
+
+
+class FileReader:
+    """Base class of the file readers: open / size_hint / close and the per-file loop."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.step_id: str = config.id
+        self._ctx: RunContext | None = None
+        self._files: list[Path] = []
+        self._types: dict[str, pa.DataType] = {
+            name: parse_type(t) for name, t in (config.columns or {}).items()
+        }
+
+    # -- Source protocol -------------------------------------------------------------------
+
+    def open(self, ctx: RunContext) -> None:
+        self._ctx = ctx
+        self._files = expand_paths(self.config.path, ctx=ctx, step_id=self.step_id)
+
+    def size_hint(self) -> int | None:
+        if not self._files:
+            return None
+        total = 0
+        for p in self._files:
+            with contextlib.suppress(OSError):
+                total += p.stat().st_size
+        return total
+
+    def close(self) -> None:
+        self._files = []
+
+    @property
+    def files(self) -> list[Path]:
+        return list(self._files)
+
+    def read(self) -> Iterator[Chunk]:
+        if self._ctx is None:
+            self.open(RunContext(pipeline="", run_id=""))
+        for path in list(self._files):
+            yield from self._read_one(path)
+
+    # -- per file ----------------------------------------------------------------------------
+
+    def _read_one(self, path: Path) -> Iterator[Chunk]:
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = 0
+        state = FileState(path=path, size=size)
+        reported = 0
+        pending: Chunk | None = None  # held back one step so the last chunk can carry the rest
+        try:
+            for chunk in self._read_file(path, state):
+                if chunk.table is None and chunk.dead is None and not chunk.bytes_read:
+                    continue
+                if pending is not None:
+                    reported += pending.bytes_read
+                    yield pending
+                pending = chunk
+        except Exception as exc:  # one bad file must not stop the run
+            if pending is not None:
+                reported += pending.bytes_read
+                yield pending
+            pending = Chunk(dead=self.corrupt_file(state, exc))
+        rest = size - reported - (pending.bytes_read if pending is not None else 0)
+        if pending is not None:
+            pending.bytes_read = max(0, pending.bytes_read + rest)
+            yield pending
+        elif rest > 0:
+            yield Chunk(bytes_read=rest)
+
+    def corrupt_file(self, state: FileState, exc: BaseException) -> pa.Table:
+        message = str(exc) or type(exc).__name__
+        if state.rows:
+            message += f" ({state.rows} rows of this file were emitted before the error)"
+        return dead_letters(
+            step_id=self.step_id,
+            reason="corrupt_file",
+            message=message,
+            payload=None,
+            source=state.source,
+        )
+
+    def _read_file(self, path: Path, state: FileState) -> Iterator[Chunk]:
+        raise NotImplementedError
+
+    # -- helpers for subclasses ----------------------------------------------------------------
+
+    def dead(
+        self, state: FileState, reason: object, message: object, payload: object, **kw: Any
+    ) -> pa.Table:
+        return dead_letters(
+            step_id=self.step_id,
+            reason=reason,  # type: ignore[arg-type]  # a list of reasons is accepted too
+            message=message,
+            payload=payload,
+            source=state.source,
+            **kw,
+        )
+
+    def apply_schema(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
+        """Cast the configured ``schema`` columns; see :func:`apply_schema`."""
+        return apply_schema(table, self._types, step_id=self.step_id)
+
+
+# -------------------------------------------------------------------------------------- casting
+
+
+def _try_cast(arr: pa.Array, typ: pa.DataType) -> pa.Array | None:
+    try:
+        return pc.cast(arr, typ)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OverflowError):
+        return None
+
+
+def _bad_indices(arr: pa.Array, typ: pa.DataType, offset: int, out: list[int]) -> None:
+    """Append the indices of the elements of ``arr`` that do not cast to ``typ`` (bisection)."""
+    if _try_cast(arr, typ) is not None:
+        return
+    n = len(arr)
+    if n <= 16:
+        for i in range(n):
+            if _try_cast(arr.slice(i, 1), typ) is None:
+                out.append(offset + i)
+        return
+    half = n // 2
+    _bad_indices(arr.slice(0, half), typ, offset, out)
+    _bad_indices(arr.slice(half), typ, offset + half, out)
+
+
+def safe_cast(arr: pa.Array | pa.ChunkedArray, typ: pa.DataType) -> tuple[pa.Array, list[int]]:
+    """Cast ``arr`` to ``typ``; values that do not cast become null and their indices are returned.
+
+    The whole column is cast in one call when it can be (the common case); otherwise the failing
+    values are found by bisection, so the cost grows with the number of bad values, not rows.
+    """
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if arr.type == typ:
+        return arr, []
+    done = _try_cast(arr, typ)
+    if done is not None:
+        return done, []
+    bad: list[int] = []
+    _bad_indices(arr, typ, 0, bad)
+    mask = _index_mask(len(arr), bad)
+    cleaned = pc.if_else(mask, pa.scalar(None, arr.type), arr)
+    result = _try_cast(cleaned, typ)
+    if result is None:  # cannot happen unless casting is not element-wise; be safe
+        return pa.nulls(len(arr), typ), list(range(len(arr)))
+    return result, bad
+
+
+def _index_mask(n: int, indices: list[int]) -> pa.Array:
+    import numpy as np
+
+    m = np.zeros(n, dtype=bool)
+    if indices:
+        m[np.asarray(indices, dtype=np.int64)] = True
+    return pa.array(m)
+
+
+def _value_text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        return value
+    return orjson.dumps(value, default=str).decode()
+
+
+def apply_schema(
+    table: pa.Table, types: Mapping[str, pa.DataType], *, step_id: str
+) -> tuple[pa.Table, pa.Table]:
+    """Cast the columns named in ``types``; rows with a value that does not cast are removed.
+
+    ``table`` carries the position columns. Returns ``(table, dead_letters)``; the dead letters
+    (reason ``cast_error``) carry the row as JSON of its values before the cast and a message naming
+    the column, the value and the target type. A declared column missing from ``table`` is added
+    as all-null so every batch has the declared columns.
+    """
+    if not types:
+        return table, empty_dead_letters()
+    messages: dict[int, str] = {}
+    original = table
+    for name, typ in types.items():
+        if name not in table.column_names:
+            idx = _before_positions(table)
+            table = table.add_column(idx, pa.field(name, typ), pa.nulls(table.num_rows, typ))
+            continue
+        col = table.column(name)
+        if col.type == typ:
+            continue
+        casted, bad = safe_cast(col, typ)
+        for i in bad:
+            if i not in messages:
+                value = _value_text(col[i].as_py())
+                messages[i] = f"column {name!r}: cannot cast {value!r} to {typ}"
+        table = table.set_column(table.column_names.index(name), pa.field(name, typ), casted)
+    if not messages:
+        return table, empty_dead_letters()
+    order = sorted(messages)
+    mask = _index_mask(table.num_rows, order)
+    bad_rows = original.filter(mask)
+    dead = _rows_dead(bad_rows, step_id, "cast_error", [messages[i] for i in order])
+    return table.filter(pc.invert(mask)), dead
+
+
+def _before_positions(table: pa.Table) -> int:
+    names = table.column_names
+    return names.index(SOURCE_COL) if SOURCE_COL in names else len(names)
+
+
+def _rows_dead(rows: pa.Table, step_id: str, reason: str, messages: list[str]) -> pa.Table:
+    """Dead letters for the rows of ``rows`` (which carries position columns)."""
+    try:
+        payload: object = rows_as_json(rows)
+    except Exception:  # exotic types polars cannot encode: fall back to Python
+        plain = rows.drop_columns([c for c in (SOURCE_COL, ROW_COL) if c in rows.column_names])
+        payload = [orjson.dumps(r, default=str).decode() for r in plain.to_pylist()]
+    source = source_names(rows.column(SOURCE_COL)) if SOURCE_COL in rows.column_names else None
+    position = rows.column(ROW_COL) if ROW_COL in rows.column_names else None
+    return dead_letters(
+        step_id=step_id,
+        reason=reason,
+        message=messages,
+        payload=payload,
+        n=rows.num_rows,
+        source=source,
+        position=position,
+    )
+
+
+# ------------------------------------------------------------------------ tables from Python data
+
+
+def _column(values: list[Any]) -> pa.Array:
+    """An Arrow column from Python values: scalars keep their type; nested or mixed → JSON text."""
+    kinds = {type(v) for v in values if v is not None}
+    if not kinds:
+        return pa.nulls(len(values), pa.string())
+    if kinds <= {str}:
+        return pa.array(values, pa.string())
+    if kinds == {bool}:
+        return pa.array(values, pa.bool_())
+    if kinds == {int}:
+        try:
+            return pa.array(values, pa.int64())
+        except (OverflowError, pa.ArrowInvalid):
+            pass
+    elif kinds <= {int, float}:
+        try:
+            return pa.array(values, pa.float64())
+        except (OverflowError, pa.ArrowInvalid):
+            pass
+    return pa.array([None if v is None else orjson.dumps(v).decode() for v in values], pa.string())
+
+
+def records_to_table(
+    records: list[dict[str, Any]], schema: pa.Schema | None = None
+) -> pa.Table:
+    """Build a table from dicts: union of keys (first-seen order), missing keys are null.
+
+    Column types: strings, booleans, int64, float64 (ints mixed with floats) when a column holds
+    only that kind of scalar; nested values (objects, arrays), integers beyond int64 and mixed kinds
+    are kept as JSON text (strings keep their JSON quotes then, so the text round-trips). With
+    ``schema`` the columns it names are built with that type when every value fits.
+    """
+    names: dict[str, None] = {}
+    for r in records:
+        for k in r:
+            if k not in names:
+                names[k] = None
+    arrays: list[pa.Array] = []
+    fields: list[pa.Field] = []
+    for name in names:
+        values = [r.get(name) for r in records]
+        arr = None
+        if schema is not None and name in schema.names:
+            typ = schema.field(name).type
+            try:
+                arr = pa.array(values, typ)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError):
+                arr = None
+        if arr is None:
+            arr = _column(values)
+        arrays.append(arr)
+        fields.append(pa.field(name, arr.type))
+    if not fields:  # only empty objects: rows without columns
+        return pa.table({"_": pa.nulls(len(records))}).drop_columns(["_"])
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+

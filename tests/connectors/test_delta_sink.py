@@ -1,0 +1,169 @@
+"""Delta sink against real Delta tables in tmp_path."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+deltalake = pytest.importorskip("deltalake")
+
+from sluice.batch import with_positions  # noqa: E402
+from sluice.config.models import DeltaSink  # noqa: E402
+from sluice.connectors.delta import DeltaWriter  # noqa: E402
+from sluice.errors import SinkError  # noqa: E402
+from sluice.plugins import RunContext, Sink  # noqa: E402
+
+
+def rows(start: int, n: int) -> pa.Table:
+    t = pa.table(
+        {
+            "id": pa.array(range(start, start + n), pa.int64()),
+            "region": [["eu", "us", "apac"][i % 3] for i in range(start, start + n)],
+            "amount": pa.array(
+                [decimal.Decimal(i) / 4 for i in range(start, start + n)], pa.decimal128(12, 2)
+            ),
+            "at": pa.array(
+                [
+                    dt.datetime(2024, 1, 1, tzinfo=dt.UTC) + dt.timedelta(minutes=i)
+                    for i in range(n)
+                ],
+                pa.timestamp("us", tz="UTC"),
+            ),
+            "note": [None if i % 5 == 0 else f"ü{i}" for i in range(start, start + n)],
+        }
+    )
+    return with_positions(t, "src", start)
+
+
+def sink(path: Path, **kw: object) -> DeltaWriter:
+    return DeltaWriter(
+        DeltaSink.model_validate({"id": "lake", "kind": "delta", "path": str(path), **kw})
+    )
+
+
+def read(path: Path) -> pa.Table:
+    t = deltalake.DeltaTable(str(path)).to_pyarrow_table()
+    return t.sort_by("id")
+
+
+def run(w: DeltaWriter, tmp_path: Path, *batches: pa.Table, run_id: str = "r1") -> None:
+    w.open(RunContext("p", run_id, tmp_path))
+    for b in batches:
+        assert w.write(b).num_rows == 0
+    w.commit()
+
+
+def test_write_and_read_back(tmp_path: Path) -> None:
+    table = tmp_path / "t"
+    w = sink(table)
+    assert isinstance(w, Sink)
+    run(w, tmp_path, rows(0, 10), rows(10, 10), rows(20, 5))
+    dtable = deltalake.DeltaTable(str(table))
+    assert dtable.version() == 0  # the whole run is one Delta commit
+    back = read(table)
+    assert "__sluice_row" not in back.column_names
+    expected = pa.concat_tables([rows(0, 10), rows(10, 10), rows(20, 5)]).drop_columns(
+        ["__sluice_source", "__sluice_row"]
+    )
+    for name in expected.column_names:
+        assert back[name].to_pylist() == expected[name].to_pylist(), name
+
+
+def test_append_twice_then_overwrite(tmp_path: Path) -> None:
+    table = tmp_path / "t"
+    run(sink(table), tmp_path, rows(0, 5))
+    run(sink(table, mode="append"), tmp_path, rows(5, 5), run_id="r2")
+    assert read(table)["id"].to_pylist() == list(range(10))
+    assert deltalake.DeltaTable(str(table)).version() == 1
+    run(sink(table, mode="overwrite"), tmp_path, rows(100, 3), rows(103, 2), run_id="r3")
+    assert read(table)["id"].to_pylist() == list(range(100, 105))
+    assert deltalake.DeltaTable(str(table)).version() == 2
+
+
+def test_partitioned_table(tmp_path: Path) -> None:
+    table = tmp_path / "t"
+    run(sink(table, partition_by=["region"]), tmp_path, rows(0, 9))
+    dtable = deltalake.DeltaTable(str(table))
+    assert dtable.metadata().partition_columns == ["region"]
+    assert {p.name for p in table.iterdir() if p.is_dir()} >= {
+        "region=eu",
+        "region=us",
+        "region=apac",
+    }
+    back = read(table)
+    assert back["region"].to_pylist() == rows(0, 9)["region"].to_pylist()
+
+
+def test_abort_leaves_no_version(tmp_path: Path) -> None:
+    table = tmp_path / "t"
+    w = sink(table)
+    w.open(RunContext("p", "r1", tmp_path))
+    w.write(rows(0, 5))
+    w.abort()
+    assert not deltalake.DeltaTable.is_deltatable(str(table))
+    run(sink(table), tmp_path, rows(0, 2))
+    w = sink(table)
+    w.open(RunContext("p", "r2", tmp_path))
+    w.write(rows(2, 5))
+    w.abort()
+    assert read(table)["id"].to_pylist() == [0, 1]
+
+
+def test_big_run_is_split_and_abort_restores(tmp_path: Path) -> None:
+    table = tmp_path / "t"
+    run(sink(table), tmp_path, rows(0, 3))
+    w = sink(table, mode="overwrite")
+    w.max_buffer_bytes = 1  # every batch becomes its own commit
+    w.open(RunContext("p", "r2", tmp_path))
+    w.write(rows(10, 3))
+    w.write(rows(13, 3))
+    assert deltalake.DeltaTable(str(table)).version() == 2  # two extra commits already
+    w.abort()
+    assert read(table)["id"].to_pylist() == [0, 1, 2]  # restored to the pre-run version
+
+    w = sink(table, mode="overwrite")
+    w.max_buffer_bytes = 1
+    run(w, tmp_path, rows(10, 3), rows(13, 3), run_id="r3")
+    assert read(table)["id"].to_pylist() == list(range(10, 16))  # first commit overwrote
+
+
+def test_schema_alignment_against_existing_table(tmp_path: Path) -> None:
+    table = tmp_path / "t"
+    run(sink(table), tmp_path, rows(0, 2))
+    w = sink(table)
+    w.open(RunContext("p", "r2", tmp_path))
+    reordered = rows(2, 2).select(["note", "at", "amount", "region", "id", "__sluice_row"])
+    assert w.write(reordered).num_rows == 0
+    bad = rows(4, 2).set_column(0, "id", pa.array(["a", "b"]))
+    dead = w.write(bad)
+    assert dead.num_rows == 2 and "'id'" in dead["message"][0].as_py()
+    w.commit()
+    assert read(table)["id"].to_pylist() == [0, 1, 2, 3]
+
+
+def test_null_column_and_empty_overwrite(tmp_path: Path) -> None:
+    table = tmp_path / "t"
+    t = pa.table({"id": [1, 2], "nothing": pa.nulls(2)})
+    run(sink(table), tmp_path, t)
+    assert read(table)["nothing"].to_pylist() == [None, None]
+    w = sink(table, mode="overwrite")
+    w.open(RunContext("p", "r2", tmp_path))
+    assert w.write(t.slice(0, 0)).num_rows == 0
+    w.commit()
+    assert deltalake.DeltaTable(str(table)).to_pyarrow_table().num_rows == 0
+
+
+def test_incompatible_partitioning_is_a_sink_error(tmp_path: Path) -> None:
+    table = tmp_path / "t"
+    run(sink(table), tmp_path, rows(0, 2))
+    w = sink(table, partition_by=["region"])
+    w.open(RunContext("p", "r2", tmp_path))
+    w.write(rows(2, 2))
+    with pytest.raises(SinkError, match="lake"):
+        w.commit()
+    assert pc.max(read(table)["id"]).as_py() == 1

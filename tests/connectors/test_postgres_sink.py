@@ -1,0 +1,274 @@
+"""PostgreSQL sink against the real server (fixture pg_schema: a fresh schema per test)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+psycopg = pytest.importorskip("psycopg")
+
+from sluice.batch import with_positions  # noqa: E402
+from sluice.config.models import PostgresSink  # noqa: E402
+from sluice.connectors.postgres import PostgresWriter, pg_type  # noqa: E402
+from sluice.errors import ConfigError, SinkError, TransientError  # noqa: E402
+from sluice.plugins import RunContext, Sink  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+UTC = dt.UTC
+
+
+def orders(start: int, n: int) -> pa.Table:
+    ids = range(start, start + n)
+    t = pa.table(
+        {
+            "id": pa.array(ids, pa.int64()),
+            "amount": pa.array(
+                [None if i % 7 == 3 else decimal.Decimal(i) / 100 for i in ids],
+                pa.decimal128(12, 2),
+            ),
+            "ratio": pa.array([i / 3 for i in ids], pa.float64()),
+            "paid": [i % 2 == 0 for i in ids],
+            "day": pa.array([dt.date(2024, 1, 1) + dt.timedelta(days=i % 300) for i in ids]),
+            "at": pa.array(
+                [
+                    dt.datetime(2024, 3, 1, 12, 0, 0, 123456, tzinfo=UTC) + dt.timedelta(hours=i)
+                    for i in ids
+                ],
+                pa.timestamp("us", tz="UTC"),
+            ),
+            "local": pa.array([dt.datetime(2024, 3, 1, 8, 30) for _ in ids], pa.timestamp("us")),
+            "note": [
+                [None, "", "a,b", 'say "hi"', "line\nbreak", "ünïcødé ✓", "tab\tx", "\\N"][i % 8]
+                for i in ids
+            ],
+        }
+    )
+    return with_positions(t, "orders.csv", start)
+
+
+def sink(dsn: str, schema: str, **kw: object) -> PostgresWriter:
+    cfg = {"id": "pg", "kind": "postgres", "dsn": dsn, "table": f"{schema}.orders", **kw}
+    return PostgresWriter(PostgresSink.model_validate(cfg))
+
+
+def fetch(dsn: str, sql: str) -> list[tuple[object, ...]]:
+    with psycopg.connect(dsn) as conn:
+        rows: list[tuple[object, ...]] = conn.execute(sql).fetchall()
+        return rows
+
+
+def ctx(tmp_path: Path, run_id: str = "r1") -> RunContext:
+    return RunContext("p", run_id, tmp_path)
+
+
+def test_type_mapping() -> None:
+    assert pg_type(pa.int64()) == "bigint"
+    assert pg_type(pa.float64()) == "double precision"
+    assert pg_type(pa.string()) == "text"
+    assert pg_type(pa.bool_()) == "boolean"
+    assert pg_type(pa.date32()) == "date"
+    assert pg_type(pa.timestamp("us")) == "timestamp"
+    assert pg_type(pa.timestamp("us", tz="UTC")) == "timestamptz"
+    assert pg_type(pa.decimal128(12, 2)) == "numeric(12,2)"
+    assert pg_type(pa.list_(pa.int64())) == "text"
+
+
+def test_append_and_read_back(pg_dsn: str, pg_schema: str, tmp_path: Path) -> None:
+    w = sink(pg_dsn, pg_schema)
+    assert isinstance(w, Sink)
+    w.open(ctx(tmp_path))
+    for start in (0, 40, 80):
+        assert w.write(orders(start, 40)).num_rows == 0
+    w.commit()
+    columns = fetch(
+        pg_dsn,
+        "SELECT column_name, data_type FROM information_schema.columns "
+        f"WHERE table_schema = '{pg_schema}' AND table_name = 'orders'",
+    )
+    types = {r[0]: r[1] for r in columns}
+    assert types == {
+        "id": "bigint",
+        "amount": "numeric",
+        "ratio": "double precision",
+        "paid": "boolean",
+        "day": "date",
+        "at": "timestamp with time zone",
+        "local": "timestamp without time zone",
+        "note": "text",
+    }
+    got = fetch(pg_dsn, f'SELECT * FROM "{pg_schema}".orders ORDER BY id')
+    expected = pa.concat_tables([orders(s, 40) for s in (0, 40, 80)]).drop_columns(
+        ["__sluice_source", "__sluice_row"]
+    )
+    assert got == [tuple(r.values()) for r in expected.to_pylist()]
+    assert any(r[7] == "" for r in got) and any(r[7] is None for r in got)  # '' vs NULL kept
+
+
+def test_upsert_updates_existing_rows(pg_dsn: str, pg_schema: str, tmp_path: Path) -> None:
+    first = pa.table({"id": [1, 2, 3], "v": ["a", "b", "c"]})
+    w = sink(pg_dsn, pg_schema, mode="upsert", key=["id"])
+    w.open(ctx(tmp_path))
+    w.write(first)
+    w.commit()
+    w = sink(pg_dsn, pg_schema, mode="upsert", key=["id"])
+    w.open(ctx(tmp_path, "r2"))
+    # duplicate keys inside one batch: the last one wins; a null key is a dead letter
+    dead = w.write(pa.table({"id": [2, 4, 2, None], "v": ["x", "d", "y", "z"]}))
+    assert dead.num_rows == 1 and "null" in dead["message"][0].as_py()
+    assert w.write(pa.table({"v": ["w"], "id": [3]})).num_rows == 0
+    w.commit()
+    assert fetch(pg_dsn, f'SELECT id, v FROM "{pg_schema}".orders ORDER BY id') == [
+        (1, "a"),
+        (2, "y"),
+        (3, "w"),
+        (4, "d"),
+    ]
+
+
+def test_upsert_needs_a_unique_key(pg_dsn: str, pg_schema: str, tmp_path: Path) -> None:
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE TABLE "{pg_schema}".orders (id bigint, v text)')
+    w = sink(pg_dsn, pg_schema, mode="upsert", key=["id"])
+    with pytest.raises(SinkError, match="unique") as info:
+        w.open(ctx(tmp_path))
+    assert info.value.fix and "CREATE UNIQUE INDEX" in info.value.fix
+    with pytest.raises(ConfigError, match="key"):
+        sink(pg_dsn, pg_schema, mode="upsert")
+
+
+def test_check_constraint_rejects_exactly_the_bad_rows(
+    pg_dsn: str, pg_schema: str, tmp_path: Path
+) -> None:
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            f'CREATE TABLE "{pg_schema}".orders (id bigint NOT NULL, qty integer '
+            "CONSTRAINT qty_positive CHECK (qty > 0))"
+        )
+    qty = [1 + i % 50 for i in range(1000)]
+    bad = [17, 500, 999]
+    for i in bad:
+        qty[i] = -5
+    t = with_positions(pa.table({"id": list(range(1000)), "qty": qty}), "in.csv", 0)
+    w = sink(pg_dsn, pg_schema, create=False)
+    w.open(ctx(tmp_path))
+    dead = w.write(t)
+    w.commit()
+    assert dead.num_rows == 3
+    assert dead["position"].to_pylist() == bad
+    assert set(dead["reason"].to_pylist()) == {"sink_rejected"}
+    assert all("qty_positive" in m for m in dead["message"].to_pylist())
+    assert dead["payload"][0].as_py() == '{"id":17,"qty":-5}'
+    assert fetch(pg_dsn, f'SELECT count(*) FROM "{pg_schema}".orders') == [(997,)]
+    ids = {r[0] for r in fetch(pg_dsn, f'SELECT id FROM "{pg_schema}".orders')}
+    assert ids == set(range(1000)) - set(bad)
+
+
+def test_value_out_of_range_is_a_dead_letter(pg_dsn: str, pg_schema: str, tmp_path: Path) -> None:
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE TABLE "{pg_schema}".orders (id smallint, s text NOT NULL)')
+    w = sink(pg_dsn, pg_schema, create=False)
+    w.open(ctx(tmp_path))
+    dead = w.write(pa.table({"id": [1, 70000, 3, 4], "s": ["a", "b", None, "nul\x00"]}))
+    w.commit()
+    assert dead.num_rows == 3
+    assert fetch(pg_dsn, f'SELECT id, s FROM "{pg_schema}".orders') == [(1, "a")]
+
+
+def test_abort_leaves_the_table_empty(pg_dsn: str, pg_schema: str, tmp_path: Path) -> None:
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE TABLE "{pg_schema}".orders (id bigint, v text)')
+    w = sink(pg_dsn, pg_schema)
+    w.open(ctx(tmp_path))
+    w.write(pa.table({"id": [1, 2], "v": ["a", "b"]}))
+    w.abort()
+    assert fetch(pg_dsn, f'SELECT count(*) FROM "{pg_schema}".orders') == [(0,)]
+    # a table the run would have created is not created either
+    w = sink(pg_dsn, pg_schema, table=f"{pg_schema}.fresh")
+    w.open(ctx(tmp_path))
+    w.write(pa.table({"id": [1]}))
+    w.abort()
+    assert fetch(pg_dsn, f"SELECT to_regclass('\"{pg_schema}\".fresh')") == [(None,)]
+
+
+def test_missing_table_without_create(pg_dsn: str, pg_schema: str, tmp_path: Path) -> None:
+    with pytest.raises(SinkError, match="does not exist"):
+        sink(pg_dsn, pg_schema, create=False).open(ctx(tmp_path))
+
+
+def test_unknown_column_is_rejected(pg_dsn: str, pg_schema: str, tmp_path: Path) -> None:
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE TABLE "{pg_schema}".orders (id bigint)')
+    w = sink(pg_dsn, pg_schema)
+    w.open(ctx(tmp_path))
+    dead = w.write(pa.table({"id": [1], "extra": ["x"]}))
+    w.commit()
+    assert dead.num_rows == 1 and "extra" in dead["message"][0].as_py()
+
+
+def _terminate(dsn: str, w: PostgresWriter) -> None:
+    """Kill exactly the sink's server process from another connection (not other sessions)."""
+    assert w._conn is not None
+    pid = w._conn.info.backend_pid
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT pg_terminate_backend(%s)", [pid]).fetchone() == (True,)
+
+
+def test_connection_loss_before_rows_is_transient(
+    pg_dsn: str, pg_schema: str, tmp_path: Path
+) -> None:
+    w = sink(pg_dsn, pg_schema)
+    w.open(ctx(tmp_path))
+    _terminate(pg_dsn, w)
+    with pytest.raises(TransientError):
+        w.write(orders(0, 5))
+    # the executor retries the write: the sink reconnects and goes on in a new transaction
+    assert w.write(orders(0, 5)).num_rows == 0
+    w.commit()
+    assert fetch(pg_dsn, f'SELECT count(*) FROM "{pg_schema}".orders') == [(5,)]
+
+
+def test_connection_loss_after_rows_fails_the_run(
+    pg_dsn: str, pg_schema: str, tmp_path: Path
+) -> None:
+    w = sink(pg_dsn, pg_schema)
+    w.open(ctx(tmp_path))
+    w.write(orders(0, 5))
+    _terminate(pg_dsn, w)
+    with pytest.raises(SinkError, match="re-run") as info:
+        w.write(orders(5, 5))
+    assert not isinstance(info.value, TransientError)
+    w.abort()
+    assert fetch(pg_dsn, f"SELECT to_regclass('\"{pg_schema}\".orders')") == [(None,)]
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    values=st.lists(
+        st.one_of(st.none(), st.text(alphabet=st.characters(exclude_characters="\x00"))),
+        min_size=1,
+        max_size=20,
+    )
+)
+def test_any_text_round_trips_through_copy(
+    pg_dsn: str, pg_schema: str, tmp_path: Path, values: list[str | None]
+) -> None:
+    name = f"t_{uuid.uuid4().hex[:8]}"
+    w = sink(pg_dsn, pg_schema, table=f"{pg_schema}.{name}")
+    w.open(ctx(tmp_path))
+    t = pa.table({"i": list(range(len(values))), "s": pa.array(values, pa.string())})
+    assert w.write(t).num_rows == 0
+    w.commit()
+    got = fetch(pg_dsn, f'SELECT s FROM "{pg_schema}"."{name}" ORDER BY i')
+    assert [r[0] for r in got] == values

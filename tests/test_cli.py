@@ -1,0 +1,94 @@
+"""The `sluice` command: run, validate, schema, with exit codes a scheduler can act on."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import yaml
+from typer.testing import CliRunner
+
+from sluice.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def _example(tmp_path: Path) -> Path:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen", ROOT / "examples/orders/generate.py")
+    assert spec and spec.loader
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    bad = gen.generate(5000, tmp_path / "data")
+    assert bad["cast_error"] == 6
+    shutil.copy(ROOT / "examples/orders/pipeline.yaml", tmp_path / "pipeline.yaml")
+    return tmp_path / "pipeline.yaml"
+
+
+def test_run_prints_summary_and_writes_outputs(tmp_path: Path) -> None:
+    pipeline = _example(tmp_path)
+    result = runner.invoke(app, ["run", str(pipeline), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "succeeded" in result.output
+    assert "10 dead letters (cast_error: 6, column_count: 3, encoding: 1)" in result.output
+    for step in ("types", "paid", "unique", "customers", "enrich", "by_day", "lake", "warehouse"):
+        assert step in result.output
+    reports = list((tmp_path / "runs" / "orders").glob("*.json"))
+    assert len(reports) == 1
+    report = json.loads(reports[0].read_text())
+    assert report["status"] == "succeeded" and report["balanced"] is True
+    written = report["steps"][-1]["rows_out"]
+    parts = list((tmp_path / "out" / "orders").rglob("*.parquet"))
+    assert sum(pq.ParquetFile(p).metadata.num_rows for p in parts) == written > 0
+    letters = [json.loads(x) for f in (tmp_path / "dead_letters").glob("*.jsonl")
+               for x in f.read_text().splitlines()]
+    assert len(letters) == 10 and all(d["run_id"] == report["run_id"] for d in letters)
+
+
+def test_run_json_and_fail_on_dead_letters(tmp_path: Path) -> None:
+    pipeline = _example(tmp_path)
+    result = runner.invoke(app, ["run", str(pipeline), "--json", "--fail-on-dead-letters"])
+    assert result.exit_code == 3
+    assert json.loads(result.stdout)["dead_letters"] == 10
+
+
+def test_validate_lists_every_problem_and_exits_2(tmp_path: Path) -> None:
+    pipeline = _example(tmp_path)
+    raw = yaml.safe_load(pipeline.read_text())
+    raw["steps"][0]["cast"]["amount"] = "money"
+    raw["steps"][1]["from"] = "typos"
+    raw["sinks"][0]["kind"] = "parket"
+    pipeline.write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["validate", str(pipeline)])
+    assert result.exit_code == 2
+    assert "3 problem(s)" in result.output
+    assert "step 'types', field 'cast'" in result.output and "money" in result.output
+    assert "did you mean 'types'?" in result.output
+    assert "step 'lake'" in result.output and "parket" in result.output
+
+
+def test_validate_ok(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["validate", str(_example(tmp_path))])
+    assert result.exit_code == 0 and "ok: pipeline 'orders'" in result.output
+
+
+def test_run_failure_exits_1_and_names_the_step(tmp_path: Path) -> None:
+    pipeline = _example(tmp_path)
+    raw = yaml.safe_load(pipeline.read_text())
+    raw["steps"][1]["filter"] = "stauts = 'paid'"
+    pipeline.write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["run", str(pipeline), "--no-progress"])
+    assert result.exit_code == 1
+    assert "step 'paid'" in result.output and "stauts" in result.output
+    assert not list((tmp_path / "out").rglob("*.parquet")), "no partial output after a failure"
+    assert list((tmp_path / "dead_letters").glob("*.jsonl")), "dead letters are kept"
+
+
+def test_schema_prints_json_schema() -> None:
+    result = runner.invoke(app, ["schema"])
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["title"] == "Sluice pipeline"

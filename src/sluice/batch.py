@@ -12,6 +12,11 @@ Steps keep them when they keep whole rows (filter, select, cast, ...); SQL that 
 them drops them, after which later dead letters carry no position. Sinks never write them
 (:func:`strip_positions`).
 
+Between steps a batch is a *frame*: a ``pyarrow.Table`` or a ``polars.DataFrame``. Sources
+produce Arrow tables; Polars-based steps hand DataFrames to the next step as they are, so a chain
+of Polars steps converts nothing; sinks always receive Arrow (the executor converts, in the sink's
+thread). Use :func:`as_polars`, :func:`as_arrow` and :func:`frame_rows` to handle either.
+
 Dead letters are an Arrow table with :data:`DEAD_LETTER_SCHEMA`; build them with
 :func:`dead_letters` (vectorized) and never as a Python loop over a big batch.
 """
@@ -21,7 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from collections.abc import Sequence
-from typing import Final
+from typing import Final, TypeAlias
 
 import numpy as np
 import polars as pl
@@ -61,6 +66,28 @@ DEAD_LETTER_SCHEMA: Final = pa.schema(
 )
 
 _EMPTY_DL = DEAD_LETTER_SCHEMA.empty_table()
+
+Frame: TypeAlias = "pa.Table | pl.DataFrame"
+
+
+def frame_rows(frame: Frame) -> int:
+    return frame.num_rows if isinstance(frame, pa.Table) else frame.height
+
+
+def column_names(frame: Frame) -> list[str]:
+    return list(frame.columns) if isinstance(frame, pl.DataFrame) else list(frame.column_names)
+
+
+def as_arrow(frame: Frame) -> pa.Table:
+    return frame if isinstance(frame, pa.Table) else frame.to_arrow()
+
+
+def as_polars(frame: Frame) -> pl.DataFrame:
+    if isinstance(frame, pl.DataFrame):
+        return frame
+    df = pl.from_arrow(frame, rechunk=False)
+    assert isinstance(df, pl.DataFrame)
+    return df
 
 
 def empty_dead_letters() -> pa.Table:
@@ -140,8 +167,9 @@ def _json_native(dtype: pl.DataType) -> bool:
     )
 
 
-def rows_dead_letters(table: pa.Table, *, step_id: str, reason: str, message: object) -> pa.Table:
-    """Dead letters for rows of ``table``: payload = the row as JSON, position from the row."""
+def rows_dead_letters(frame: Frame, *, step_id: str, reason: str, message: object) -> pa.Table:
+    """Dead letters for rows of ``frame``: payload = the row as JSON, position from the row."""
+    table = as_arrow(frame)
     n = table.num_rows
     if n == 0:
         return _EMPTY_DL
@@ -197,9 +225,17 @@ def strip_positions(table: pa.Table) -> pa.Table:
     return table.drop_columns(drop) if drop else table
 
 
-def concat(tables: Sequence[pa.Table]) -> pa.Table:
-    """Concatenate tables whose schemas may differ in column order or missing nullable columns."""
-    tables = [t for t in tables if t.num_columns]
-    if len(tables) == 1:
-        return tables[0]
-    return pa.concat_tables(tables, promote_options="permissive")
+def concat(frames: Sequence[Frame]) -> Frame:
+    """Concatenate frames, in order, whose schemas may differ in column order or missing columns.
+
+    Arrow tables stay Arrow (no copy); as soon as one is a Polars DataFrame the result is Polars.
+    """
+    kept = [f for f in frames if (f.width if isinstance(f, pl.DataFrame) else f.num_columns)]
+    if not kept:
+        return pa.table({})
+    if len(kept) == 1:
+        return kept[0]
+    if all(isinstance(f, pa.Table) for f in kept):
+        table: pa.Table = pa.concat_tables(kept, promote_options="permissive")
+        return table
+    return pl.concat([as_polars(f) for f in kept], how="diagonal_relaxed")

@@ -11,9 +11,11 @@ Call contracts (the executor keeps them; implementations may rely on them):
     file matches the glob), as a :class:`~sluice.errors.SourceError` naming the step.
 
 ``Step``
-    ``open(ctx)`` once; ``process(table)`` for each batch in order, returning a
-    :class:`StepResult` whose counts satisfy ``in = out + dead + filtered``; ``finish()`` once at
-    end of input (may emit a last result); ``close()`` exactly once.
+    ``open(ctx)`` once; ``process(frame)`` for each batch in order — a ``pyarrow.Table`` or a
+    ``polars.DataFrame`` (see :mod:`sluice.batch`: ``as_polars`` / ``as_arrow``), returning a
+    :class:`StepResult` (with either kind of frame) whose counts satisfy
+    ``in = out + dead + filtered``; ``finish()`` once at end of input (may emit a last result);
+    ``close()`` exactly once.
 
 ``Sink``
     ``open(ctx)`` once; ``write(table)`` per batch (the table still has position columns: drop them
@@ -34,7 +36,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import pyarrow as pa
 
-from sluice.batch import empty_dead_letters
+from sluice.batch import Frame, empty_dead_letters
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ class Chunk:
 class StepResult:
     """What a step returns for one batch."""
 
-    table: pa.Table | None
+    table: Frame | None
     dead: pa.Table = field(default_factory=empty_dead_letters)
     filtered: int = 0
 
@@ -84,7 +86,7 @@ class Step(Protocol):
     step_id: str
 
     def open(self, ctx: RunContext) -> None: ...
-    def process(self, table: pa.Table) -> StepResult: ...
+    def process(self, table: Frame) -> StepResult: ...
     def finish(self) -> StepResult | None: ...
     def close(self) -> None: ...
 

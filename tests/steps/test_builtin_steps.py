@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluice.batch import ROW_COL, with_positions
+from sluice.batch import ROW_COL, as_arrow, with_positions
 from sluice.config.models import (
     CastStep,
     DeduplicateStep,
@@ -33,14 +33,14 @@ def batch(**cols: list[object]) -> pa.Table:
 
 def test_select_keeps_order_and_positions_and_names_missing_columns() -> None:
     t = batch(a=[1], b=[2], c=[3])
-    out = Select(SelectStep(id="s", select=["c", "a"])).process(t).table
+    out = as_arrow(Select(SelectStep(id="s", select=["c", "a"])).process(t).table)
     assert out.column_names[:2] == ["c", "a"] and ROW_COL in out.column_names
     with pytest.raises(StepError, match=r"step 's'.*'amout' \(did you mean 'amount'\?\)"):
         Select(SelectStep(id="s", select=["amout"])).process(batch(amount=[1]))
 
 
 def test_rename_refuses_collisions() -> None:
-    out = Rename(RenameStep(id="r", rename={"a": "x"})).process(batch(a=[1], b=[2])).table
+    out = as_arrow(Rename(RenameStep(id="r", rename={"a": "x"})).process(batch(a=[1], b=[2])).table)
     assert out.column_names[:2] == ["x", "b"]
     with pytest.raises(StepError, match="duplicate"):
         Rename(RenameStep(id="r", rename={"a": "b"})).process(batch(a=[1], b=[2]))
@@ -57,11 +57,11 @@ def test_cast_types_and_dead_letters_name_column_value_and_type() -> None:
         CastStep(id="c", cast={"i": "int", "d": "decimal(10,2)", "ts": "timestamp", "b": "bool"})
     )
     res = step.process(t)
-    out = res.table.to_pydict()
+    out = as_arrow(res.table).to_pydict()
     assert out["i"] == [1, 2]
     assert out["d"] == [decimal.Decimal("1.25"), decimal.Decimal("2.00")]
     assert out["b"] == [True, False]
-    assert res.table.schema.field("ts").type == pa.timestamp("us")
+    assert as_arrow(res.table).schema.field("ts").type == pa.timestamp("us")
     dead = res.dead.to_pylist()
     assert [d["position"] for d in dead] == [2, 3, 4]
     assert "column 'i': value x cannot be cast to int" in dead[0]["message"]
@@ -73,7 +73,7 @@ def test_cast_types_and_dead_letters_name_column_value_and_type() -> None:
 
 def test_filter_counts_false_and_null_as_filtered() -> None:
     res = Filter(FilterStep(id="f", filter="a > 1")).process(batch(a=[0, 2, None, 3]))
-    assert res.table.column("a").to_pylist() == [2, 3] and res.filtered == 2
+    assert as_arrow(res.table).column("a").to_pylist() == [2, 3] and res.filtered == 2
 
 
 def test_bad_expressions_are_config_errors_naming_the_step() -> None:
@@ -85,7 +85,7 @@ def test_bad_expressions_are_config_errors_naming_the_step() -> None:
 
 def test_derive_in_order() -> None:
     res = Derive(DeriveStep(id="d", derive={"b": "a * 2", "c": "b + 1"})).process(batch(a=[1, 2]))
-    assert res.table.column("c").to_pylist() == [3, 5]
+    assert as_arrow(res.table).column("c").to_pylist() == [3, 5]
 
 
 def test_sql_sees_the_batch_as_input() -> None:
@@ -93,8 +93,8 @@ def test_sql_sees_the_batch_as_input() -> None:
     step.open(RunContext("p", "r"))
     try:
         res = step.process(batch(a=[1, 2, 3]))
-        assert res.table.column("b").to_pylist() == [10, 30] and res.filtered == 1
-        assert res.table.column(ROW_COL).to_pylist() == [0, 2]
+        assert as_arrow(res.table).column("b").to_pylist() == [10, 30] and res.filtered == 1
+        assert as_arrow(res.table).column(ROW_COL).to_pylist() == [0, 2]
         bad = Sql(SqlStep(id="q2", sql="SELECT nope FROM input"))
         bad.open(RunContext("p", "r"))
         with pytest.raises(StepError, match="step 'q2': SQL failed"):
@@ -120,7 +120,11 @@ def test_dedupe_across_batches_equals_global_first_occurrence(
         res = step.process(batch(k=[k for k, _ in part], s=[s for _, s in part]))
         assert res.table is not None
         got += list(
-            zip(res.table.column("k").to_pylist(), res.table.column("s").to_pylist(), strict=True)
+            zip(
+                as_arrow(res.table).column("k").to_pylist(),
+                as_arrow(res.table).column("s").to_pylist(),
+                strict=True,
+            )
         )
         filtered += res.filtered
     assert got == list(dict.fromkeys(keys))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from sluice.batch import with_positions
+from sluice.batch import as_arrow, with_positions
 from sluice.config.models import JoinStep
 from sluice.errors import StepError
 from sluice.plugins import RunContext
@@ -16,8 +16,9 @@ from sluice.steps.join import Join
 
 def _join(tmp_path: Path, ref_text: str, **opts: object) -> Join:
     (tmp_path / "ref.csv").write_text(ref_text)
-    cfg = JoinStep.model_validate({"id": "j", "join": {
-        "reference": {"kind": "csv", "path": "ref.csv"}, "key": ["k"], **opts}})
+    cfg = JoinStep.model_validate(
+        {"id": "j", "join": {"reference": {"kind": "csv", "path": "ref.csv"}, "key": ["k"], **opts}}
+    )
     step = Join(cfg)
     step.open(RunContext("p", "r", tmp_path))
     return step
@@ -29,19 +30,21 @@ def batch() -> pa.Table:
 
 def test_left_join_keeps_order_and_every_row(tmp_path: Path) -> None:
     res = _join(tmp_path, "k,name\n2,two\n1,one\n").process(batch())
-    assert res.table.column("name").to_pylist() == ["one", "two", None, "two"]
-    assert res.table.column("v").to_pylist() == ["a", "b", "c", "d"]
+    assert as_arrow(res.table).column("name").to_pylist() == ["one", "two", None, "two"]
+    assert as_arrow(res.table).column("v").to_pylist() == ["a", "b", "c", "d"]
 
 
 def test_inner_join_filters_or_dead_letters_misses(tmp_path: Path) -> None:
     res = _join(tmp_path, "k,name\n2,two\n1,one\n", how="inner").process(batch())
-    assert res.table.num_rows == 3 and res.filtered == 1 and res.dead.num_rows == 0
-    res = _join(tmp_path, "k,name\n2,two\n1,one\n", how="inner",
-                unmatched="dead_letter").process(batch())
-    assert res.table.num_rows == 3 and res.filtered == 0
+    assert as_arrow(res.table).num_rows == 3 and res.filtered == 1 and res.dead.num_rows == 0
+    res = _join(tmp_path, "k,name\n2,two\n1,one\n", how="inner", unmatched="dead_letter").process(
+        batch()
+    )
+    assert as_arrow(res.table).num_rows == 3 and res.filtered == 0
     dead = res.dead.to_pylist()
     assert [(d["reason"], d["position"], d["payload"]) for d in dead] == [
-        ("join_unmatched", 2, '{"k":3,"v":"c"}')]
+        ("join_unmatched", 2, '{"k":3,"v":"c"}')
+    ]
 
 
 def test_duplicate_reference_keys_are_refused(tmp_path: Path) -> None:

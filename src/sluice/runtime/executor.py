@@ -34,7 +34,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sluice.batch import DEAD_LETTER_SCHEMA, concat, rows_dead_letters
+from sluice.batch import DEAD_LETTER_SCHEMA, Frame, as_arrow, concat, frame_rows, rows_dead_letters
 from sluice.config.models import STEP_KEYS, JsonlSink, ParquetSink, PipelineConfig
 from sluice.errors import SluiceError, TerminalError, TransientError
 from sluice.plugins import Chunk, RunContext, Sink, Source, Step, lookup
@@ -188,8 +188,9 @@ class Executor:
         stats = self.stats[sink.step_id]
         attempts, backoff = self._retry
 
-        def handle(table: pa.Table) -> None:
+        def handle(frame: Frame) -> None:
             t0 = time.perf_counter()
+            table = as_arrow(frame)  # in the sink's own thread, in parallel with the steps
             n = table.num_rows
             try:
                 dead = retry(lambda: sink.write(table), attempts=attempts, backoff=backoff)
@@ -204,11 +205,11 @@ class Executor:
 
     # ------------------------------------------------------------------ steps
 
-    def _process(self, outputs: dict[str, pa.Table | None], start: int = 0) -> None:
+    def _process(self, outputs: dict[str, Frame | None], start: int = 0) -> None:
         for step, inputs in self.steps[start:]:
             if step.step_id in outputs:
                 continue
-            ins = [t for i in inputs if (t := outputs.get(i)) is not None and t.num_rows]
+            ins = [t for i in inputs if (t := outputs.get(i)) is not None and frame_rows(t)]
             if not ins:
                 outputs[step.step_id] = None
                 continue
@@ -216,14 +217,14 @@ class Executor:
             t0 = time.perf_counter()
             res = step.process(table)
             out = res.table
-            n_out = out.num_rows if out is not None else 0
+            n_out = frame_rows(out) if out is not None else 0
             self.stats[step.step_id].add(
-                table.num_rows, n_out, res.dead.num_rows, res.filtered, time.perf_counter() - t0
+                frame_rows(table), n_out, res.dead.num_rows, res.filtered, time.perf_counter() - t0
             )
             self._dead(res.dead)
             outputs[step.step_id] = out
         for i, (_sink, inputs) in enumerate(self.sinks):
-            ins = [t for src in inputs if (t := outputs.get(src)) is not None and t.num_rows]
+            ins = [t for src in inputs if (t := outputs.get(src)) is not None and frame_rows(t)]
             for t in ins:
                 self._workers[i].put(t)
 
@@ -232,7 +233,7 @@ class Executor:
             res = step.finish()
             if res is None:
                 continue
-            n_out = res.table.num_rows if res.table is not None else 0
+            n_out = frame_rows(res.table) if res.table is not None else 0
             # rows released at the end count as created by this call (nothing came in with it)
             self.stats[step.step_id].add(0, n_out, res.dead.num_rows, 0, 0.0)
             self._dead(res.dead)

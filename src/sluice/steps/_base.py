@@ -7,9 +7,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import polars as pl
-import pyarrow as pa
 
-from sluice.batch import POSITION_COLS
+from sluice.batch import POSITION_COLS, Frame, as_polars
 from sluice.errors import StepError
 from sluice.plugins import RunContext, StepResult
 
@@ -32,14 +31,9 @@ class BaseStep:
         return None
 
 
-def to_polars(table: pa.Table) -> pl.DataFrame:
-    df = pl.from_arrow(table, rechunk=False)
-    assert isinstance(df, pl.DataFrame)
-    return df
-
-
-def to_arrow(df: pl.DataFrame) -> pa.Table:
-    return df.to_arrow()
+def to_polars(frame: Frame) -> pl.DataFrame:
+    """The frame as a Polars DataFrame (no work when it already is one)."""
+    return as_polars(frame)
 
 
 def user_columns(names: Iterable[str]) -> list[str]:

@@ -5,11 +5,18 @@ from __future__ import annotations
 import polars as pl
 import pyarrow as pa
 
-from sluice.batch import POSITION_COLS, empty_dead_letters, rows_dead_letters
+from sluice.batch import (
+    POSITION_COLS,
+    Frame,
+    as_arrow,
+    column_names,
+    empty_dead_letters,
+    rows_dead_letters,
+)
 from sluice.config.models import CastStep, RenameStep, SelectStep
 from sluice.errors import StepError
 from sluice.plugins import StepResult
-from sluice.steps._base import BaseStep, check_columns, to_arrow, to_polars
+from sluice.steps._base import BaseStep, check_columns, to_polars
 from sluice.types import parse_type
 
 
@@ -18,9 +25,10 @@ class Select(BaseStep):
 
     config: SelectStep
 
-    def process(self, table: pa.Table) -> StepResult:
-        check_columns(self.step_id, self.config.select, table.column_names, "select")
-        keep = list(self.config.select) + [c for c in POSITION_COLS if c in table.column_names]
+    def process(self, table: Frame) -> StepResult:
+        names = column_names(table)
+        check_columns(self.step_id, self.config.select, names, "select")
+        keep = list(self.config.select) + [c for c in POSITION_COLS if c in names]
         return StepResult(table.select(keep))
 
 
@@ -29,10 +37,11 @@ class Rename(BaseStep):
 
     config: RenameStep
 
-    def process(self, table: pa.Table) -> StepResult:
+    def process(self, table: Frame) -> StepResult:
         mapping = self.config.rename
-        check_columns(self.step_id, mapping, table.column_names, "rename")
-        names = [mapping.get(n, n) for n in table.column_names]
+        old = column_names(table)
+        check_columns(self.step_id, mapping, old, "rename")
+        names = [mapping.get(n, n) for n in old]
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})
             raise StepError(
@@ -40,7 +49,7 @@ class Rename(BaseStep):
                 f"rename would create duplicate column(s) {dup}",
                 fix="rename to names that are not already used",
             )
-        return StepResult(table.rename_columns(names))
+        return StepResult(as_arrow(table).rename_columns(names))
 
 
 def _polars_dtype(arrow_type: pa.DataType) -> pl.DataType:
@@ -92,9 +101,9 @@ class Cast(BaseStep):
         self.targets = {c: _polars_dtype(parse_type(t)) for c, t in config.cast.items()}
         self.type_names = dict(config.cast)
 
-    def process(self, table: pa.Table) -> StepResult:
-        check_columns(self.step_id, self.targets, table.column_names, "cast")
+    def process(self, table: Frame) -> StepResult:
         df = to_polars(table)
+        check_columns(self.step_id, self.targets, df.columns, "cast")
         casts: dict[str, pl.Expr] = {}
         flags: dict[str, pl.Expr] = {}
         for col, dst in self.targets.items():
@@ -137,11 +146,11 @@ class Cast(BaseStep):
                 )
             )
             dead = rows_dead_letters(
-                to_arrow(bad_rows.drop(helper_cols)),
+                bad_rows.drop(helper_cols),
                 step_id=self.step_id,
                 reason="cast_error",
                 message=messages.to_series().to_arrow(),
             )
             marked = marked.filter(~any_bad)
         out = marked.with_columns(*(pl.col(f"{c}__cast").alias(c) for c in casts)).drop(helper_cols)
-        return StepResult(to_arrow(out), dead=dead)
+        return StepResult(out, dead=dead)

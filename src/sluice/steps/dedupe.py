@@ -6,11 +6,11 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 
+from sluice.batch import Frame
 from sluice.config.models import DeduplicateStep
 from sluice.plugins import StepResult
-from sluice.steps._base import BaseStep, check_columns, to_arrow, to_polars
+from sluice.steps._base import BaseStep, check_columns, to_polars
 
 
 class Deduplicate(BaseStep):
@@ -29,9 +29,9 @@ class Deduplicate(BaseStep):
         self.keys = list(config.deduplicate.key)
         self.seen: set[Any] = set()
 
-    def process(self, table: pa.Table) -> StepResult:
-        check_columns(self.step_id, self.keys, table.column_names, "deduplicate.key")
+    def process(self, table: Frame) -> StepResult:
         df = to_polars(table)
+        check_columns(self.step_id, self.keys, df.columns, "deduplicate.key")
         if df.height == 0:
             return StepResult(table)
         first = df.select(pl.struct(self.keys).is_first_distinct()).to_series()
@@ -43,4 +43,4 @@ class Deduplicate(BaseStep):
         fresh = ~np.fromiter(map(self.seen.__contains__, keys), dtype=bool, count=len(keys))
         self.seen.update(keys)
         out = cand.filter(pl.Series(fresh))
-        return StepResult(to_arrow(out), filtered=df.height - out.height)
+        return StepResult(out, filtered=df.height - out.height)

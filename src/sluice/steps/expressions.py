@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import polars as pl
-import pyarrow as pa
 
+from sluice.batch import Frame
 from sluice.config.models import DeriveStep, FilterStep
 from sluice.errors import ConfigError, StepError
 from sluice.plugins import StepResult
-from sluice.steps._base import BaseStep, polars_error, to_arrow, to_polars
+from sluice.steps._base import BaseStep, polars_error, to_polars
 
 
 def compile_expr(step_id: str, text: str, field: str) -> pl.Expr:
@@ -33,7 +33,7 @@ class Filter(BaseStep):
         super().__init__(config)
         self.expr = compile_expr(config.id, config.filter, "filter")
 
-    def process(self, table: pa.Table) -> StepResult:
+    def process(self, table: Frame) -> StepResult:
         df = to_polars(table)
         try:
             out = df.filter(self.expr.fill_null(False))
@@ -43,7 +43,7 @@ class Filter(BaseStep):
             raise polars_error(
                 self.step_id, f"filter {self.config.filter!r}", exc, df.columns
             ) from exc
-        return StepResult(to_arrow(out), filtered=df.height - out.height)
+        return StepResult(out, filtered=df.height - out.height)
 
 
 class Derive(BaseStep):
@@ -58,7 +58,7 @@ class Derive(BaseStep):
             for name, text in config.derive.items()
         ]
 
-    def process(self, table: pa.Table) -> StepResult:
+    def process(self, table: Frame) -> StepResult:
         df = to_polars(table)
         try:
             lazy = df.lazy()
@@ -67,4 +67,4 @@ class Derive(BaseStep):
             out = lazy.collect()
         except Exception as exc:
             raise polars_error(self.step_id, "derive", exc, df.columns) from exc
-        return StepResult(to_arrow(out))
+        return StepResult(out)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import polars as pl
-import pyarrow as pa
 
-from sluice.batch import concat, empty_dead_letters, rows_dead_letters, strip_positions
+from sluice.batch import Frame, concat, empty_dead_letters, rows_dead_letters, strip_positions
 from sluice.config.models import JoinStep
 from sluice.errors import StepError
 from sluice.plugins import RunContext, StepResult, lookup
-from sluice.steps._base import BaseStep, check_columns, to_arrow, to_polars
+from sluice.steps._base import BaseStep, check_columns, to_polars
 
 
 class Join(BaseStep):
@@ -63,11 +62,11 @@ class Join(BaseStep):
         if dead:
             self.pending_dead = concat(dead)
 
-    def process(self, table: pa.Table) -> StepResult:
+    def process(self, table: Frame) -> StepResult:
         assert self.ref is not None, "open() first"
         opts = self.config.join
-        check_columns(self.step_id, opts.key, table.column_names, "join.key")
         df = to_polars(table)
+        check_columns(self.step_id, opts.key, df.columns, "join.key")
         ref = self.ref
         # match key dtypes (e.g. int keys read as strings on one side)
         casts = [pl.col(k).cast(df.schema[k]) for k in opts.key if ref.schema[k] != df.schema[k]]
@@ -76,17 +75,17 @@ class Join(BaseStep):
         dead, self.pending_dead = self.pending_dead, empty_dead_letters()
         if opts.how == "left":
             out = df.join(ref, on=opts.key, how="left", maintain_order="left", suffix="_ref")
-            return StepResult(to_arrow(out), dead=dead)
+            return StepResult(out, dead=dead)
         matched = df.join(ref.select(opts.key), on=opts.key, how="semi")
         out = df.join(ref, on=opts.key, how="inner", maintain_order="left", suffix="_ref")
         missing = df.height - matched.height
         if opts.unmatched == "dead_letter" and missing:
             miss = df.join(ref.select(opts.key), on=opts.key, how="anti")
             dl = rows_dead_letters(
-                to_arrow(miss),
+                miss,
                 step_id=self.step_id,
                 reason="join_unmatched",
                 message=f"no row in the reference with this {', '.join(opts.key)}",
             )
-            return StepResult(to_arrow(out), dead=concat([dead, dl]))
-        return StepResult(to_arrow(out), dead=dead, filtered=missing)
+            return StepResult(out, dead=concat([dead, dl]))
+        return StepResult(out, dead=dead, filtered=missing)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import duckdb
-import pyarrow as pa
+import polars as pl
 
+from sluice.batch import Frame, frame_rows
 from sluice.config.models import SqlStep
 from sluice.plugins import RunContext, StepResult
 from sluice.steps._base import BaseStep, polars_error
@@ -29,16 +30,21 @@ class Sql(BaseStep):
         self.con = duckdb.connect(":memory:")
         self.con.execute("SET threads TO 2")
 
-    def process(self, table: pa.Table) -> StepResult:
+    def process(self, table: Frame) -> StepResult:
         assert self.con is not None, "open() first"
         self.con.register("input", table)
         try:
             out = self.con.sql(self.config.sql).to_arrow_table()
         except duckdb.Error as exc:
-            raise polars_error(self.step_id, "SQL", exc, table.column_names) from exc
+            raise polars_error(
+                self.step_id,
+                "SQL",
+                exc,
+                table.columns if isinstance(table, pl.DataFrame) else table.column_names,
+            ) from exc
         finally:
             self.con.unregister("input")
-        return StepResult(out, filtered=max(0, table.num_rows - out.num_rows))
+        return StepResult(out, filtered=max(0, frame_rows(table) - out.num_rows))
 
     def close(self) -> None:
         if self.con is not None:

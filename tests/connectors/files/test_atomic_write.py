@@ -70,7 +70,7 @@ def test_writer_killed_mid_write_leaves_no_final_file(tmp_path: Path, kind: str,
             temps = _temp_files(tmp_path)
             if temps:
                 sizes.append(temps[0].stat().st_size)
-                if len(sizes) >= 2 and sizes[-1] > sizes[0] > 0:
+                if len(sizes) >= 2 and sizes[-1] > sizes[-2] > 0:
                     break  # the temporary file exists and is growing: kill it mid-write
             time.sleep(0.05)
         else:

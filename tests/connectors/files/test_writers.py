@@ -325,3 +325,18 @@ def test_single_file_replaces_previous_run(tmp_path: Path) -> None:
         w.write(batch(range(n)))
         w.commit()
     assert pq.read_table(tmp_path / "x.parquet").num_rows == 3
+
+
+def test_small_batches_are_gathered_into_row_groups(
+    tmp_path: Path, ctx: RunContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writers, "ROW_GROUP_ROWS", 2500)
+    w = ParquetWriter(ParquetSink(id="out", kind="parquet", path="out.parquet"))
+    w.open(ctx)
+    for i in range(10):
+        w.write(pa.table({"id": list(range(i * 1000, (i + 1) * 1000))}))
+    w.commit()
+    meta = pq.ParquetFile(tmp_path / "out.parquet").metadata
+    # 10 batches of 1000 rows: flushed at 3000, 6000, 9000 rows, then the rest at commit
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [3000] * 3 + [1000]
+    assert pq.read_table(tmp_path / "out.parquet")["id"].to_pylist() == list(range(10_000))

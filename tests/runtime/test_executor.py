@@ -230,3 +230,16 @@ def test_backpressure_bounds_what_the_reader_runs_ahead(tmp_path: Path) -> None:
     sink.release.set()
     th.join(20)
     assert result and result[0].rows_read == 200 and sink.table().num_rows == 200
+
+
+def test_a_source_that_cannot_open_reports_its_own_error(tmp_path: Path) -> None:
+    cfg = parse_pipeline({
+        "pipeline": "t",
+        "source": {"kind": "csv", "path": "missing/*.csv"},
+        "sinks": [{"id": "out", "kind": "parquet", "path": "out"}],
+        "settings": {"report_dir": str(tmp_path / "runs")},
+    })
+    with pytest.raises(sluice.SourceError, match=r"step 'source'.*missing/\*\.csv"):
+        Executor(cfg, base_dir=tmp_path, progress=False).run()
+    report = json.loads(next((tmp_path / "runs").glob("*.json")).read_text())
+    assert report["status"] == "failed" and "missing" in report["error"]

@@ -129,3 +129,15 @@ def test_dedupe_across_batches_equals_global_first_occurrence(
         filtered += res.filtered
     assert got == list(dict.fromkeys(keys))
     assert len(got) + filtered == len(keys)
+
+
+def test_cast_guesses_the_timestamp_format_but_accepts_other_formats() -> None:
+    step = Cast(CastStep(id="c", cast={"ts": "timestamp"}))
+    first = step.process(batch(ts=["2026-01-01T10:00:00", "2026-01-02T11:30:00"]))
+    assert step.formats == {"ts": "%Y-%m-%dT%H:%M:%S"}
+    assert as_arrow(first.table).column("ts").to_pylist()[1].hour == 11
+    # later batch in other ISO shapes: parsed by inference, not dead-lettered
+    later = step.process(batch(ts=["2026-01-03 04:05:06", "2026-01-04T10:00:00", "garbage"]))
+    got = as_arrow(later.table).column("ts").to_pylist()
+    assert [t.day for t in got] == [3, 4]
+    assert [d["payload"] for d in later.dead.to_pylist()] == ['{"ts":"garbage"}']

@@ -354,7 +354,8 @@ class Executor:
                 if w.is_alive():
                     w.put(_END)
             for w in self._workers:
-                w.join(timeout=30)
+                if w.ident is not None:  # started
+                    w.join(timeout=30)
             for sink, _ in self.sinks:
                 if sink in opened:
                     try:

@@ -62,7 +62,41 @@ _TRUE = ["true", "t", "yes", "y", "1"]
 _FALSE = ["false", "f", "no", "n", "0"]
 
 
-def _cast_expr(col: str, src: pl.DataType, dst: pl.DataType) -> pl.Expr:
+_DATETIME_FORMATS = (
+    "%Y-%m-%dT%H:%M:%S",
+    "%Y-%m-%d %H:%M:%S",
+    "%Y-%m-%dT%H:%M:%S%.f",
+    "%Y-%m-%d %H:%M:%S%.f",
+    "%Y-%m-%dT%H:%M",
+    "%Y-%m-%d %H:%M",
+)
+_DATE_FORMATS = ("%Y-%m-%d",)
+
+
+def _temporal(col: str, dst: pl.DataType, fmt: str | None) -> pl.Expr:
+    c = pl.col(col).str.strip_chars()
+    if dst == pl.Date:
+        return c.str.to_date(fmt, strict=False)
+    assert isinstance(dst, pl.Datetime)
+    return c.str.to_datetime(fmt, strict=False, time_unit="us", time_zone=dst.time_zone)
+
+
+def guess_format(values: pl.Series, dst: pl.DataType) -> str | None:
+    """A strftime format that parses every value of a sample (parsing with a known format is
+    several times faster than letting Polars infer one per batch); None if none fits."""
+    sample = values.drop_nulls().head(1000).str.strip_chars()
+    sample = sample.filter(sample != "")
+    if sample.is_empty():
+        return None
+    frame = sample.to_frame("v")
+    for fmt in _DATE_FORMATS if dst == pl.Date else _DATETIME_FORMATS:
+        parsed = frame.select(_temporal("v", dst, fmt)).to_series()
+        if parsed.null_count() == 0:
+            return fmt
+    return None
+
+
+def _cast_expr(col: str, src: pl.DataType, dst: pl.DataType, fmt: str | None = None) -> pl.Expr:
     """A non-strict cast: a value that does not convert becomes null (and is detected after)."""
     c = pl.col(col)
     if src == pl.String:
@@ -75,12 +109,8 @@ def _cast_expr(col: str, src: pl.DataType, dst: pl.DataType) -> pl.Expr:
                 .then(False)
                 .otherwise(None)
             )
-        if dst == pl.Date:
-            return c.str.strip_chars().str.to_date(strict=False)
-        if isinstance(dst, pl.Datetime):
-            return c.str.strip_chars().str.to_datetime(
-                strict=False, time_unit="us", time_zone=dst.time_zone
-            )
+        if dst == pl.Date or isinstance(dst, pl.Datetime):
+            return _temporal(col, dst, fmt)
         if dst.is_numeric():
             return c.str.strip_chars().cast(dst, strict=False)
     return c.cast(dst, strict=False)
@@ -92,6 +122,10 @@ class Cast(BaseStep):
     Vectorized: each column is cast non-strictly, and a value that was non-null before and null
     after marks its row. Empty or blank strings become null (a missing value, not an error).
     The dead letter lists every failing column of the row with its value.
+
+    Strings to dates/timestamps: the format is guessed once from the first batch; a value that
+    does not match it gets a second chance with Polars' own format inference before it counts
+    as a failure (only batches with such values pay for that).
     """
 
     config: CastStep
@@ -100,6 +134,7 @@ class Cast(BaseStep):
         super().__init__(config)
         self.targets = {c: _polars_dtype(parse_type(t)) for c, t in config.cast.items()}
         self.type_names = dict(config.cast)
+        self.formats: dict[str, str | None] = {}
 
     def process(self, table: Frame) -> StepResult:
         df = to_polars(table)
@@ -110,7 +145,12 @@ class Cast(BaseStep):
             src = df.schema[col]
             if src == dst:
                 continue
-            new = _cast_expr(col, src, dst)
+            fmt = None
+            if src == pl.String and (dst == pl.Date or isinstance(dst, pl.Datetime)):
+                if col not in self.formats:
+                    self.formats[col] = guess_format(df[col], dst)
+                fmt = self.formats[col]
+            new = _cast_expr(col, src, dst, fmt)
             present = pl.col(col).is_not_null()
             if src == pl.String:  # an empty or blank string is a missing value, not an error
                 present = present & (pl.col(col).str.strip_chars() != "")
@@ -123,6 +163,15 @@ class Cast(BaseStep):
         marked = marked.with_columns(*(e.alias(f"{c}__bad") for c, e in flags.items()))
         bad_cols = [f"{c}__bad" for c in flags]
         any_bad = pl.any_horizontal(bad_cols)
+        retry = [c for c in casts if self.formats.get(c) and marked[f"{c}__bad"].any()]
+        if retry:  # values in another format than the guessed one: let Polars infer theirs
+            marked = marked.with_columns(
+                pl.when(pl.col(f"{c}__bad"))
+                .then(_temporal(c, self.targets[c], None))
+                .otherwise(pl.col(f"{c}__cast"))
+                .alias(f"{c}__cast")
+                for c in retry
+            ).with_columns(flags[c].alias(f"{c}__bad") for c in retry)
         helper_cols = [f"{c}__cast" for c in casts] + bad_cols
         dead = empty_dead_letters()
         if marked.select(any_bad.any()).item():

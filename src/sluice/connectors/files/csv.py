@@ -28,6 +28,7 @@ from sluice.errors import ConfigError
 from sluice.plugins import Chunk
 
 _BAD_BYTES = "sluice.bad_bytes"
+PARALLEL_PIECE = 32 << 20  # bytes per piece parsed in parallel (quote-free UTF-8 files)
 
 
 def _mark_bad_bytes(exc: UnicodeError) -> tuple[str, int]:
@@ -211,24 +212,18 @@ class CsvReader(FileReader):
         last = 0
         raw = pa.OSFile(str(path))
         try:
-            reader = pacsv.open_csv(
-                raw,
-                read_options=self._read_options(),
-                parse_options=self._parse_options(handler),
-                convert_options=self._convert_options(types),
-            )
-            schema = reader.schema
-            if any(
-                pa.types.is_binary(f.type) and f.name not in self._types for f in schema
-            ):
-                raise _Restart("invalid text in the first block")
-            for batch in reader:
-                table = self._add_missing(pa.Table.from_batches([batch]))
+            for table, pos in self._fast_batches(path, raw, types, handler):
+                if schema is None:
+                    schema = table.schema
+                    if any(
+                        pa.types.is_binary(f.type) and f.name not in self._types for f in schema
+                    ):
+                        raise _Restart("invalid text in the first block")
+                table = self._add_missing(table)
                 table = with_positions(table, state.source, state.rows)
                 dead = self._column_count_dead(state, invalid)
                 reported_invalid += len(invalid)
                 invalid.clear()
-                pos = raw.tell()
                 state.rows += table.num_rows
                 yield Chunk(
                     table=table, dead=dead if dead.num_rows else None, bytes_read=pos - last
@@ -247,6 +242,81 @@ class CsvReader(FileReader):
         finally:
             raw.close()
         yield from self._safe_mode(path, state, schema, reported_invalid, last, reason)
+
+    def _fast_batches(
+        self, path: Path, raw: Any, types: dict[str, pa.DataType], handler: Any
+    ) -> Iterator[tuple[pa.Table, int]]:
+        """Tables of the file in order, with the byte offset reached after each.
+
+        UTF-8 files are cut at newlines into pieces of ``PARALLEL_PIECE`` bytes. While a piece
+        holds no quote (nor escape) character, each of its newlines ends a record, so pyarrow's
+        multi-threaded ``read_csv`` parses it on all cores, with the types the first piece fixed.
+        From the first piece with a quote on (a quoted field may hold a newline, so a cut there
+        could split a record), the streaming reader takes over at that piece's start. A
+        conversion error propagates: the caller re-reads the file in safe mode.
+        """
+        cfg = self.config
+        special = [c.encode() for c in (cfg.quote, cfg.escape) if c is not None]
+        if not self._utf8 or raw.size() < 2 * PARALLEL_PIECE:
+            yield from self._stream_batches(raw, None, types, handler, 0)
+            return
+        names: list[str] | None = None
+        offset = 0
+        carry = b""
+        while True:
+            data = carry + raw.read(PARALLEL_PIECE)
+            if not data:
+                return
+            cut = data.rfind(b"\n") + 1 if len(data) > len(carry) else len(data)
+            if cut == 0 or any(ch in data[:cut] for ch in special):
+                raw.seek(offset)
+                yield from self._stream_batches(raw, names, types, handler, offset)
+                return
+            piece, carry = data[:cut], data[cut:]
+            read = pacsv.ReadOptions(
+                use_threads=True,
+                block_size=1 << 20,
+                column_names=names or (None if cfg.header else cfg.column_names),
+                autogenerate_column_names=names is None and not cfg.header and not cfg.column_names,
+            )
+            parse = pacsv.ParseOptions(
+                **{**self._parse, "newlines_in_values": False}, invalid_row_handler=handler
+            )
+            table = pacsv.read_csv(
+                pa.py_buffer(piece),
+                read_options=read,
+                parse_options=parse,
+                convert_options=self._convert_options(types),
+            )
+            if names is None:
+                names = table.column_names
+                types = {f.name: f.type for f in table.schema}
+            offset += cut
+            yield table, offset
+
+    def _stream_batches(
+        self,
+        raw: Any,
+        names: list[str] | None,
+        types: dict[str, pa.DataType],
+        handler: Any,
+        start: int,
+    ) -> Iterator[tuple[pa.Table, int]]:
+        """pyarrow's streaming reader from the current position (``names`` when not at the
+        start of the file, where the header was already read)."""
+        read = (
+            self._read_options()
+            if names is None
+            else pacsv.ReadOptions(block_size=self.config.block_size, column_names=names)
+        )
+        reader = pacsv.open_csv(
+            raw,
+            read_options=read,
+            parse_options=self._parse_options(handler),
+            convert_options=self._convert_options(types),
+        )
+        for batch in reader:
+            yield pa.Table.from_batches([batch]), raw.tell()
 
     def _add_missing(self, table: pa.Table) -> pa.Table:
         for name, typ in self._types.items():

@@ -28,7 +28,7 @@ from sluice.errors import ConfigError
 from sluice.plugins import Chunk
 
 _BAD_BYTES = "sluice.bad_bytes"
-PARALLEL_PIECE = 32 << 20  # bytes per piece parsed in parallel (quote-free UTF-8 files)
+PARALLEL_PIECE = 16 << 20  # bytes per piece parsed in parallel (quote-free UTF-8 files)
 
 
 def _mark_bad_bytes(exc: UnicodeError) -> tuple[str, int]:

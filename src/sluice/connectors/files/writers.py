@@ -406,7 +406,10 @@ class ParquetWriter(_FileWriter):
 
     def _start_part(self, part: _Part, schema: pa.Schema) -> Any:
         compression = None if self.config.compression == "none" else self.config.compression
-        return pq.ParquetWriter(part.fh, schema, compression=compression)
+        level = self.config.compression_level
+        if level is None and compression == "zstd":
+            level = 1
+        return pq.ParquetWriter(part.fh, schema, compression=compression, compression_level=level)
 
     def _write_part(self, part: _Part, data: pa.Table) -> None:
         part.writer.write_table(data, row_group_size=max(1, data.num_rows))  # one group per flush

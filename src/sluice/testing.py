@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 
-from sluice.batch import concat, empty_dead_letters, strip_positions, with_positions
+from sluice.batch import (
+    DEAD_LETTER_SCHEMA,
+    concat,
+    empty_dead_letters,
+    strip_positions,
+    with_positions,
+)
 from sluice.errors import TerminalError, TransientError
-from sluice.plugins import Chunk, RunContext
+from sluice.plugins import Chunk, RunContext, Source
 
 
 class MemorySource:
@@ -105,3 +113,32 @@ class FlakySink(MemorySink):
         if self.column and self.poison & set(table.column(self.column).to_pylist()):
             raise TerminalError(self.step_id, "injected permanent failure (poison value)")
         return super().write(table)
+
+
+class Drained(NamedTuple):
+    """Everything a source produced: data tables, all dead letters, bytes read."""
+
+    tables: list[pa.Table]
+    dead: pa.Table
+    bytes_read: int
+
+
+def drain(source: Source, base_dir: Path = Path("/")) -> Drained:
+    """Open a source, read it to the end and close it, keeping the source contract."""
+    source.open(RunContext(pipeline="test", run_id="test", base_dir=base_dir))
+    tables: list[pa.Table] = []
+    dead: list[pa.Table] = []
+    nbytes = 0
+    try:
+        for chunk in source.read():
+            nbytes += chunk.bytes_read
+            if chunk.table is not None:
+                tables.append(chunk.table)
+            if chunk.dead is not None:
+                assert chunk.dead.schema == DEAD_LETTER_SCHEMA, chunk.dead.schema
+                dead.append(chunk.dead)
+    finally:
+        source.close()
+    return Drained(
+        tables, pa.concat_tables(dead) if dead else DEAD_LETTER_SCHEMA.empty_table(), nbytes
+    )

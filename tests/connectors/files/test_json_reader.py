@@ -10,10 +10,10 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from sluice.batch import DEAD_LETTER_SCHEMA, POSITION_COLS, ROW_COL
+from sluice.batch import POSITION_COLS, ROW_COL
 from sluice.config.models import JsonlSource, JsonSource
 from sluice.connectors.files.json import JsonlReader, JsonReader
-from sluice.plugins import RunContext
+from sluice.testing import drain
 
 SHARED = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 SUITE = SHARED / "jsontestsuite" / "test_parsing"
@@ -24,18 +24,7 @@ def _names(prefix: str) -> list[str]:
 
 
 def run(reader: Any) -> tuple[list[pa.Table], pa.Table, int]:
-    reader.open(RunContext(pipeline="p", run_id="r", base_dir=Path("/")))
-    tables, dead, nbytes = [], [], 0
-    try:
-        for c in reader.read():
-            nbytes += c.bytes_read
-            if c.table is not None:
-                tables.append(c.table)
-            if c.dead is not None:
-                dead.append(c.dead)
-    finally:
-        reader.close()
-    return tables, pa.concat_tables(dead) if dead else DEAD_LETTER_SCHEMA.empty_table(), nbytes
+    return tuple(drain(reader))  # type: ignore[return-value]
 
 
 def json_run(path: Path, **kw: Any) -> tuple[list[dict[str, Any]], pa.Table]:

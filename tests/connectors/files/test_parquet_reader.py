@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sluice.batch import DEAD_LETTER_SCHEMA, POSITION_COLS, ROW_COL, SOURCE_COL, source_names
+from sluice.batch import POSITION_COLS, ROW_COL, SOURCE_COL, source_names
 from sluice.config.models import ParquetSource
 from sluice.connectors.files.parquet import ParquetReader
-from sluice.plugins import RunContext
+from sluice.testing import drain
 
 PT = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "parquet-testing"
 GOOD = sorted(p.name for p in (PT / "data").glob("*.parquet"))
@@ -26,19 +26,7 @@ READABLE_BAD = {"ARROW-GH-43605.parquet"}
 def run(
     path: str, reader_cls: Any = ParquetReader, **kw: Any
 ) -> tuple[list[pa.Table], pa.Table, int]:
-    reader = reader_cls(ParquetSource(kind="parquet", path=path, **kw))
-    reader.open(RunContext(pipeline="p", run_id="r", base_dir=Path("/")))
-    tables, dead, nbytes = [], [], 0
-    try:
-        for c in reader.read():
-            nbytes += c.bytes_read
-            if c.table is not None:
-                tables.append(c.table)
-            if c.dead is not None:
-                dead.append(c.dead)
-    finally:
-        reader.close()
-    return tables, pa.concat_tables(dead) if dead else DEAD_LETTER_SCHEMA.empty_table(), nbytes
+    return tuple(drain(reader_cls(ParquetSource(kind="parquet", path=path, **kw))))  # type: ignore[return-value]
 
 
 def test_suite_present() -> None:

@@ -8,7 +8,8 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from sluice.batch import DEAD_LETTER_SCHEMA, ROW_COL, SOURCE_COL, source_names
+from sluice import testing
+from sluice.batch import ROW_COL, SOURCE_COL, source_names
 from sluice.config.models import CsvSource, JsonlSource, JsonSource, ParquetSource, XmlSource
 from sluice.errors import SourceError
 from sluice.plugins import RunContext, Source, lookup
@@ -37,18 +38,7 @@ def write_good(kind: str, path: Path) -> None:
 
 
 def drain(reader: Any, base: Path) -> tuple[list[pa.Table], pa.Table, int]:
-    reader.open(RunContext(pipeline="p", run_id="r", base_dir=base))
-    tables, dead, nbytes = [], [], 0
-    try:
-        for c in reader.read():
-            nbytes += c.bytes_read
-            if c.table is not None:
-                tables.append(c.table)
-            if c.dead is not None:
-                dead.append(c.dead)
-    finally:
-        reader.close()
-    return tables, pa.concat_tables(dead) if dead else DEAD_LETTER_SCHEMA.empty_table(), nbytes
+    return tuple(testing.drain(reader, base))  # type: ignore[return-value]
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))

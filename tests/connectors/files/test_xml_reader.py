@@ -7,30 +7,20 @@ from typing import Any
 
 import pyarrow as pa
 
-from sluice.batch import DEAD_LETTER_SCHEMA, POSITION_COLS, ROW_COL
+from sluice.batch import POSITION_COLS, ROW_COL
 from sluice.config.models import XmlSource
 from sluice.connectors.files.xml import XmlReader
-from sluice.plugins import RunContext
+from sluice.testing import drain
 
 
 def run(path: Path | str, **kw: Any) -> tuple[list[dict[str, Any]], pa.Table, list[pa.Table]]:
-    reader = XmlReader(XmlSource(kind="xml", path=str(path), **kw))
-    reader.open(RunContext(pipeline="p", run_id="r", base_dir=Path("/")))
-    tables, dead = [], []
-    try:
-        for c in reader.read():
-            if c.table is not None:
-                tables.append(c.table)
-            if c.dead is not None:
-                dead.append(c.dead)
-    finally:
-        reader.close()
+    tables, dead_table, _ = drain(XmlReader(XmlSource(kind="xml", path=str(path), **kw)))
     rows = [
         {k: v for k, v in r.items() if k not in POSITION_COLS}
         for t in tables
         for r in t.to_pylist()
     ]
-    return rows, pa.concat_tables(dead) if dead else DEAD_LETTER_SCHEMA.empty_table(), tables
+    return rows, dead_table, tables
 
 
 ORDERS = """<?xml version="1.0"?>

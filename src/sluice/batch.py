@@ -46,6 +46,7 @@ REASONS: Final = {
     "corrupt_file": "a whole file could not be read (corrupt or truncated)",
     "expression_error": "an expression failed on this record",
     "join_unmatched": "no matching row in the reference table",
+    "contract_violation": "the record failed data-contract checks (the message lists each one)",
     "sink_rejected": "the sink refused the record after retries",
     "replay_error": "a replayed dead letter could not be parsed back",
 }
@@ -239,3 +240,48 @@ def concat(frames: Sequence[Frame]) -> Frame:
         table: pa.Table = pa.concat_tables(kept, promote_options="permissive")
         return table
     return pl.concat([as_polars(f) for f in kept], how="diagonal_relaxed")
+
+
+REDACTED: Final = "<redacted>"
+
+
+def mask_pii(
+    dead: pa.Table, fields: set[str], *, trusted_steps: frozenset[str] | set[str] = frozenset()
+) -> pa.Table:
+    """Remove PII from dead letters before they are written.
+
+    * a payload holding a JSON object: the PII keys get the value ``<redacted>``;
+    * any other payload (a raw CSV line, a JSON line that did not parse): it cannot be taken
+      apart safely, so the whole payload is redacted (such letters cannot be replayed);
+    * a message from a step other than a contract step that names a PII field: redacted
+      (contract steps never put PII values in their messages).
+    """
+    import orjson
+
+    payloads = dead.column("payload").to_pylist()
+    messages = dead.column("message").to_pylist()
+    steps = dead.column("step_id").to_pylist()
+    out_p: list[str | None] = []
+    out_m: list[str | None] = []
+    for payload, message, step in zip(payloads, messages, steps, strict=True):
+        if payload is not None:
+            try:
+                obj = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                obj = None
+            if isinstance(obj, dict):
+                for key in fields & obj.keys():
+                    obj[key] = REDACTED
+                payload = orjson.dumps(obj).decode()
+            else:
+                payload = f"{REDACTED} (raw record; the pipeline declares PII fields)"
+        if message and step not in trusted_steps and any(f in message for f in fields):
+            message = f"{REDACTED} (the message names a PII field)"
+        out_p.append(payload)
+        out_m.append(message)
+    dead = dead.set_column(
+        dead.schema.get_field_index("payload"), "payload", pa.array(out_p, pa.string())
+    )
+    return dead.set_column(
+        dead.schema.get_field_index("message"), "message", pa.array(out_m, pa.string())
+    )

@@ -129,6 +129,7 @@ _BUILTIN: dict[str, dict[str, str]] = {
         "sql": "sluice.steps.sql:Sql",
         "deduplicate": "sluice.steps.dedupe:Deduplicate",
         "join": "sluice.steps.join:Join",
+        "contract": "sluice.quality.step:ContractCheck",
     },
 }
 _REGISTERED: dict[str, dict[str, Factory]] = {"source": {}, "sink": {}, "step": {}}

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
+from sluice.quality.contract import Contract
 from sluice.types import parse_type
 
 
@@ -153,6 +154,12 @@ class DeduplicateStep(StepBase):
     )
 
 
+class ContractStep(StepBase):
+    contract: str | Contract = Field(
+        description="A contract file (relative to the pipeline file) or the contract inline."
+    )
+
+
 class JoinOptions(Model):
     reference: SourceConfig = Field(description="A file source read once, held in memory.")
     key: list[str] = Field(min_length=1, description="Key columns present on both sides.")
@@ -166,7 +173,17 @@ class JoinStep(StepBase):
     join: JoinOptions
 
 
-STEP_KEYS = ("select", "rename", "cast", "filter", "derive", "sql", "deduplicate", "join")
+STEP_KEYS = (
+    "select",
+    "rename",
+    "cast",
+    "filter",
+    "derive",
+    "sql",
+    "deduplicate",
+    "join",
+    "contract",
+)
 
 
 def _step_tag(v: Any) -> str | None:
@@ -183,7 +200,8 @@ StepConfig = Annotated[
     | Annotated[DeriveStep, Tag("derive")]
     | Annotated[SqlStep, Tag("sql")]
     | Annotated[DeduplicateStep, Tag("deduplicate")]
-    | Annotated[JoinStep, Tag("join")],
+    | Annotated[JoinStep, Tag("join")]
+    | Annotated[ContractStep, Tag("contract")],
     Discriminator(
         _step_tag,
         custom_error_type="step_kind",
@@ -304,7 +322,9 @@ class PipelineConfig(Model):
     pipeline: str = Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_\-]*$")
     source: SourceConfig
     steps: list[StepConfig] = Field(default_factory=list)
-    sinks: list[SinkConfig] = Field(min_length=1)
+    sinks: list[SinkConfig] = Field(
+        default_factory=list, description="Outputs; none is fine for a check-only pipeline."
+    )
     dead_letter: DeadLetterConfig = Field(default_factory=DeadLetterConfig)
     settings: Settings = Field(default_factory=Settings)
 

@@ -34,7 +34,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sluice.batch import DEAD_LETTER_SCHEMA, Frame, as_arrow, concat, frame_rows, rows_dead_letters
+from sluice.batch import (
+    DEAD_LETTER_SCHEMA,
+    Frame,
+    as_arrow,
+    concat,
+    frame_rows,
+    mask_pii,
+    rows_dead_letters,
+)
 from sluice.config.models import STEP_KEYS, JsonlSink, ParquetSink, PipelineConfig
 from sluice.errors import SluiceError, TerminalError, TransientError
 from sluice.plugins import Chunk, RunContext, Sink, Source, Step, lookup
@@ -160,6 +168,8 @@ class Executor:
         self._dl_open = False
         self._dl_worker = _Worker("sluice-dead-letters", self._write_dead, 64, self.stop)
         self._workers: list[_Worker] = []
+        self._pii: set[str] = set()
+        self._pii_steps: set[str] = set()
 
     # ------------------------------------------------------------------ dead letters
 
@@ -167,6 +177,8 @@ class Executor:
         if table is None or table.num_rows == 0:
             return
         n = table.num_rows
+        if self._pii:
+            table = mask_pii(table, self._pii, trusted_steps=self._pii_steps)
         table = table.set_column(0, "pipeline", pa.array([self.cfg.pipeline] * n, pa.string()))
         table = table.set_column(1, "run_id", pa.array([self.run_id] * n, pa.string()))
         counts = pc.value_counts(table.column("reason")).to_pylist()
@@ -215,7 +227,11 @@ class Executor:
                 continue
             table = ins[0] if len(ins) == 1 else concat(ins)
             t0 = time.perf_counter()
-            res = step.process(table)
+            try:
+                res = step.process(table)
+            except SluiceError as exc:
+                self._dead(getattr(exc, "dead", None))  # write what the step found, then stop
+                raise
             out = res.table
             n_out = frame_rows(out) if out is not None else 0
             self.stats[step.step_id].add(
@@ -303,6 +319,10 @@ class Executor:
             for obj in parts:
                 obj.open(self.ctx)
                 opened.append(obj)
+                fields = getattr(obj, "pii_fields", None)
+                if fields:  # a contract names PII fields: mask them in every dead letter
+                    self._pii |= set(fields)
+                    self._pii_steps.add(obj.step_id)
             for w in self._workers:
                 w.start()
             pending: list[pa.Table] = []
@@ -372,6 +392,10 @@ class Executor:
             rep.seconds = time.perf_counter() - started
             rep.finished_at = dt.datetime.now(dt.UTC).isoformat()
             rep.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+            for step, _ in self.steps:
+                quality = getattr(step, "quality_report", None)
+                if quality is not None:
+                    rep.quality[step.step_id] = quality()
             rep.dead_letters = self._dl_count
             rep.dead_letters_by_reason = dict(self._dl_reasons)
             if not self._dl_count:

@@ -62,6 +62,7 @@ class RunReport:
     peak_rss_mb: float = 0.0
     error: str | None = None
     steps: list[StepStats] = field(default_factory=list)
+    quality: dict[str, Any] = field(default_factory=dict)
 
     def step(self, step_id: str) -> StepStats:
         for s in self.steps:
@@ -74,11 +75,12 @@ class RunReport:
         return all(s.balanced for s in self.steps)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k != "steps"}
+        d = {k: v for k, v in asdict(self).items() if k not in ("steps", "quality")}
         d["seconds"] = round(self.seconds, 3)
         d["rows_per_second"] = round(self.rows_read / self.seconds) if self.seconds else None
         d["balanced"] = self.balanced
         d["steps"] = [s.to_dict() for s in self.steps]
+        d["quality"] = self.quality
         return d
 
     def write(self, path: Path) -> None:

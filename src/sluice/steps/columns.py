@@ -52,7 +52,7 @@ class Rename(BaseStep):
         return StepResult(as_arrow(table).rename_columns(names))
 
 
-def _polars_dtype(arrow_type: pa.DataType) -> pl.DataType:
+def polars_dtype(arrow_type: pa.DataType) -> pl.DataType:
     s = pl.from_arrow(pa.array([], type=arrow_type))
     assert isinstance(s, pl.Series)
     return s.dtype
@@ -73,7 +73,7 @@ _DATETIME_FORMATS = (
 _DATE_FORMATS = ("%Y-%m-%d",)
 
 
-def _temporal(col: str, dst: pl.DataType, fmt: str | None) -> pl.Expr:
+def temporal_expr(col: str, dst: pl.DataType, fmt: str | None) -> pl.Expr:
     c = pl.col(col).str.strip_chars()
     if dst == pl.Date:
         return c.str.to_date(fmt, strict=False)
@@ -90,13 +90,13 @@ def guess_format(values: pl.Series, dst: pl.DataType) -> str | None:
         return None
     frame = sample.to_frame("v")
     for fmt in _DATE_FORMATS if dst == pl.Date else _DATETIME_FORMATS:
-        parsed = frame.select(_temporal("v", dst, fmt)).to_series()
+        parsed = frame.select(temporal_expr("v", dst, fmt)).to_series()
         if parsed.null_count() == 0:
             return fmt
     return None
 
 
-def _cast_expr(col: str, src: pl.DataType, dst: pl.DataType, fmt: str | None = None) -> pl.Expr:
+def cast_expr(col: str, src: pl.DataType, dst: pl.DataType, fmt: str | None = None) -> pl.Expr:
     """A non-strict cast: a value that does not convert becomes null (and is detected after)."""
     c = pl.col(col)
     if src == pl.String:
@@ -110,7 +110,7 @@ def _cast_expr(col: str, src: pl.DataType, dst: pl.DataType, fmt: str | None = N
                 .otherwise(None)
             )
         if dst == pl.Date or isinstance(dst, pl.Datetime):
-            return _temporal(col, dst, fmt)
+            return temporal_expr(col, dst, fmt)
         if dst.is_numeric():
             return c.str.strip_chars().cast(dst, strict=False)
     return c.cast(dst, strict=False)
@@ -132,7 +132,7 @@ class Cast(BaseStep):
 
     def __init__(self, config: CastStep) -> None:
         super().__init__(config)
-        self.targets = {c: _polars_dtype(parse_type(t)) for c, t in config.cast.items()}
+        self.targets = {c: polars_dtype(parse_type(t)) for c, t in config.cast.items()}
         self.type_names = dict(config.cast)
         self.formats: dict[str, str | None] = {}
 
@@ -150,7 +150,7 @@ class Cast(BaseStep):
                 if col not in self.formats:
                     self.formats[col] = guess_format(df[col], dst)
                 fmt = self.formats[col]
-            new = _cast_expr(col, src, dst, fmt)
+            new = cast_expr(col, src, dst, fmt)
             present = pl.col(col).is_not_null()
             if src == pl.String:  # an empty or blank string is a missing value, not an error
                 present = present & (pl.col(col).str.strip_chars() != "")
@@ -167,7 +167,7 @@ class Cast(BaseStep):
         if retry:  # values in another format than the guessed one: let Polars infer theirs
             marked = marked.with_columns(
                 pl.when(pl.col(f"{c}__bad"))
-                .then(_temporal(c, self.targets[c], None))
+                .then(temporal_expr(c, self.targets[c], None))
                 .otherwise(pl.col(f"{c}__cast"))
                 .alias(f"{c}__cast")
                 for c in retry

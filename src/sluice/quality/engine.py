@@ -1,0 +1,653 @@
+"""Contract checks compiled to Polars expressions and evaluated per batch, no loop per row.
+
+:class:`ContractChecker` keeps the run-wide state a contract needs (seen keys for ``unique``,
+reference keys, counters for dataset rules), so the same contract gives the same counts whether
+the data comes as one batch or as many. :func:`evaluate` checks one table in one call.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from sluice.batch import POSITION_COLS, REDACTED, as_arrow, empty_dead_letters, rows_dead_letters
+from sluice.errors import StepError
+from sluice.plugins import RunContext
+from sluice.quality.contract import (
+    Action,
+    Completeness,
+    Contract,
+    FieldSpec,
+    Freshness,
+    RowCheck,
+    RowCount,
+    SqlRule,
+    parse_duration,
+    parse_percent,
+)
+from sluice.steps.columns import cast_expr, guess_format, polars_dtype
+from sluice.types import parse_type
+
+_SEVERITY = {"fail": 3, "dead_letter": 2, "drop": 1, "warn": 0}
+
+
+class ContractFailure(StepError):
+    """A check with action ``fail`` (or a failed gate) stopped the run. ``dead`` holds the dead
+    letters found in the same batch, which the executor writes before it stops."""
+
+    def __init__(
+        self, step_id: str, message: str, *, dead: pa.Table | None = None, fix: str | None = None
+    ) -> None:
+        super().__init__(step_id, message, fix=fix)
+        self.dead = dead
+
+
+@dataclass
+class CheckResult:
+    name: str  # "<field>.<check>" or the dataset rule
+    action: str
+    checked: int = 0
+    failed: int = 0
+    samples: list[Any] = field(default_factory=list)
+    detail: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        rate = self.failed / self.checked if self.checked else 0.0
+        return {
+            "check": self.name,
+            "action": self.action,
+            "checked": self.checked,
+            "failed": self.failed,
+            "passed": self.checked - self.failed,
+            "failure_rate": round(rate, 6),
+            "samples": self.samples,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class _RowCheck:
+    name: str
+    field: FieldSpec
+    check: str
+    action: Action
+    violated: pl.Expr  # True where the row fails, evaluated on the frame after type casts
+    describe: pl.Expr  # text for the dead-letter message (no values for PII fields)
+
+
+@dataclass
+class BatchOutcome:
+    table: pl.DataFrame
+    dead: pa.Table
+    dropped: int
+
+
+class ContractChecker:
+    """Compile once, then :meth:`check` each batch and :meth:`finish` at the end of input."""
+
+    def __init__(self, contract: Contract, *, step_id: str = "contract") -> None:
+        self.contract = contract
+        self.step_id = step_id
+        self.fields = {f.name: f for f in contract.fields}
+        self.targets = {f.name: polars_dtype(parse_type(f.type)) for f in contract.fields if f.type}
+        self.formats: dict[str, str | None] = {}
+        self.seen: dict[str, set[Any]] = {f.name: set() for f in contract.fields if f.unique}
+        self.refs: dict[str, pl.Series] = {}
+        self.results: dict[str, CheckResult] = {}
+        self.rows = 0
+        self.non_null: dict[str, int] = {}
+        self.newest: dict[str, Any] = {}
+        self.sql_totals: dict[int, float] = {}
+        self.schema_notes: list[str] = []
+        self._con: duckdb.DuckDBPyConnection | None = None
+        for f in contract.fields:
+            for check in self._checks_of(f):
+                name = f"{f.name}.{check}"
+                self.results[name] = CheckResult(name, f.action_for(check))  # type: ignore[arg-type]
+        self._validate_patterns()
+
+    # ------------------------------------------------------------------------------ setup
+
+    @staticmethod
+    def _checks_of(f: FieldSpec) -> list[str]:
+        out = []
+        if f.type:
+            out.append("type")
+        if f.required:
+            out.append("required")
+        for c in ("min", "max", "pattern", "enum", "min_length", "max_length"):
+            if getattr(f, c) is not None:
+                out.append(c)
+        if f.unique:
+            out.append("unique")
+        if f.references:
+            out.append("references")
+        return out
+
+    def _validate_patterns(self) -> None:
+        for f in self.contract.fields:
+            if f.pattern is None:
+                continue
+            try:
+                pl.select(pl.lit("x").str.contains(f.pattern))
+            except Exception as exc:
+                raise ContractFailure(
+                    self.step_id,
+                    f"field '{f.name}': pattern {f.pattern!r} is not supported by "
+                    f"the regex engine: {str(exc).splitlines()[0]}",
+                    fix="use a pattern without look-around or back-references",
+                ) from exc
+
+    def open(self, ctx: RunContext | None) -> None:
+        """Load reference datasets (once per run)."""
+        for f in self.contract.fields:
+            ref = f.references
+            if ref is None:
+                continue
+            if ref.path is not None:
+                path = ctx.resolve(ref.path) if ctx else ref.path
+                kind = ref.kind or str(path).rsplit(".", 1)[-1]
+                readers: dict[str, Callable[[Any], pl.DataFrame]] = {
+                    "csv": pl.read_csv,
+                    "parquet": pl.read_parquet,
+                    "json": pl.read_json,
+                    "jsonl": pl.read_ndjson,
+                }
+                reader = readers.get(kind)
+                if reader is None:
+                    raise ContractFailure(
+                        self.step_id,
+                        f"field '{f.name}': cannot read reference {path} (kind {kind!r})",
+                        fix="set references.kind",
+                    )
+                try:
+                    keys = reader(path)[ref.column]
+                except Exception as exc:
+                    raise ContractFailure(
+                        self.step_id, f"field '{f.name}': reading reference {path} failed: {exc}"
+                    ) from exc
+            else:
+                keys = _db_keys(self.step_id, f.name, ref.dsn or "", ref.table or "", ref.column)
+            self.refs[f.name] = keys.drop_nulls().unique()
+
+    # ------------------------------------------------------------------------------ per batch
+
+    def _schema(self, df: pl.DataFrame) -> pl.DataFrame:
+        c = self.contract
+        data_cols = [n for n in df.columns if n not in POSITION_COLS]
+        unknown = [n for n in data_cols if n not in self.fields]
+        missing = [f for f in c.fields if f.name not in df.columns]
+        req = [f.name for f in missing if f.required]
+        if req:
+            raise ContractFailure(
+                self.step_id,
+                f"contract '{c.name}' version {c.version} requires field(s) {req} that the input "
+                f"does not have (input columns: {', '.join(data_cols)})",
+                fix="add the column(s) upstream, or use the contract version the data was made for",
+            )
+        if unknown:
+            if c.schema_policy == "freeze":
+                raise ContractFailure(
+                    self.step_id,
+                    f"contract '{c.name}' version {c.version} is frozen and the input has columns "
+                    f"it does not name: {unknown}",
+                    fix="add them to the contract, drop them upstream, or set schema_policy: "
+                    "evolve / discard_columns",
+                )
+            note = (
+                "new columns passed through: "
+                if c.schema_policy == "evolve"
+                else "unknown columns discarded: "
+            ) + ", ".join(unknown)
+            if note not in self.schema_notes:
+                self.schema_notes.append(note)
+            if c.schema_policy == "discard_columns":
+                df = df.drop(unknown)
+        if missing:  # optional fields the input lacks: null columns of the declared type
+            df = df.with_columns(
+                pl.lit(None, dtype=self.targets.get(f.name, pl.String)).alias(f.name)
+                for f in missing
+            )
+        return df
+
+    def _cast(self, df: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, pl.Expr]]:
+        """Cast to the contract's types; return the frame and a 'type failed' flag per field."""
+        casts: dict[str, pl.Expr] = {}
+        flags: dict[str, pl.Expr] = {}
+        for name, dst in self.targets.items():
+            src = df.schema[name]
+            if src == dst:
+                continue
+            fmt = None
+            if src == pl.String and (dst == pl.Date or isinstance(dst, pl.Datetime)):
+                if name not in self.formats:
+                    self.formats[name] = guess_format(df[name], dst)
+                fmt = self.formats[name]
+            casts[name] = cast_expr(name, src, dst, fmt).alias(name)
+            present = pl.col(f"__orig_{name}").is_not_null()
+            if src == pl.String:
+                present = present & (pl.col(f"__orig_{name}").str.strip_chars() != "")
+            flags[name] = present & pl.col(name).is_null()
+        if not casts:
+            return df, {}
+        df = df.with_columns(pl.col(n).alias(f"__orig_{n}") for n in casts).with_columns(
+            casts.values()
+        )
+        return df, flags
+
+    def _row_checks(self, df: pl.DataFrame, type_flags: dict[str, pl.Expr]) -> list[_RowCheck]:
+        checks: list[_RowCheck] = []
+        for f in self.contract.fields:
+            c = pl.col(f.name)
+            present = c.is_not_null()
+            if df.schema[f.name] == pl.String:
+                present = present & (c.str.strip_chars() != "")
+            shown = pl.lit(REDACTED) if f.pii else c.cast(pl.String).str.slice(0, 80)
+            orig = pl.col(f"__orig_{f.name}") if f.name in type_flags else c
+            orig_shown = pl.lit(REDACTED) if f.pii else orig.cast(pl.String).str.slice(0, 80)
+
+            def add(
+                check: RowCheck, violated: pl.Expr, describe: pl.Expr, f: FieldSpec = f
+            ) -> None:
+                checks.append(
+                    _RowCheck(
+                        f"{f.name}.{check}",
+                        f,
+                        check,
+                        f.action_for(check),
+                        violated.fill_null(False),
+                        describe,
+                    )
+                )
+
+            if f.type and f.name in type_flags:
+                add(
+                    "type",
+                    type_flags[f.name],
+                    pl.format("{}: {} is not a {}", pl.lit(f.name), orig_shown, pl.lit(f.type)),
+                )
+            elif f.type:
+                add("type", pl.lit(False), pl.lit(""))
+            if f.required:
+                add(
+                    "required",
+                    ~present & ~(type_flags.get(f.name, pl.lit(False))),
+                    pl.lit(f"{f.name}: required value missing"),
+                )
+            if f.min is not None:
+                lo = self._bound(df, f.name, f.min)
+                add(
+                    "min",
+                    present & (c < lo),
+                    pl.format("{}: {} < {}", pl.lit(f.name), shown, pl.lit(str(f.min))),
+                )
+            if f.max is not None:
+                hi = self._bound(df, f.name, f.max)
+                add(
+                    "max",
+                    present & (c > hi),
+                    pl.format("{}: {} > {}", pl.lit(f.name), shown, pl.lit(str(f.max))),
+                )
+            if f.pattern is not None:
+                add(
+                    "pattern",
+                    present & ~c.cast(pl.String).str.contains(f"^(?:{f.pattern})$"),
+                    pl.format("{}: {} does not match {}", pl.lit(f.name), shown, pl.lit(f.pattern)),
+                )
+            if f.enum is not None:
+                allowed = pl.Series(f.enum).cast(df.schema[f.name], strict=False)
+                add(
+                    "enum",
+                    present & ~c.is_in(allowed.implode()),
+                    pl.format(
+                        "{}: {} is not one of {}",
+                        pl.lit(f.name),
+                        shown,
+                        pl.lit(", ".join(map(str, f.enum))[:200]),
+                    ),
+                )
+            if f.min_length is not None:
+                add(
+                    "min_length",
+                    present & (c.cast(pl.String).str.len_chars() < f.min_length),
+                    pl.format(
+                        "{}: {} is shorter than {}", pl.lit(f.name), shown, pl.lit(f.min_length)
+                    ),
+                )
+            if f.max_length is not None:
+                add(
+                    "max_length",
+                    present & (c.cast(pl.String).str.len_chars() > f.max_length),
+                    pl.format(
+                        "{}: {} is longer than {}", pl.lit(f.name), shown, pl.lit(f.max_length)
+                    ),
+                )
+            if f.unique:
+                add(
+                    "unique",
+                    pl.col(f"__dup_{f.name}"),
+                    pl.format("{}: {} was seen before", pl.lit(f.name), shown),
+                )
+            if f.references is not None and f.name in self.refs:
+                keys = self.refs[f.name].cast(df.schema[f.name], strict=False)
+                add(
+                    "references",
+                    present & ~c.is_in(keys.implode()),
+                    pl.format(
+                        "{}: {} is not in {}",
+                        pl.lit(f.name),
+                        shown,
+                        pl.lit(f.references.path or f.references.table or ""),
+                    ),
+                )
+        return checks
+
+    @staticmethod
+    def _bound(df: pl.DataFrame, name: str, value: float | str) -> pl.Expr:
+        dtype = df.schema[name]
+        if isinstance(value, str) and (dtype == pl.Date or isinstance(dtype, pl.Datetime)):
+            parsed = dt.datetime.fromisoformat(value)
+            return pl.lit(parsed.date() if dtype == pl.Date else parsed)
+        return pl.lit(value)
+
+    def _unique_flags(self, df: pl.DataFrame) -> pl.DataFrame:
+        """``__dup_<field>``: the value was seen earlier in this batch or in an earlier batch.
+
+        Exact: seen values are kept (not hashes); membership is one C-level pass per batch."""
+        cols = []
+        for name, seen in self.seen.items():
+            values = df[name].to_list()
+            first = df.select(pl.col(name).is_first_distinct()).to_series().to_numpy()
+            before = np.fromiter(map(seen.__contains__, values), dtype=bool, count=len(values))
+            seen.update(v for v in values if v is not None)
+            dup = ~first | before
+            dup &= df[name].is_not_null().to_numpy()
+            cols.append(pl.Series(f"__dup_{name}", dup))
+        return df.with_columns(cols) if cols else df
+
+    def check(self, frame: pl.DataFrame | pa.Table) -> BatchOutcome:
+        df = frame if isinstance(frame, pl.DataFrame) else pl.from_arrow(frame)
+        assert isinstance(df, pl.DataFrame)
+        df = self._schema(df)
+        df, type_flags = self._cast(df)
+        df = self._unique_flags(df)
+        checks = self._row_checks(df, type_flags)
+        n = df.height
+        self._dataset_counters(df)
+        if not checks or n == 0:
+            return BatchOutcome(self._clean(df), empty_dead_letters(), 0)
+        vcols = [f"__v{i}" for i in range(len(checks))]
+        df = df.with_columns(ck.violated.alias(v) for ck, v in zip(checks, vcols, strict=True))
+        counts = df.select(pl.col(v).sum() for v in vcols).row(0)
+        for ck, v, failed in zip(checks, vcols, counts, strict=True):
+            res = self.results[ck.name]
+            res.checked += n
+            res.failed += int(failed)
+            if failed and len(res.samples) < self.contract.samples:
+                src = (
+                    f"__orig_{ck.field.name}"
+                    if ck.check == "type" and f"__orig_{ck.field.name}" in df.columns
+                    else ck.field.name
+                )
+                vals = (
+                    df.filter(pl.col(v))
+                    .get_column(src)
+                    .head(self.contract.samples - len(res.samples))
+                )
+                res.samples += [REDACTED if ck.field.pii else _plain(x) for x in vals.to_list()]
+        by_action: dict[str, list[str]] = {"fail": [], "dead_letter": [], "drop": [], "warn": []}
+        for ck, v in zip(checks, vcols, strict=True):
+            by_action[ck.action].append(v)
+
+        def any_of(cols: list[str]) -> pl.Expr:
+            return pl.any_horizontal(cols) if cols else pl.lit(False)
+
+        df = df.with_columns(
+            any_of(by_action["fail"]).alias("__fail"),
+            any_of(by_action["dead_letter"]).alias("__dead"),
+            any_of(by_action["drop"]).alias("__drop"),
+        )
+        dead = empty_dead_letters()
+        dead_mask = pl.col("__dead") | pl.col("__fail")
+        bad = df.filter(dead_mask)
+        if bad.height:
+            messages = bad.select(
+                pl.concat_str(
+                    [
+                        pl.when(pl.col(v)).then(ck.describe)
+                        for ck, v in zip(checks, vcols, strict=True)
+                    ],
+                    separator="; ",
+                    ignore_nulls=True,
+                )
+            ).to_series()
+            payload_frame = self._masked(self._clean(bad, original=True))
+            dead = rows_dead_letters(
+                payload_frame,
+                step_id=self.step_id,
+                reason="contract_violation",
+                message=messages.to_arrow(),
+            )
+        if df["__fail"].any():
+            failing = [
+                ck.name
+                for ck, v in zip(checks, vcols, strict=True)
+                if ck.action == "fail" and df[v].any()
+            ]
+            raise ContractFailure(
+                self.step_id,
+                f"contract '{self.contract.name}': check(s) with action 'fail' failed: "
+                f"{', '.join(failing)}",
+                dead=dead,
+                fix="fix the data, or change the check's action to dead_letter / drop / warn",
+            )
+        keep = df.filter(~dead_mask & ~pl.col("__drop"))
+        dropped = int(df.select((pl.col("__drop") & ~dead_mask).sum()).item())
+        return BatchOutcome(self._clean(keep), dead, dropped)
+
+    def _clean(self, df: pl.DataFrame, *, original: bool = False) -> pl.DataFrame:
+        """Drop helper columns; with ``original`` put back the values as they came in."""
+        if original:
+            df = df.with_columns(
+                pl.col(c).alias(c.removeprefix("__orig_"))
+                for c in df.columns
+                if c.startswith("__orig_")
+            )
+        return df.drop(
+            [
+                c
+                for c in df.columns
+                if c.startswith(("__orig_", "__dup_", "__v")) or c in ("__fail", "__dead", "__drop")
+            ]
+        )
+
+    def _masked(self, df: pl.DataFrame) -> pl.DataFrame:
+        pii = [n for n in self.contract.pii if n in df.columns]
+        return df.with_columns(pl.lit(REDACTED).alias(n) for n in pii) if pii else df
+
+    # ------------------------------------------------------------------------------ dataset rules
+
+    def _dataset_counters(self, df: pl.DataFrame) -> None:
+        self.rows += df.height
+        for rule in self.contract.quality:
+            if isinstance(rule, Completeness):
+                for col in rule.columns or list(self.fields):
+                    if col in df.columns:
+                        self.non_null[col] = self.non_null.get(col, 0) + int(
+                            df.height - df[col].null_count()
+                        )
+            elif isinstance(rule, Freshness) and rule.column in df.columns and df.height:
+                newest = df[rule.column].max()
+                if newest is not None and (
+                    rule.column not in self.newest or newest > self.newest[rule.column]
+                ):
+                    self.newest[rule.column] = newest
+        sql_rules = [(i, r) for i, r in enumerate(self.contract.quality) if isinstance(r, SqlRule)]
+        if sql_rules and df.height:
+            if self._con is None:
+                self._con = duckdb.connect(":memory:")
+            self._con.register("input", self._clean(df).to_arrow())
+            try:
+                for i, rule in sql_rules:
+                    rows = self._con.sql(rule.sql).fetchall()
+                    value = rows[0] if rows else None
+                    self.sql_totals[i] = self.sql_totals.get(i, 0.0) + float((value or [0])[0] or 0)
+            except duckdb.Error as exc:
+                raise ContractFailure(
+                    self.step_id,
+                    f"quality sql failed: {exc}",
+                    fix="the query must return one number per batch",
+                ) from exc
+            finally:
+                self._con.unregister("input")
+
+    def finish(self, now: dt.datetime | None = None) -> list[CheckResult]:
+        """Evaluate the dataset rules; return their results (the caller decides what fails)."""
+        out = []
+        now = now or dt.datetime.now(dt.UTC)
+        for i, rule in enumerate(self.contract.quality):
+            if isinstance(rule, Completeness):
+                need = parse_percent(rule.completeness)
+                for col in rule.columns or list(self.fields):
+                    share = self.non_null.get(col, 0) / self.rows if self.rows else 1.0
+                    out.append(
+                        CheckResult(
+                            f"completeness({col}) >= {need:.2%}",
+                            rule.action,
+                            self.rows,
+                            int(self.rows - self.non_null.get(col, 0)) if share < need else 0,
+                            detail=f"{share:.2%} non-null",
+                        )
+                    )
+            elif isinstance(rule, Freshness):
+                limit = parse_duration(rule.freshness)
+                newest = self.newest.get(rule.column)
+                age = _age_seconds(newest, now)
+                ok = age is not None and age <= limit
+                out.append(
+                    CheckResult(
+                        f"freshness({rule.column}) <= {rule.freshness}",
+                        rule.action,
+                        1,
+                        0 if ok else 1,
+                        detail=f"newest {newest} ("
+                        + ("no data" if age is None else f"{age:,.0f} s old")
+                        + ")",
+                    )
+                )
+            elif isinstance(rule, RowCount):
+                b = rule.row_count
+                ok = (b.min is None or self.rows >= b.min) and (b.max is None or self.rows <= b.max)
+                out.append(
+                    CheckResult(
+                        f"row_count in [{b.min}, {b.max}]",
+                        rule.action,
+                        1,
+                        0 if ok else 1,
+                        detail=f"{self.rows:,} rows",
+                    )
+                )
+            elif isinstance(rule, SqlRule):
+                total = self.sql_totals.get(i, 0.0)
+                ok = (rule.must_be is None or total == rule.must_be) and (
+                    rule.max is None or total <= rule.max
+                )
+                out.append(
+                    CheckResult(
+                        rule.name or f"sql: {rule.sql[:60]}",
+                        rule.action,
+                        1,
+                        0 if ok else 1,
+                        detail=f"value {total:g}",
+                    )
+                )
+        return out
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _age_seconds(newest: Any, now: dt.datetime) -> float | None:
+    if newest is None:
+        return None
+    if isinstance(newest, dt.datetime):
+        ts = newest if newest.tzinfo else newest.replace(tzinfo=dt.UTC)
+        return (now - ts).total_seconds()
+    if isinstance(newest, dt.date):
+        start = dt.datetime(newest.year, newest.month, newest.day, tzinfo=dt.UTC)
+        return (now - start).total_seconds()
+    if isinstance(newest, (int, float)):  # epoch seconds or milliseconds
+        secs = newest / 1000 if newest > 1e11 else newest
+        return now.timestamp() - secs
+    return None
+
+
+def _db_keys(step_id: str, field_name: str, dsn: str, table: str, column: str) -> pl.Series:
+    from sluice.errors import require
+
+    require("psycopg", "postgres", "a PostgreSQL reference")
+    import psycopg
+    from psycopg import sql
+
+    try:
+        with psycopg.connect(dsn) as conn:
+            rows = conn.execute(
+                sql.SQL("SELECT DISTINCT {} FROM {}").format(
+                    sql.Identifier(column), sql.Identifier(*table.split("."))
+                )
+            ).fetchall()
+    except psycopg.Error as exc:
+        raise ContractFailure(
+            step_id, f"field '{field_name}': reading reference table {table} failed: {exc}"
+        ) from exc
+    return pl.Series(column, [r[0] for r in rows])
+
+
+def evaluate(
+    contract: Contract, table: pa.Table | pl.DataFrame, ctx: RunContext | None = None
+) -> dict[str, int]:
+    """Check one table against a contract; return the failures per check (row checks and
+    dataset rules), e.g. ``{"order_id.required": 0, "row_count in [1, None]": 0}``. Checks with
+    action ``fail`` are counted here, not raised."""
+    relaxed = contract.model_copy(
+        update={
+            "fields": [
+                f.model_copy(
+                    update={
+                        "action": "dead_letter" if f.action == "fail" else f.action,
+                        "actions": {
+                            k: ("dead_letter" if a == "fail" else a) for k, a in f.actions.items()
+                        },
+                    }
+                )
+                for f in contract.fields
+            ]
+        }
+    )
+    checker = ContractChecker(relaxed)
+    checker.open(ctx)
+    try:
+        checker.check(table if isinstance(table, pl.DataFrame) else as_arrow(table))
+        out = {name: r.failed for name, r in checker.results.items()}
+        out.update({r.name: r.failed for r in checker.finish()})
+        return out
+    finally:
+        checker.close()
+
+
+__all__ = ["BatchOutcome", "CheckResult", "ContractChecker", "ContractFailure", "evaluate"]

@@ -188,6 +188,149 @@ def replay(
         out.print(f"new dead letters in {_rel(Path(str(failed[0])).parent)}")
 
 
+_KINDS = {
+    ".csv": "csv",
+    ".json": "json",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".xml": "xml",
+}
+
+
+@app.command()
+def check(
+    data: Annotated[str, typer.Argument(help="A file or glob (csv, json, jsonl, parquet).")],
+    contract: Annotated[Path, typer.Option("--contract", "-c", help="Contract YAML file.")],
+    kind: Annotated[
+        str | None, typer.Option(help="Source kind if not clear from the name.")
+    ] = None,
+    json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress")] = None,
+) -> None:
+    """Check data against a contract, without a pipeline; exit 1 if a check or gate with
+    action 'fail' failed."""
+    from sluice.config.loader import parse_pipeline
+
+    suffix = Path(data.replace("*", "x")).suffix.lower()
+    source_kind = kind or _KINDS.get(suffix)
+    if source_kind is None:
+        err.print(
+            f"[red]error:[/red] cannot tell the format of {data!r}; pass --kind csv|json|"
+            "jsonl|parquet|xml"
+        )
+        raise typer.Exit(2)
+    cfg = parse_pipeline(
+        {
+            "pipeline": "check",
+            "source": {"kind": source_kind, "path": str(Path(data).absolute())}
+            | ({"infer_types": False} if source_kind == "csv" else {}),
+            "steps": [{"id": "contract", "contract": str(contract.absolute())}],
+            "dead_letter": {"kind": "jsonl", "path": "dead_letters/check"},
+        }
+    )
+    ex = Executor(cfg, progress=progress, report_path=None)
+    failed_run: str | None = None
+    try:
+        rep = ex.run()
+    except SluiceError as exc:
+        failed_run = str(exc)
+        rep = ex.report
+    quality = rep.quality.get("contract", {})
+    if json:
+        out.print_json(
+            data={
+                "status": rep.status,
+                "error": failed_run,
+                "rows": rep.rows_read,
+                "dead_letters": rep.dead_letters,
+                **quality,
+            }
+        )
+    else:
+        print_quality(quality, rep)
+        if failed_run:
+            err.print(f"[red]failed:[/red] {failed_run}", markup=False, highlight=False)
+    if failed_run or rep.status != "succeeded":
+        raise typer.Exit(1)
+
+
+def print_quality(quality: dict[str, object], rep: RunReport) -> None:
+    t = Table(
+        title=f"contract {quality.get('contract')} v{quality.get('version')} · "
+        f"{rep.rows_read:,} rows",
+        title_justify="left",
+    )
+    for col in ("check", "action", "checked", "failed", "rate", "samples"):
+        t.add_column(
+            col,
+            justify="right" if col in ("checked", "failed", "rate") else "left",
+            no_wrap=col != "samples",
+        )
+    rows = [*quality.get("checks", []), *quality.get("gates", [])]  # type: ignore[misc]
+    for r in rows:
+        failed = r["failed"]
+        t.add_row(
+            r["check"],
+            r["action"],
+            f"{r['checked']:,}",
+            f"[red]{failed:,}[/red]" if failed else "0",
+            f"{r['failure_rate']:.2%}",
+            ", ".join(map(str, r["samples"]))[:60]
+            + (f" ({r['detail']})" if r.get("detail") else ""),
+        )
+    out.print(t)
+    for note in quality.get("schema", []):  # type: ignore[attr-defined]
+        out.print(f"schema: {note}")
+    if rep.dead_letters:
+        out.print(f"{rep.dead_letters:,} dead letters → {_rel(rep.dead_letter_path)}")
+
+
+contract_app = typer.Typer(
+    help="Data contracts: import from the Open Data Contract Standard.", no_args_is_help=True
+)
+app.add_typer(contract_app, name="contract")
+
+
+@contract_app.command("import")
+def contract_import(
+    source: Annotated[Path, typer.Argument(help="An ODCS v3 YAML file.")],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write here (several tables: one file each, named after the table).",
+        ),
+    ] = None,
+) -> None:
+    """Convert an Open Data Contract Standard v3 file into Sluice contract(s), and say plainly
+    which ODCS parts Sluice cannot enforce."""
+    from sluice.quality.odcs import dump_contract, import_odcs
+
+    try:
+        result = import_odcs(source)
+    except SluiceError as exc:
+        err.print(f"[red]error:[/red] {exc}", markup=False, highlight=False)
+        raise typer.Exit(1) from None
+    for i, c in enumerate(result.contracts):
+        text = dump_contract(c)
+        if output is None:
+            sys.stdout.write(("---\n" if i else "") + text)
+            continue
+        target = (
+            output
+            if len(result.contracts) == 1
+            else output.with_name(f"{output.stem}.{c.name}{output.suffix or '.yaml'}")
+        )
+        target.write_text(text, encoding="utf-8")
+        err.print(f"contract '{c.name}' → {target}")
+    for line in result.notes:
+        err.print(f"note: {line}", markup=False, highlight=False)
+    for line in result.unsupported:
+        err.print(f"[yellow]not enforced:[/yellow] {line}", highlight=False)
+
+
 def _load(path: Path) -> PipelineConfig:
     try:
         return load_pipeline(path)

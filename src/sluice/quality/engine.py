@@ -366,7 +366,8 @@ class ContractChecker:
             values = df[name].to_list()
             first = df.select(pl.col(name).is_first_distinct()).to_series().to_numpy()
             before = np.fromiter(map(seen.__contains__, values), dtype=bool, count=len(values))
-            seen.update(v for v in values if v is not None)
+            seen.update(values)
+            seen.discard(None)
             dup = ~first | before
             dup &= df[name].is_not_null().to_numpy()
             cols.append(pl.Series(f"__dup_{name}", dup))

@@ -1,0 +1,158 @@
+"""The contract step in real pipelines over real files; `sluice check`; PII never leaks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from sluice.cli import app
+from sluice.config import parse_pipeline
+from sluice.quality.engine import ContractFailure
+from sluice.runtime.executor import Executor
+
+runner = CliRunner()
+
+CONTRACT = {
+    "name": "customers",
+    "version": "1.2.0",
+    "schema": [
+        {"name": "id", "type": "int", "required": True, "unique": True},
+        {"name": "email", "type": "string", "pattern": "[^@ ]+@[^@ ]+", "pii": True},
+        {"name": "age", "type": "int", "min": 0, "max": 130, "actions": {"max": "drop"}},
+        {"name": "tier", "enum": ["free", "pro"], "action": "warn"},
+    ],
+    "quality": [{"completeness": "50%", "columns": ["email"]}],
+}
+EMAILS = [
+    "ann@example.org",
+    "bob@example.org",
+    "not-an-email-carol",
+    "dan@example.org",
+    "eve@example.org",
+    "fay@example.org",
+]
+ROWS = [
+    "id,email,age,tier",
+    f"1,{EMAILS[0]},34,free",
+    f"2,{EMAILS[1]},200,pro",  # age > max: dropped
+    f"3,{EMAILS[2]},41,gold",  # bad email: dead letter; tier warns
+    f"1,{EMAILS[3]},22,free",  # duplicate id: dead letter
+    f"x,{EMAILS[4]},19,pro",  # id not an int: dead letter
+    f"6,{EMAILS[5]},27,pro,extra-field",  # wrong field count: dead letter from the source
+]
+
+
+def _setup(tmp_path: Path, contract: dict[str, object] = CONTRACT) -> Path:
+    (tmp_path / "in.csv").write_text("\n".join(ROWS) + "\n")
+    (tmp_path / "contract.yaml").write_text(yaml.safe_dump(contract))
+    return tmp_path
+
+
+def _pipeline(tmp_path: Path) -> dict[str, object]:
+    return {
+        "pipeline": "people",
+        "source": {"kind": "csv", "path": "in.csv", "infer_types": False},
+        "steps": [{"id": "validate", "contract": "contract.yaml"}],
+        "sinks": [{"id": "out", "kind": "jsonl", "path": "out"}],
+        "dead_letter": {"kind": "jsonl", "path": "dl"},
+    }
+
+
+def test_contract_step_in_a_pipeline(tmp_path: Path) -> None:
+    _setup(tmp_path)
+    rep = Executor(parse_pipeline(_pipeline(tmp_path)), base_dir=tmp_path, progress=False).run()
+    assert rep.status == "succeeded" and rep.balanced
+    st = rep.step("validate")
+    assert (st.rows_in, st.rows_out, st.dead, st.filtered) == (5, 1, 3, 1)
+    checks = {c["check"]: c for c in rep.quality["validate"]["checks"]}
+    assert checks["id.unique"]["failed"] == 1 and checks["id.type"]["samples"] == ["x"]
+    assert checks["tier.enum"]["failed"] == 1 and checks["tier.enum"]["action"] == "warn"
+    assert checks["email.pattern"]["samples"] == ["<redacted>"]
+    assert rep.quality["validate"]["gates"][0]["failed"] == 0
+    out = [
+        json.loads(x)
+        for f in (tmp_path / "out").glob("*.jsonl")
+        for x in f.read_text().splitlines()
+    ]
+    assert [r["id"] for r in out] == [1]
+
+
+def test_pii_never_appears_in_any_output(tmp_path: Path) -> None:
+    """Dead letters, the run report, stdout/stderr of `sluice run` and `sluice check`: no e-mail
+    address of the input appears in clear text anywhere except the main output."""
+    _setup(tmp_path)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(_pipeline(tmp_path)))
+    result = runner.invoke(app, ["run", str(tmp_path / "p.yaml"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    check = runner.invoke(
+        app,
+        [
+            "check",
+            str(tmp_path / "in.csv"),
+            "--contract",
+            str(tmp_path / "contract.yaml"),
+            "--json",
+        ],
+    )
+    texts = [result.output, check.output]
+    for f in tmp_path.rglob("*"):
+        if f.is_file() and f.suffix in (".jsonl", ".json") and "out" not in f.parts:
+            texts.append(f.read_text())
+    assert len(texts) > 3
+    for text in texts:
+        for email in EMAILS:
+            assert email not in text, f"PII {email!r} leaked"
+    letters = [
+        json.loads(x) for f in (tmp_path / "dl").glob("*.jsonl") for x in f.read_text().splitlines()
+    ]
+    assert {d["reason"] for d in letters} == {"contract_violation", "column_count"}
+    raw = next(d for d in letters if d["reason"] == "column_count")
+    assert raw["payload"].startswith("<redacted>")  # raw lines cannot be taken apart: redacted
+
+
+def test_failed_gate_stops_the_run_and_names_the_rule(tmp_path: Path) -> None:
+    strict = {
+        **CONTRACT,
+        "quality": [{"completeness": "99%", "columns": ["email"]}, {"row_count": {"max": 3}}],
+    }
+    _setup(tmp_path, strict)
+    ROWS_WITH_NULLS = [*ROWS[:2], "7,,30,free"]
+    (tmp_path / "in.csv").write_text("\n".join(ROWS_WITH_NULLS) + "\n")
+    with pytest.raises(ContractFailure, match=r"step 'validate'.*completeness\(email\) >= 99.00%"):
+        Executor(parse_pipeline(_pipeline(tmp_path)), base_dir=tmp_path, progress=False).run()
+    assert not list((tmp_path / "out").glob("*.jsonl")), "sinks roll back on a failed gate"
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(_pipeline(tmp_path)))
+    result = runner.invoke(app, ["run", str(tmp_path / "p.yaml"), "--no-progress"])
+    assert result.exit_code == 1 and "completeness(email)" in result.output
+
+
+def test_sluice_check_prints_a_report_and_json(tmp_path: Path) -> None:
+    _setup(tmp_path)
+    text = runner.invoke(
+        app, ["check", str(tmp_path / "in.csv"), "-c", str(tmp_path / "contract.yaml")]
+    )
+    assert text.exit_code == 0, text.output
+    assert "contract customers v1.2.0" in text.output and "id.unique" in text.output
+    as_json = runner.invoke(
+        app, ["check", str(tmp_path / "in.csv"), "-c", str(tmp_path / "contract.yaml"), "--json"]
+    )
+    data = json.loads(as_json.stdout)
+    assert data["contract"] == "customers" and data["rows"] == 5
+    assert {c["check"]: c["failed"] for c in data["checks"]}["age.max"] == 1
+    bad = runner.invoke(app, ["check", str(tmp_path / "in.csv"), "-c", str(tmp_path / "nope.yaml")])
+    assert bad.exit_code == 1 and "cannot read contract" in bad.output
+
+
+def test_inline_contract_and_odcs_file_is_refused_with_the_fix(tmp_path: Path) -> None:
+    _setup(tmp_path)
+    raw = _pipeline(tmp_path)
+    raw["steps"] = [{"id": "validate", "contract": CONTRACT}]
+    rep = Executor(parse_pipeline(raw), base_dir=tmp_path, progress=False).run()
+    assert rep.step("validate").rows_out == 1
+    (tmp_path / "contract.yaml").write_text("apiVersion: v3.0.0\nkind: DataContract\nid: x\n")
+    with pytest.raises(Exception, match="sluice contract import"):
+        Executor(parse_pipeline(_pipeline(tmp_path)), base_dir=tmp_path, progress=False).run()

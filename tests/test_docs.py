@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from sluice.config import parse_pipeline
+from sluice.quality.contract import load_contract, parse_contract
 from sluice.runtime.executor import Executor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,10 +20,13 @@ BLOCK = re.compile(r"```(yaml|python)\n(.*?)```", re.S)
 
 
 def _blocks(kind: str) -> list[tuple[str, str]]:
+    """Examples of one kind: "pipeline" and "contract" (YAML), or "python"."""
+    lang = "python" if kind == "python" else "yaml"
+    start = {"pipeline": "pipeline:", "contract": "name:", "python": ""}[kind]
     out = []
     for doc in DOCS:
         for i, m in enumerate(BLOCK.finditer(doc.read_text())):
-            if m.group(1) == kind and (kind == "python" or m.group(2).startswith("pipeline:")):
+            if m.group(1) == lang and m.group(2).startswith(start):
                 out.append((f"{doc.name}#{i}", m.group(2)))
     return out
 
@@ -38,10 +42,13 @@ def example_data(tmp_path: Path) -> Path:
 
 
 def test_docs_have_examples() -> None:
-    assert len(_blocks("yaml")) >= 3 and len(_blocks("python")) >= 1
+    assert len(_blocks("pipeline")) >= 4 and len(_blocks("python")) >= 1
+    assert len(_blocks("contract")) >= 1
 
 
-@pytest.mark.parametrize(("where", "text"), _blocks("yaml"), ids=[w for w, _ in _blocks("yaml")])
+@pytest.mark.parametrize(
+    ("where", "text"), _blocks("pipeline"), ids=[w for w, _ in _blocks("pipeline")]
+)
 def test_yaml_examples_run(where: str, text: str, example_data: Path) -> None:
     cfg = parse_pipeline(yaml.safe_load(text))
     rep = Executor(cfg, base_dir=example_data, progress=False).run()
@@ -59,3 +66,16 @@ def test_python_examples_run(where: str, text: str, example_data: Path) -> None:
         exec(compile(text, where, "exec"), {})
     finally:
         os.chdir(cwd)
+
+
+@pytest.mark.parametrize(
+    ("where", "text"), _blocks("contract"), ids=[w for w, _ in _blocks("contract")]
+)
+def test_contract_examples_are_valid(where: str, text: str) -> None:
+    contract = parse_contract(yaml.safe_load(text))
+    assert contract.fields, where
+
+
+def test_example_contract_is_valid() -> None:
+    contract = load_contract(ROOT / "examples/orders/contract.yaml")
+    assert contract.name == "orders"

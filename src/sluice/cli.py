@@ -31,6 +31,12 @@ err = Console(stderr=True, soft_wrap=True, width=_WIDTH)
 PipelineArg = Annotated[Path, typer.Argument(help="Pipeline YAML file.", show_default=False)]
 
 
+def _error(label: str, message: object) -> None:
+    """Print a labelled error; the message is shown as is (no markup inside it)."""
+    err.print(f"[red]{label}:[/red] ", end="")
+    err.print(str(message), markup=False, highlight=False)
+
+
 def summary_table(rep: RunReport) -> Table:
     """The per-step summary printed after a run."""
     t = Table(
@@ -76,6 +82,14 @@ def print_summary(rep: RunReport, report_path: Path) -> None:
         out.print(f"[red]{rep.dead_letters:,} dead letters[/red] ({reasons}) → {where}")
     else:
         out.print("no dead letters")
+    for step_id, q in rep.quality.items():
+        checks = [*q.get("checks", []), *q.get("gates", [])]
+        failing = [f"{c['check']}: {c['failed']:,} ({c['action']})" for c in checks if c["failed"]]
+        out.print(
+            f"contract {q.get('contract')} v{q.get('version')} at step '{step_id}': "
+            f"{len(checks)} checks"
+            + (f"; failures: {', '.join(failing)}" if failing else ", all passed")
+        )
     out.print(f"run report → {_rel(report_path)}")
 
 
@@ -100,7 +114,7 @@ def run(
     try:
         rep = ex.run()
     except SluiceError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        _error("error", exc)
         if not json:
             print_summary(ex.report, ex.report_path)
         raise typer.Exit(1) from None
@@ -164,7 +178,7 @@ def replay(
             cfg, dead_letters, base_dir=pipeline.parent, reasons=reason, progress=progress
         )
     except SluiceError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        _error("error", exc)
         raise typer.Exit(1) from None
     t = Table(title="replay", title_justify="left")
     for col in ("enters at", "records", "written", "filtered", "failed again"):
@@ -250,7 +264,7 @@ def check(
     else:
         print_quality(quality, rep)
         if failed_run:
-            err.print(f"[red]failed:[/red] {failed_run}", markup=False, highlight=False)
+            _error("failed", failed_run)
     if failed_run or rep.status != "succeeded":
         raise typer.Exit(1)
 
@@ -311,7 +325,7 @@ def contract_import(
     try:
         result = import_odcs(source)
     except SluiceError as exc:
-        err.print(f"[red]error:[/red] {exc}", markup=False, highlight=False)
+        _error("error", exc)
         raise typer.Exit(1) from None
     for i, c in enumerate(result.contracts):
         text = dump_contract(c)
@@ -340,7 +354,7 @@ def _load(path: Path) -> PipelineConfig:
             err.print(f"  - {e}", markup=False, highlight=False)
         raise typer.Exit(2) from None
     except SluiceError as exc:
-        err.print(f"[red]error:[/red] {exc}", markup=False, highlight=False)
+        _error("error", exc)
         raise typer.Exit(2) from None
 
 

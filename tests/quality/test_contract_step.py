@@ -156,3 +156,33 @@ def test_inline_contract_and_odcs_file_is_refused_with_the_fix(tmp_path: Path) -
     (tmp_path / "contract.yaml").write_text("apiVersion: v3.0.0\nkind: DataContract\nid: x\n")
     with pytest.raises(Exception, match="sluice contract import"):
         Executor(parse_pipeline(_pipeline(tmp_path)), base_dir=tmp_path, progress=False).run()
+
+
+def test_contract_import_cli_writes_a_contract_that_checks_data(tmp_path: Path) -> None:
+    shared = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "odcs" / "examples"
+    out = tmp_path / "c.yaml"
+    ok = runner.invoke(
+        app,
+        [
+            "contract",
+            "import",
+            str(shared / "quality" / "column-validity.odcs.yaml"),
+            "-o",
+            str(out),
+        ],
+    )
+    assert ok.exit_code == 0, ok.output
+    assert "not enforced:" in ok.output and "invalidValues" in ok.output
+    (tmp_path / "aq.csv").write_text("air_quality_status\ngood\nmoderate\ngood\n\n")
+    result = runner.invoke(app, ["check", str(tmp_path / "aq.csv"), "-c", str(out), "--json"])
+    checks = {c["check"]: c["failed"] for c in json.loads(result.stdout)["checks"]}
+    assert checks == {
+        "air_quality_status.type": 0,
+        "air_quality_status.required": 0,
+        "air_quality_status.unique": 1,
+    }
+    refused = runner.invoke(
+        app,
+        ["contract", "import", str(shared / "roles" / "service-and-operational-roles.odcs.yaml")],
+    )
+    assert refused.exit_code == 1 and "empty 'schema' list" in refused.output

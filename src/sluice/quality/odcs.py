@@ -240,7 +240,7 @@ class _Ctx:
             self.notes.append(f"{loc}: mustBeLessThan {op[1]} on a count -> max {op[1] - 1}")
         action = _action(rule, loc, self.notes)
         self.rules.append(SqlRule(sql=query, name=str(rule.get("name") or name), action=action,
-                                  **bounds))  # type: ignore[arg-type]
+                                  **bounds))
 
     def row_count(self, rule: dict[str, Any], loc: str) -> None:
         op = _operator(rule)
@@ -261,7 +261,7 @@ class _Ctx:
         sql = f"SELECT count(*) FROM input WHERE {cond}"
         action = _action(rule, loc, self.notes)
         self.rules.append(SqlRule(sql=sql, name=str(rule.get("name") or f"{col}.{metric}"),
-                                  action=action, **bounds))  # type: ignore[arg-type]
+                                  action=action, **bounds))
         self.notes.append(f"{loc}: {metric}{_describe(rule)} -> sql rule counting the rows")
         return True
 
@@ -318,7 +318,7 @@ class _Ctx:
                 if _is_number(x) and 0 <= x <= 100 and lo_ok:
                     pct = f"{_num(100 - float(x))}%"
                     self.rules.append(Completeness(completeness=pct, columns=[col],
-                                                   action=_action(rule, loc, self.notes)))  # type: ignore[arg-type]
+                                                   action=_action(rule, loc, self.notes)))
                     self.notes.append(f"{loc}: nullValues{_describe(rule)} -> completeness "
                                       f"{pct} of {col}")
                     return
@@ -360,10 +360,9 @@ class _Ctx:
                 cond = f"{q} IS NOT NULL AND NOT regexp_full_match({q}, {_sql_literal(pattern)})"
                 if self.count_sql(rule, loc, col, metric, cond):
                     return
-        elif metric == "duplicateValues":
-            if zero:
-                self.row_check(rule, loc, col, "unique", {"unique": True})
-                return
+        elif metric == "duplicateValues" and zero:
+            self.row_check(rule, loc, col, "unique", {"unique": True})
+            return
         self.unsupported.append(f"{loc}: metric {metric or raw!r}{_describe(rule)} is not "
                                 "enforced")
 
@@ -400,8 +399,8 @@ def _map_type(prop: dict[str, Any], loc: str, name: str, ctx: _Ctx) -> str | Non
     logical = str(prop.get("logicalType") or "").strip().lower()
     physical = str(prop.get("physicalType") or "").strip()
     phys = physical.lower()
-    opts = prop.get("logicalTypeOptions") if isinstance(prop.get("logicalTypeOptions"), dict) else {}
-    assert isinstance(opts, dict)
+    raw_opts = prop.get("logicalTypeOptions")
+    opts: dict[str, Any] = raw_opts if isinstance(raw_opts, dict) else {}
     if not logical:
         guess = {"string": "string", "varchar": "string", "text": "string", "boolean": "boolean",
                  "bool": "boolean", "date": "date", "timestamp": "timestamp", "double": "number",
@@ -623,6 +622,10 @@ def _import_object(obj: dict[str, Any], idx: int, doc_where: str, version: str) 
         if not name:
             ctx.unsupported.append(f"{loc}: property without a name; skipped")
             continue
+        if name in ctx.fields:
+            raise ConfigError(f"{doc_where}: {loc}: fields named more than once in "
+                              f"{ctx.obj_name!r}: {name!r}", field="schema",
+                              fix="give every property of an object its own name")
         spec: dict[str, Any] = {"name": name}
         ctx.fields[name] = spec
         ctx.meta_keys |= {k for k in prop if k in _META_PROPERTY}
@@ -693,7 +696,7 @@ def _load(source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
             raise ConfigError(f"cannot read ODCS contract {where!r}: {exc.strerror}",
                               field="contract", fix="check the path") from exc
     try:
-        raw = yaml.load(text, Loader=_DateAsStringLoader)  # noqa: S506 - a SafeLoader subclass
+        raw = yaml.load(text, Loader=_DateAsStringLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where} is not valid YAML: {exc}", field="contract") from exc
     if not isinstance(raw, dict):
@@ -745,7 +748,7 @@ def import_odcs(source: str | Path | dict[str, Any]) -> ImportResult:
             continue
         name = obj.get("name") or obj.get("physicalName")
         if not [p for p in obj.get("properties") or [] if isinstance(p, dict) and p.get("name")]:
-            refs = [a.get("url") for a in obj.get("authoritativeDefinitions") or []
+            refs = [str(a["url"]) for a in obj.get("authoritativeDefinitions") or []
                     if isinstance(a, dict) and a.get("url")]
             reason = (f"schema[{i}] {name!r} has no properties"
                       + (f" (its schema is defined elsewhere: {', '.join(refs)})" if refs else ""))

@@ -26,6 +26,7 @@ def _example(tmp_path: Path) -> Path:
     bad = gen.generate(5000, tmp_path / "data")
     assert bad["cast_error"] == 6
     shutil.copy(ROOT / "examples/orders/pipeline.yaml", tmp_path / "pipeline.yaml")
+    shutil.copy(ROOT / "examples/orders/contract.yaml", tmp_path / "contract.yaml")
     return tmp_path / "pipeline.yaml"
 
 
@@ -60,7 +61,7 @@ def test_validate_lists_every_problem_and_exits_2(tmp_path: Path) -> None:
     pipeline = _example(tmp_path)
     raw = yaml.safe_load(pipeline.read_text())
     raw["steps"][0]["cast"]["amount"] = "money"
-    raw["steps"][1]["from"] = "typos"
+    next(s for s in raw["steps"] if s["id"] == "paid")["from"] = "typos"
     raw["sinks"][0]["kind"] = "parket"
     pipeline.write_text(yaml.safe_dump(raw))
     result = runner.invoke(app, ["validate", str(pipeline)])
@@ -79,7 +80,7 @@ def test_validate_ok(tmp_path: Path) -> None:
 def test_run_failure_exits_1_and_names_the_step(tmp_path: Path) -> None:
     pipeline = _example(tmp_path)
     raw = yaml.safe_load(pipeline.read_text())
-    raw["steps"][1]["filter"] = "stauts = 'paid'"
+    next(s for s in raw["steps"] if s["id"] == "paid")["filter"] = "stauts = 'paid'"
     pipeline.write_text(yaml.safe_dump(raw))
     result = runner.invoke(app, ["run", str(pipeline), "--no-progress"])
     assert result.exit_code == 1

@@ -394,8 +394,9 @@ class Executor:
             rep.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
             for step, _ in self.steps:
                 quality = getattr(step, "quality_report", None)
-                if quality is not None:
-                    rep.quality[step.step_id] = quality()
+                result = quality() if quality is not None else None
+                if result:
+                    rep.quality[step.step_id] = result
             rep.dead_letters = self._dl_count
             rep.dead_letters_by_reason = dict(self._dl_reasons)
             if not self._dl_count:

@@ -46,14 +46,21 @@ def _counts(checker: ContractChecker) -> dict[str, int]:
     return {name: r.failed for name, r in checker.results.items()}
 
 
-def _run_batches(tmp_path: Path, table: pa.Table, size: int) -> dict[str, int]:
+def _run_batches(
+    tmp_path: Path, table: pa.Table, size: int, keys_in_memory: int = 10**9
+) -> dict[str, int]:
     checker = ContractChecker(parse_contract(CONTRACT), step_id="v")
+    for store in checker.seen.values():  # a small limit sends the unique keys to disk
+        store.max_in_memory = keys_in_memory
     checker.open(RunContext("p", "r", tmp_path))
-    for start in range(0, max(table.num_rows, 1), size):
-        part = table.slice(start, size)
-        if part.num_rows:
-            checker.check(with_positions(part, "mem", start))
-    return _counts(checker)
+    try:
+        for start in range(0, max(table.num_rows, 1), size):
+            part = table.slice(start, size)
+            if part.num_rows:
+                checker.check(with_positions(part, "mem", start))
+        return _counts(checker)
+    finally:
+        checker.close()
 
 
 rows = st.lists(
@@ -88,6 +95,7 @@ def test_counts_are_the_same_in_one_batch_and_in_many(
     )
     whole = _run_batches(tmp_path, table, max(1, table.num_rows))
     assert _run_batches(tmp_path, table, size) == whole
+    assert _run_batches(tmp_path, table, size, keys_in_memory=2) == whole  # spilled to disk
     # and the expected numbers, computed independently in plain Python
     ids = [r[0] for r in data]
     ints = [int(x) if x not in (None, "") and x.lstrip("-").isdigit() else None for x in ids]
@@ -275,3 +283,42 @@ def test_ten_column_checks_are_vectorized_no_python_call_per_row(tmp_path: Path)
 
     small, large = run(1_000), run(50_000)
     assert large <= small * 1.1 + 50, (small, large)
+
+
+def test_references_a_real_postgresql_table(pg_dsn: str, pg_schema: str) -> None:
+    import psycopg
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE TABLE "{pg_schema}".customers (id bigint PRIMARY KEY)')
+        conn.execute(f'INSERT INTO "{pg_schema}".customers SELECT generate_series(1, 100)')
+    contract = parse_contract(
+        {
+            "name": "t",
+            "schema": [
+                {
+                    "name": "cust",
+                    "type": "int",
+                    "references": {
+                        "dsn": pg_dsn,
+                        "table": f"{pg_schema}.customers",
+                        "column": "id",
+                    },
+                }
+            ],
+        }
+    )
+    table = pa.table({"cust": ["1", "50", "101", None, "100", "0"]})
+    assert evaluate(contract, table) == {"cust.type": 0, "cust.references": 2}
+    bad = parse_contract(
+        {
+            "name": "t",
+            "schema": [
+                {
+                    "name": "cust",
+                    "references": {"dsn": pg_dsn, "table": f"{pg_schema}.nope", "column": "id"},
+                }
+            ],
+        }
+    )
+    with pytest.raises(ContractFailure, match=r"reading reference table .*nope failed"):
+        evaluate(bad, table)

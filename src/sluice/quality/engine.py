@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import duckdb
-import numpy as np
 import polars as pl
 import pyarrow as pa
 
@@ -32,6 +31,7 @@ from sluice.quality.contract import (
     parse_duration,
     parse_percent,
 )
+from sluice.state.keys import SeenKeys
 from sluice.steps.columns import cast_expr, guess_format, polars_dtype
 from sluice.types import parse_type
 
@@ -98,7 +98,7 @@ class ContractChecker:
         self.fields = {f.name: f for f in contract.fields}
         self.targets = {f.name: polars_dtype(parse_type(f.type)) for f in contract.fields if f.type}
         self.formats: dict[str, str | None] = {}
-        self.seen: dict[str, set[Any]] = {f.name: set() for f in contract.fields if f.unique}
+        self.seen: dict[str, SeenKeys] = {f.name: SeenKeys() for f in contract.fields if f.unique}
         self.refs: dict[str, pl.Series] = {}
         self.results: dict[str, CheckResult] = {}
         self.rows = 0
@@ -360,14 +360,12 @@ class ContractChecker:
     def _unique_flags(self, df: pl.DataFrame) -> pl.DataFrame:
         """``__dup_<field>``: the value was seen earlier in this batch or in an earlier batch.
 
-        Exact: seen values are kept (not hashes); membership is one C-level pass per batch."""
+        Exact (values, not hashes); bounded memory: see :class:`sluice.state.keys.SeenKeys`."""
         cols = []
         for name, seen in self.seen.items():
             values = df[name].to_list()
             first = df.select(pl.col(name).is_first_distinct()).to_series().to_numpy()
-            before = np.fromiter(map(seen.__contains__, values), dtype=bool, count=len(values))
-            seen.update(values)
-            seen.discard(None)
+            before = seen.seen_before(values)
             dup = ~first | before
             dup &= df[name].is_not_null().to_numpy()
             cols.append(pl.Series(f"__dup_{name}", dup))
@@ -572,6 +570,8 @@ class ContractChecker:
         return out
 
     def close(self) -> None:
+        for store in self.seen.values():
+            store.close()
         if self._con is not None:
             self._con.close()
             self._con = None

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import polars as pl
 
 from sluice.batch import Frame
 from sluice.config.models import DeduplicateStep
 from sluice.plugins import StepResult
+from sluice.state.keys import SeenKeys
 from sluice.steps._base import BaseStep, check_columns, to_polars
 
 
 class Deduplicate(BaseStep):
     """Drop rows whose key was already seen in this run; dropped rows count as filtered.
 
-    Exact: the seen keys are held as values (not hashes) in a set, so memory grows with the
-    number of distinct keys (roughly 60-100 bytes per key). Within a batch Polars finds first
-    occurrences; the membership test against earlier batches is one C-level pass over the keys
-    (``map(set.__contains__, ...)``), measured in benchmarks/batch/README.md.
+    Exact: keys are compared as values, not hashes. Within a batch Polars finds first
+    occurrences; earlier batches are looked up in :class:`sluice.state.keys.SeenKeys` (a set in
+    memory, spilled to an indexed file on disk past 2M keys, so memory stays bounded).
     """
 
     config: DeduplicateStep
@@ -27,7 +26,7 @@ class Deduplicate(BaseStep):
     def __init__(self, config: DeduplicateStep) -> None:
         super().__init__(config)
         self.keys = list(config.deduplicate.key)
-        self.seen: set[Any] = set()
+        self.seen = SeenKeys()
 
     def process(self, table: Frame) -> StepResult:
         df = to_polars(table)
@@ -40,7 +39,9 @@ class Deduplicate(BaseStep):
             keys: list[Any] = cand[self.keys[0]].to_list()
         else:
             keys = list(zip(*(cand[k].to_list() for k in self.keys), strict=True))
-        fresh = ~np.fromiter(map(self.seen.__contains__, keys), dtype=bool, count=len(keys))
-        self.seen.update(keys)
+        fresh = ~self.seen.seen_before(keys)
         out = cand.filter(pl.Series(fresh))
         return StepResult(out, filtered=df.height - out.height)
+
+    def close(self) -> None:
+        self.seen.close()

@@ -14,7 +14,8 @@ Call contracts (the executor keeps them; implementations may rely on them):
     ``open(ctx)`` once; ``process(frame)`` for each batch in order — a ``pyarrow.Table`` or a
     ``polars.DataFrame`` (see :mod:`sluice.batch`: ``as_polars`` / ``as_arrow``), returning a
     :class:`StepResult` (with either kind of frame) whose counts satisfy
-    ``in = out + dead + filtered``; ``finish()`` once at end of input (may emit a last result);
+    ``in = out + dead + filtered + aggregated``; ``finish()`` once at end of input (may emit a
+    last result);
     ``close()`` exactly once.
 
 ``Sink``
@@ -69,6 +70,7 @@ class StepResult:
     table: Frame | None
     dead: pa.Table = field(default_factory=empty_dead_letters)
     filtered: int = 0
+    aggregated: int = 0  # rows folded into state (window aggregates); their results come later
 
 
 @runtime_checkable
@@ -130,6 +132,7 @@ _BUILTIN: dict[str, dict[str, str]] = {
         "deduplicate": "sluice.steps.dedupe:Deduplicate",
         "join": "sluice.steps.join:Join",
         "contract": "sluice.quality.step:ContractCheck",
+        "window": "sluice.steps.window:Window",
     },
 }
 _REGISTERED: dict[str, dict[str, Factory]] = {"source": {}, "sink": {}, "step": {}}

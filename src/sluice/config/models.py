@@ -160,6 +160,34 @@ class ContractStep(StepBase):
     )
 
 
+class WindowSpec(Model):
+    kind: Literal["tumbling", "sliding"] = "tumbling"
+    size: str | float = Field(description="Window length: '1m', '10s', '1 hour' (or seconds).")
+    slide: str | float | None = Field(
+        None, description="Sliding windows: start a window every this long (divides size)."
+    )
+    time: str = Field(description="Event-time column: timestamp, ISO text, or epoch numbers.")
+    time_unit: Literal["s", "ms", "us"] = Field("ms", description="Unit of numeric epoch times.")
+    key: str | list[str] | None = Field(None, description="Aggregate per key column(s).")
+    lateness: str | float = Field(
+        0,
+        description="Allowed lateness: a window closes when the watermark (newest event "
+        "time minus this) passes its end; later records become dead letters with reason late.",
+    )
+
+    def keys(self) -> list[str]:
+        return [] if self.key is None else [self.key] if isinstance(self.key, str) else self.key
+
+
+class WindowStep(StepBase):
+    window: WindowSpec
+    aggregate: dict[str, str] = Field(
+        min_length=1,
+        description="{name: 'count()' | 'sum(col)' | 'min(col)' | 'max(col)' | 'mean(col)' | "
+        "'first(col)' | 'last(col)' | 'count_distinct(col)'}",
+    )
+
+
 class JoinOptions(Model):
     reference: SourceConfig = Field(description="A file source read once, held in memory.")
     key: list[str] = Field(min_length=1, description="Key columns present on both sides.")
@@ -183,6 +211,7 @@ STEP_KEYS = (
     "deduplicate",
     "join",
     "contract",
+    "window",
 )
 
 
@@ -201,7 +230,8 @@ StepConfig = Annotated[
     | Annotated[SqlStep, Tag("sql")]
     | Annotated[DeduplicateStep, Tag("deduplicate")]
     | Annotated[JoinStep, Tag("join")]
-    | Annotated[ContractStep, Tag("contract")],
+    | Annotated[ContractStep, Tag("contract")]
+    | Annotated[WindowStep, Tag("window")],
     Discriminator(
         _step_tag,
         custom_error_type="step_kind",

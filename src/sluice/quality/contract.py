@@ -44,6 +44,7 @@ from pydantic import (
 )
 
 from sluice.errors import ConfigError
+from sluice.time.durations import parse_duration
 from sluice.types import parse_type
 
 Action = Literal["dead_letter", "drop", "warn", "fail"]
@@ -59,35 +60,6 @@ RowCheck = Literal[
     "unique",
     "references",
 ]
-
-_DURATION = re.compile(
-    r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|second|m|min|minute|h|hour|d|day)s?\s*$", re.I
-)
-_UNIT_SECONDS = {
-    "s": 1,
-    "sec": 1,
-    "second": 1,
-    "m": 60,
-    "min": 60,
-    "minute": 60,
-    "h": 3600,
-    "hour": 3600,
-    "d": 86400,
-    "day": 86400,
-}
-
-
-def parse_duration(text: str | int | float) -> float:
-    """'1 hour', '30s', '15 min', '2 days' -> seconds."""
-    if isinstance(text, (int, float)):
-        return float(text)
-    m = _DURATION.match(text)
-    if not m:
-        raise ValueError(
-            f"cannot read duration {text!r}; write e.g. '30s', '15 min', '1 hour', '2 days'"
-        )
-    return float(m.group(1)) * _UNIT_SECONDS[m.group(2).lower()]
-
 
 def parse_percent(text: str | int | float) -> float:
     """'99%' -> 0.99, 0.99 -> 0.99, 99 -> 0.99."""

@@ -28,11 +28,11 @@ from sluice.quality.contract import (
     RowCheck,
     RowCount,
     SqlRule,
-    parse_duration,
     parse_percent,
 )
 from sluice.state.keys import SeenKeys
 from sluice.steps.columns import cast_expr, guess_format, polars_dtype
+from sluice.time.durations import parse_duration
 from sluice.types import parse_type
 
 _SEVERITY = {"fail": 3, "dead_letter": 2, "drop": 1, "warn": 0}

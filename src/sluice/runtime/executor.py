@@ -235,7 +235,12 @@ class Executor:
             out = res.table
             n_out = frame_rows(out) if out is not None else 0
             self.stats[step.step_id].add(
-                frame_rows(table), n_out, res.dead.num_rows, res.filtered, time.perf_counter() - t0
+                frame_rows(table),
+                n_out,
+                res.dead.num_rows,
+                res.filtered,
+                time.perf_counter() - t0,
+                res.aggregated,
             )
             self._dead(res.dead)
             outputs[step.step_id] = out

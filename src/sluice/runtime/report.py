@@ -10,10 +10,11 @@ from typing import Any
 
 @dataclass
 class StepStats:
-    """Counts for one node. For every node: ``in + created == out + dead + filtered``.
+    """Counts for one node. For every node: ``in + created == out + dead + filtered + aggregated``.
 
-    ``created`` is non-zero only for steps that may add rows (SQL with UNNEST, for example);
-    ``filtered`` counts rows removed on purpose (filter, deduplicate, SQL WHERE).
+    ``created`` is non-zero only for steps that make rows (SQL with UNNEST, window results);
+    ``filtered`` counts rows removed on purpose (filter, deduplicate, SQL WHERE);
+    ``aggregated`` counts rows folded into window aggregates.
     """
 
     step_id: str
@@ -22,22 +23,35 @@ class StepStats:
     rows_out: int = 0
     dead: int = 0
     filtered: int = 0
+    aggregated: int = 0
     created: int = 0
     seconds: float = 0.0
     batches: int = 0
 
-    def add(self, rows_in: int, rows_out: int, dead: int, filtered: int, seconds: float) -> None:
+    def add(
+        self,
+        rows_in: int,
+        rows_out: int,
+        dead: int,
+        filtered: int,
+        seconds: float,
+        aggregated: int = 0,
+    ) -> None:
         self.rows_in += rows_in
         self.rows_out += rows_out
         self.dead += dead
         self.filtered += filtered
-        self.created += max(0, rows_out + dead + filtered - rows_in)
+        self.aggregated += aggregated
+        self.created += max(0, rows_out + dead + filtered + aggregated - rows_in)
         self.seconds += seconds
         self.batches += 1
 
     @property
     def balanced(self) -> bool:
-        return self.rows_in + self.created == self.rows_out + self.dead + self.filtered
+        return (
+            self.rows_in + self.created
+            == self.rows_out + self.dead + self.filtered + self.aggregated
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

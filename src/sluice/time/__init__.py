@@ -1,0 +1,1 @@
+"""Event time: durations, window assignment."""

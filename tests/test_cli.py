@@ -45,8 +45,11 @@ def test_run_prints_summary_and_writes_outputs(tmp_path: Path) -> None:
     written = report["steps"][-1]["rows_out"]
     parts = list((tmp_path / "out" / "orders").rglob("*.parquet"))
     assert sum(pq.ParquetFile(p).metadata.num_rows for p in parts) == written > 0
-    letters = [json.loads(x) for f in (tmp_path / "dead_letters").glob("*.jsonl")
-               for x in f.read_text().splitlines()]
+    letters = [
+        json.loads(x)
+        for f in (tmp_path / "dead_letters").glob("*.jsonl")
+        for x in f.read_text().splitlines()
+    ]
     assert len(letters) == 10 and all(d["run_id"] == report["run_id"] for d in letters)
 
 

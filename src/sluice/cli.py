@@ -110,11 +110,20 @@ def run(
 ) -> None:
     """Run a pipeline to the end of its input and print a per-step summary."""
     cfg = _load(pipeline)
-    ex = Executor(cfg, base_dir=pipeline.parent, progress=progress, report_path=report)
+    try:
+        ex = Executor(cfg, base_dir=pipeline.parent, progress=progress, report_path=report)
+    except SluiceError as exc:  # a setting only checked when the step is built
+        _error("error", exc)
+        raise typer.Exit(2) from None
     try:
         rep = ex.run()
     except SluiceError as exc:
         _error("error", exc)
+        if not json:
+            print_summary(ex.report, ex.report_path)
+        raise typer.Exit(1) from None
+    except Exception as exc:  # a bug or an unexpected library error: still a clean exit
+        _error("unexpected error", f"{type(exc).__name__}: {exc} (please report it)")
         if not json:
             print_summary(ex.report, ex.report_path)
         raise typer.Exit(1) from None
@@ -234,22 +243,32 @@ def check(
             "jsonl|parquet|xml"
         )
         raise typer.Exit(2)
-    cfg = parse_pipeline(
-        {
-            "pipeline": "check",
-            "source": {"kind": source_kind, "path": str(Path(data).absolute())}
-            | ({"infer_types": False} if source_kind == "csv" else {}),
-            "steps": [{"id": "contract", "contract": str(contract.absolute())}],
-            "dead_letter": {"kind": "jsonl", "path": "dead_letters/check"},
-        }
-    )
-    ex = Executor(cfg, progress=progress, report_path=None)
+    import tempfile
+
+    raw = {
+        "pipeline": "check",
+        "source": {"kind": source_kind, "path": str(Path(data).absolute())}
+        | ({"infer_types": False} if source_kind == "csv" else {}),
+        "steps": [{"id": "contract", "contract": str(contract.absolute())}],
+        "dead_letter": {"kind": "jsonl", "path": "dead_letters/check"},
+    }
     failed_run: str | None = None
-    try:
-        rep = ex.run()
-    except SluiceError as exc:
-        failed_run = str(exc)
-        rep = ex.report
+    with tempfile.TemporaryDirectory(prefix="sluice-check-") as tmp:
+        try:
+            ex = Executor(
+                parse_pipeline(raw), progress=progress, report_path=Path(tmp) / "report.json"
+            )
+        except SluiceError as exc:
+            _error("error", exc)
+            raise typer.Exit(2) from None
+        try:
+            rep = ex.run()
+        except SluiceError as exc:
+            failed_run = str(exc)
+            rep = ex.report
+        except Exception as exc:
+            failed_run = f"unexpected error: {type(exc).__name__}: {exc}"
+            rep = ex.report
     quality = rep.quality.get("contract", {})
     if json:
         out.print_json(

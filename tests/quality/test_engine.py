@@ -322,3 +322,47 @@ def test_references_a_real_postgresql_table(pg_dsn: str, pg_schema: str) -> None
     )
     with pytest.raises(ContractFailure, match=r"reading reference table .*nope failed"):
         evaluate(bad, table)
+
+
+def test_unique_ignores_keys_of_rows_rejected_by_other_checks() -> None:
+    c = parse_contract(
+        {
+            "name": "t",
+            "schema": [{"name": "k", "unique": True}, {"name": "v", "type": "int", "min": 0}],
+        }
+    )
+    for batches in ([["k1", "k1"]], [["k1"], ["k1"]]):  # one batch or two: same answer
+        checker = ContractChecker(c)
+        values = iter(["-5", "7"])  # the first k1 row is invalid, the second is valid
+        kept = []
+        for keys in batches:
+            t = pa.table({"k": keys, "v": [next(values) for _ in keys]})
+            kept += checker.check(with_positions(t, "mem", 0)).table["v"].to_list()
+        assert kept == [7], batches
+        assert checker.results["k.unique"].failed == 0
+
+
+def test_contract_sql_cannot_touch_files(tmp_path: Path) -> None:
+    from sluice.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="one SELECT statement"):
+        parse_contract(
+            {
+                "name": "t",
+                "schema": [{"name": "a"}],
+                "quality": [
+                    {"sql": "COPY (SELECT * FROM input) TO 'x.csv'; SELECT 1", "must_be": 0}
+                ],
+            }
+        )
+    target = tmp_path / "secret.txt"
+    target.write_text("42")
+    c = parse_contract(
+        {
+            "name": "t",
+            "schema": [{"name": "a"}],
+            "quality": [{"sql": f"SELECT count(*) FROM read_text('{target}')", "must_be": 0}],
+        }
+    )
+    with pytest.raises(ContractFailure, match="quality sql failed"):
+        evaluate(c, pa.table({"a": ["x"]}))

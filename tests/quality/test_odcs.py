@@ -119,8 +119,7 @@ def test_example_drops_nothing_silently(path: Path) -> None:
     everything = "\n".join(lines)
 
     def mentioned(loc: str) -> bool:
-        return any(line.startswith(loc) or f"{loc}:" in line or f"{loc} " in line
-                   for line in lines)
+        return any(line.startswith(loc) or f"{loc}:" in line or f"{loc} " in line for line in lines)
 
     for i, obj in enumerate(raw["schema"]):
         if not obj.get("properties"):
@@ -143,9 +142,14 @@ def test_example_drops_nothing_silently(path: Path) -> None:
                 handled = mentioned(f"{loc}.logicalTypeOptions.{key}") or mentioned(
                     f"{loc}.logicalTypeOptions ("
                 )
-                mapped = {"minLength": spec.min_length, "maxLength": spec.max_length,
-                          "minimum": spec.min, "maximum": spec.max, "timezone": spec.type,
-                          "enum": spec.enum}.get(key)
+                mapped = {
+                    "minLength": spec.min_length,
+                    "maxLength": spec.max_length,
+                    "minimum": spec.min,
+                    "maximum": spec.max,
+                    "timezone": spec.type,
+                    "enum": spec.enum,
+                }.get(key)
                 assert handled or mapped is not None, f"{loc}.logicalTypeOptions.{key}"
             if prop.get("logicalType") in ("object", "array"):
                 assert spec.type is None
@@ -185,8 +189,10 @@ def test_full_example_mapping() -> None:
     assert r["id"].required and r["id"].unique  # ODCS says unique: true explicitly
     assert r["country_code"].required and not r["country_code"].unique
     assert any("composite primary key (id, country_code)" in u for u in result.unsupported)
-    assert any(u.startswith("servers, slaProperties, roles, team, price, support: documentation "
-                            "only") for u in result.unsupported)
+    assert any(
+        u.startswith("servers, slaProperties, roles, team, price, support: documentation only")
+        for u in result.unsupported
+    )
 
 
 def test_column_validity_percent_is_reported() -> None:
@@ -209,8 +215,12 @@ def test_all_data_types_mapping() -> None:
     path = EXAMPLES_DIR / "data-types" / "all-data-types.odcs.yaml"
     (contract,) = import_odcs(path).contracts
     f = {x.name: x for x in contract.fields}
-    assert (f["account_id"].type, f["account_id"].min_length, f["account_id"].max_length,
-            f["account_id"].pattern) == ("string", 11, 11, "ACC[0-9]{8}")
+    assert (
+        f["account_id"].type,
+        f["account_id"].min_length,
+        f["account_id"].max_length,
+        f["account_id"].pattern,
+    ) == ("string", 11, 11, "ACC[0-9]{8}")
     assert (f["txn_ref_date"].min, f["txn_ref_date"].max) == ("2020-01-02", "2021-01-01")
     assert (f["txn_timestamp"].type, f["txn_timestamp"].min) == ("timestamp", "2020-01-01T00:00:00")
     assert f["txn_timestamp_tz"].type == "timestamptz"
@@ -226,13 +236,21 @@ def test_all_data_types_mapping() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def odcs(*props: dict[str, Any], quality: list[dict[str, Any]] | None = None,
-         **top: Any) -> dict[str, Any]:
+def odcs(
+    *props: dict[str, Any], quality: list[dict[str, Any]] | None = None, **top: Any
+) -> dict[str, Any]:
     obj: dict[str, Any] = {"name": "orders", "properties": list(props)}
     if quality is not None:
         obj["quality"] = quality
-    return {"apiVersion": "v3.1.0", "kind": "DataContract", "id": "x", "version": "2.0.0",
-            "status": "active", "schema": [obj], **top}
+    return {
+        "apiVersion": "v3.1.0",
+        "kind": "DataContract",
+        "id": "x",
+        "version": "2.0.0",
+        "status": "active",
+        "schema": [obj],
+        **top,
+    }
 
 
 def one(*props: dict[str, Any], **kw: Any) -> tuple[Contract, ImportResult]:
@@ -271,8 +289,9 @@ def field(*props: dict[str, Any], **kw: Any) -> tuple[FieldSpec, ImportResult]:
         ("array", "list", {}, None),
     ],
 )
-def test_type_mapping(logical: str | None, physical: str, options: dict[str, Any],
-                      expected: str | None) -> None:
+def test_type_mapping(
+    logical: str | None, physical: str, options: dict[str, Any], expected: str | None
+) -> None:
     prop: dict[str, Any] = {"name": "c", "physicalType": physical}
     if logical:
         prop["logicalType"] = logical
@@ -314,17 +333,33 @@ def test_composite_primary_key_is_required_not_unique_and_reported() -> None:
 
 def test_numeric_and_date_bounds() -> None:
     contract, result = one(
-        {"name": "n", "logicalType": "number", "logicalTypeOptions": {"minimum": 0,
-                                                                      "maximum": 9.5}},
-        {"name": "i", "logicalType": "integer",
-         "logicalTypeOptions": {"exclusiveMinimum": 0, "exclusiveMaximum": 10}},
+        {
+            "name": "n",
+            "logicalType": "number",
+            "logicalTypeOptions": {"minimum": 0, "maximum": 9.5},
+        },
+        {
+            "name": "i",
+            "logicalType": "integer",
+            "logicalTypeOptions": {"exclusiveMinimum": 0, "exclusiveMaximum": 10},
+        },
         {"name": "x", "logicalType": "number", "logicalTypeOptions": {"exclusiveMinimum": 0}},
-        {"name": "d", "logicalType": "date",
-         "logicalTypeOptions": {"exclusiveMinimum": "2024-02-28", "exclusiveMaximum":
-                                "2024-03-01"}},
-        {"name": "t", "logicalType": "timestamp",
-         "logicalTypeOptions": {"minimum": "2024-01-01 10:00:00", "exclusiveMaximum":
-                                "2025-01-01 00:00:00"}},
+        {
+            "name": "d",
+            "logicalType": "date",
+            "logicalTypeOptions": {
+                "exclusiveMinimum": "2024-02-28",
+                "exclusiveMaximum": "2024-03-01",
+            },
+        },
+        {
+            "name": "t",
+            "logicalType": "timestamp",
+            "logicalTypeOptions": {
+                "minimum": "2024-01-01 10:00:00",
+                "exclusiveMaximum": "2025-01-01 00:00:00",
+            },
+        },
     )
     n, i, x, d, t = contract.fields
     assert (n.min, n.max) == (0, 9.5)
@@ -333,20 +368,29 @@ def test_numeric_and_date_bounds() -> None:
     assert (d.min, d.max) == ("2024-02-29", "2024-02-29")
     assert (t.min, t.max) == ("2024-01-01T10:00:00", None)
     assert "schema[0].properties[2].logicalTypeOptions.exclusiveMinimum = 0 is not enforced" in (
-        result.unsupported)
-    assert any(u.startswith("schema[0].properties[4].logicalTypeOptions.exclusiveMaximum")
-               for u in result.unsupported)
+        result.unsupported
+    )
+    assert any(
+        u.startswith("schema[0].properties[4].logicalTypeOptions.exclusiveMaximum")
+        for u in result.unsupported
+    )
 
 
 def test_string_options_and_formats() -> None:
     contract, result = one(
-        {"name": "s", "logicalType": "string",
-         "logicalTypeOptions": {"minLength": 2, "maxLength": 5, "pattern": "[A-Z]+"}},
+        {
+            "name": "s",
+            "logicalType": "string",
+            "logicalTypeOptions": {"minLength": 2, "maxLength": 5, "pattern": "[A-Z]+"},
+        },
         {"name": "email", "logicalType": "string", "logicalTypeOptions": {"format": "email"}},
         {"name": "host", "logicalType": "string", "logicalTypeOptions": {"format": "hostname"}},
         {"name": "code", "logicalType": "string", "physicalType": "varchar(3)"},
-        {"name": "status", "logicalType": "string",
-         "logicalTypeOptions": {"enum": ["paid", "refunded"]}},
+        {
+            "name": "status",
+            "logicalType": "string",
+            "logicalTypeOptions": {"enum": ["paid", "refunded"]},
+        },
     )
     s, email, host, code, status = contract.fields
     assert (s.min_length, s.max_length, s.pattern) == (2, 5, "[A-Z]+")
@@ -354,7 +398,8 @@ def test_string_options_and_formats() -> None:
     assert not re.fullmatch(email.pattern, "not an email")
     assert host.pattern is None
     assert "schema[0].properties[2].logicalTypeOptions.format 'hostname' is not enforced" in (
-        result.unsupported)
+        result.unsupported
+    )
     assert code.max_length == 3
     assert status.enum == ["paid", "refunded"]
     assert any("whole value to match" in n for n in result.notes)
@@ -382,12 +427,19 @@ def test_pii_rule(extra: dict[str, Any], pii: bool) -> None:
 
 def test_null_and_duplicate_rules_become_field_checks() -> None:
     contract, result = one(
-        {"name": "a", "logicalType": "string",
-         "quality": [{"type": "library", "metric": "nullValues", "mustBe": 0,
-                      "severity": "error"},
-                     {"metric": "duplicateValues", "mustBe": 0, "unit": "percent"}]},
-        {"name": "b", "logicalType": "string",
-         "quality": [{"metric": "nullValues", "mustBe": 0, "severity": "warning"}]},
+        {
+            "name": "a",
+            "logicalType": "string",
+            "quality": [
+                {"type": "library", "metric": "nullValues", "mustBe": 0, "severity": "error"},
+                {"metric": "duplicateValues", "mustBe": 0, "unit": "percent"},
+            ],
+        },
+        {
+            "name": "b",
+            "logicalType": "string",
+            "quality": [{"metric": "nullValues", "mustBe": 0, "severity": "warning"}],
+        },
     )
     a, b = contract.fields
     assert (a.required, a.unique, a.actions) == (True, True, {})
@@ -398,34 +450,76 @@ def test_null_and_duplicate_rules_become_field_checks() -> None:
 
 
 def test_null_percent_becomes_completeness() -> None:
-    contract, _ = one({"name": "email", "logicalType": "string", "quality": [
-        {"metric": "nullValues", "mustBeLessOrEqualTo": 5, "unit": "percent",
-         "severity": "warning"}]})
-    assert contract.quality == [Completeness(completeness="95%", columns=["email"],
-                                             action="warn")]
+    contract, _ = one(
+        {
+            "name": "email",
+            "logicalType": "string",
+            "quality": [
+                {
+                    "metric": "nullValues",
+                    "mustBeLessOrEqualTo": 5,
+                    "unit": "percent",
+                    "severity": "warning",
+                }
+            ],
+        }
+    )
+    assert contract.quality == [Completeness(completeness="95%", columns=["email"], action="warn")]
     assert not contract.fields[0].required
 
 
 def test_row_counts_become_counting_sql() -> None:
-    contract, _ = one({"name": "email", "logicalType": "string", "quality": [
-        {"metric": "nullValues", "mustBeLessOrEqualTo": 3, "unit": "rows"},
-        {"metric": "invalidValues", "mustBeLessThan": 10,
-         "arguments": {"validValues": ["a", "it's"]}},
-        {"metric": "missingValues", "mustBe": 0, "arguments": {"missingValues": [None, "", "n/a"]}},
-    ]})
+    contract, _ = one(
+        {
+            "name": "email",
+            "logicalType": "string",
+            "quality": [
+                {"metric": "nullValues", "mustBeLessOrEqualTo": 3, "unit": "rows"},
+                {
+                    "metric": "invalidValues",
+                    "mustBeLessThan": 10,
+                    "arguments": {"validValues": ["a", "it's"]},
+                },
+                {
+                    "metric": "missingValues",
+                    "mustBe": 0,
+                    "arguments": {"missingValues": [None, "", "n/a"]},
+                },
+            ],
+        }
+    )
     assert contract.quality == [
-        SqlRule(sql='SELECT count(*) FROM input WHERE "email" IS NULL', max=3,
-                name="email.nullValues"),
-        SqlRule(sql='SELECT count(*) FROM input WHERE "email" IS NOT NULL AND "email" NOT IN '
-                    "('a', 'it''s')", max=9, name="email.invalidValues"),
-        SqlRule(sql='SELECT count(*) FROM input WHERE "email" IS NULL OR "email" IN (\'\', '
-                    "'n/a')", must_be=0, name="email.missingValues"),
+        SqlRule(
+            sql='SELECT count(*) FROM input WHERE "email" IS NULL', max=3, name="email.nullValues"
+        ),
+        SqlRule(
+            sql='SELECT count(*) FROM input WHERE "email" IS NOT NULL AND "email" NOT IN '
+            "('a', 'it''s')",
+            max=9,
+            name="email.invalidValues",
+        ),
+        SqlRule(
+            sql="SELECT count(*) FROM input WHERE \"email\" IS NULL OR \"email\" IN ('', 'n/a')",
+            must_be=0,
+            name="email.missingValues",
+        ),
     ]
 
 
 def test_valid_values_become_enum() -> None:
-    spec, result = field({"name": "status", "logicalType": "string", "quality": [
-        {"metric": "invalidValues", "mustBe": 0, "arguments": {"validValues": ["paid", "new"]}}]})
+    spec, result = field(
+        {
+            "name": "status",
+            "logicalType": "string",
+            "quality": [
+                {
+                    "metric": "invalidValues",
+                    "mustBe": 0,
+                    "arguments": {"validValues": ["paid", "new"]},
+                }
+            ],
+        }
+    )
     assert spec.enum == ["paid", "new"]
     assert any("nulls are not checked by enum" in n for n in result.notes)
 
@@ -442,34 +536,72 @@ def test_valid_values_become_enum() -> None:
     ],
 )
 def test_row_count_operators(rule: dict[str, Any], bounds: dict[str, int]) -> None:
-    contract, _ = one({"name": "a", "logicalType": "string"},
-                      quality=[{"type": "library", "metric": "rowCount", **rule}])
+    contract, _ = one(
+        {"name": "a", "logicalType": "string"},
+        quality=[{"type": "library", "metric": "rowCount", **rule}],
+    )
     assert contract.quality == [RowCount.model_validate({"row_count": bounds})]
 
 
 def test_sql_placeholders_and_severity() -> None:
     contract, result = one(
-        {"name": "amount", "logicalType": "number", "quality": [
-            {"type": "sql", "query": "SELECT count(*) FROM ${object} WHERE ${property} < 0",
-             "mustBe": 0, "severity": "error"},
-            {"type": "sql", "query": "SELECT count(*) FROM {object} WHERE {property} > 1e6",
-             "mustBeLessOrEqualTo": 10, "severity": "warning"},
-            {"type": "sql", "query": "SELECT count(*) FROM {object}", "mustBeLessThan": 5,
-             "severity": "info", "name": "few"},
-            {"type": "sql", "query": "SELECT avg(amount) FROM {object}",
-             "mustBeGreaterThan": 5},
-        ]},
-        quality=[{"type": "sql", "query": "SELECT count(*) FROM orders o JOIN orders p ON 1=0",
-                  "mustBe": 0}],
+        {
+            "name": "amount",
+            "logicalType": "number",
+            "quality": [
+                {
+                    "type": "sql",
+                    "query": "SELECT count(*) FROM ${object} WHERE ${property} < 0",
+                    "mustBe": 0,
+                    "severity": "error",
+                },
+                {
+                    "type": "sql",
+                    "query": "SELECT count(*) FROM {object} WHERE {property} > 1e6",
+                    "mustBeLessOrEqualTo": 10,
+                    "severity": "warning",
+                },
+                {
+                    "type": "sql",
+                    "query": "SELECT count(*) FROM {object}",
+                    "mustBeLessThan": 5,
+                    "severity": "info",
+                    "name": "few",
+                },
+                {
+                    "type": "sql",
+                    "query": "SELECT avg(amount) FROM {object}",
+                    "mustBeGreaterThan": 5,
+                },
+            ],
+        },
+        quality=[
+            {
+                "type": "sql",
+                "query": "SELECT count(*) FROM orders o JOIN orders p ON 1=0",
+                "mustBe": 0,
+            }
+        ],
     )
     assert contract.quality == [
-        SqlRule(sql='SELECT count(*) FROM input WHERE "amount" < 0', must_be=0,
-                name="amount.quality[0]", action="fail"),
-        SqlRule(sql='SELECT count(*) FROM input WHERE "amount" > 1e6', max=10,
-                name="amount.quality[1]", action="warn"),
+        SqlRule(
+            sql='SELECT count(*) FROM input WHERE "amount" < 0',
+            must_be=0,
+            name="amount.quality[0]",
+            action="fail",
+        ),
+        SqlRule(
+            sql='SELECT count(*) FROM input WHERE "amount" > 1e6',
+            max=10,
+            name="amount.quality[1]",
+            action="warn",
+        ),
         SqlRule(sql="SELECT count(*) FROM input", max=4, name="few", action="warn"),
-        SqlRule(sql="SELECT count(*) FROM input o JOIN input p ON 1=0", must_be=0,
-                name="orders.quality[0]"),
+        SqlRule(
+            sql="SELECT count(*) FROM input o JOIN input p ON 1=0",
+            must_be=0,
+            name="orders.quality[0]",
+        ),
     ]
     assert result.unsupported == [
         "schema[0].properties[0].quality[3]: sql rule mustBeGreaterThan 5 is not enforced "
@@ -479,16 +611,26 @@ def test_sql_placeholders_and_severity() -> None:
 
 def test_unsupported_rules_are_listed_not_dropped() -> None:
     contract, result = one(
-        {"name": "a", "logicalType": "string", "quality": [
-            {"type": "text", "description": "must be nice"},
-            {"type": "custom", "engine": "soda", "implementation": "x"},
-            {"metric": "invalidValues", "mustBeLessOrEqualTo": 5, "unit": "percent",
-             "arguments": {"validValues": ["x"]}},
-            {"metric": "nullValues", "mustBeGreaterThan": 1},
-            {"metric": "fancyMetric", "mustBe": 0},
-        ], "relationships": [{"to": "customers.id", "type": "foreignKey"}]},
+        {
+            "name": "a",
+            "logicalType": "string",
+            "quality": [
+                {"type": "text", "description": "must be nice"},
+                {"type": "custom", "engine": "soda", "implementation": "x"},
+                {
+                    "metric": "invalidValues",
+                    "mustBeLessOrEqualTo": 5,
+                    "unit": "percent",
+                    "arguments": {"validValues": ["x"]},
+                },
+                {"metric": "nullValues", "mustBeGreaterThan": 1},
+                {"metric": "fancyMetric", "mustBe": 0},
+            ],
+            "relationships": [{"to": "customers.id", "type": "foreignKey"}],
+        },
         quality=[{"metric": "nullValues", "mustBe": 0}],
-        servers=[{"server": "pg", "type": "postgres"}], price={"priceAmount": 1},
+        servers=[{"server": "pg", "type": "postgres"}],
+        price={"priceAmount": 1},
         slaProperties=[{"property": "latency", "value": 4, "unit": "d"}],
     )
     assert contract.quality == [] and not contract.fields[0].required
@@ -513,8 +655,10 @@ def test_unsupported_rules_are_listed_not_dropped() -> None:
     [
         ({"apiVersion": "v3.1.0", "kind": "DataContract"}, "has no 'schema' section"),
         ({"apiVersion": "v3.1.0", "kind": "DataContract", "schema": []}, "empty 'schema' list"),
-        ({"apiVersion": "v3.1.0", "kind": "DataContract", "schema": [{"name": "t"}]},
-         "schema[0] 't' has no properties"),
+        (
+            {"apiVersion": "v3.1.0", "kind": "DataContract", "schema": [{"name": "t"}]},
+            "schema[0] 't' has no properties",
+        ),
         ({"apiVersion": "v2.2.0", "kind": "DataContract", "dataset": []}, "apiVersion 'v2.2.0'"),
         ({"apiVersion": "v3.1.0", "kind": "Pipeline"}, "kind 'Pipeline'"),
         (odcs({"name": "a"}, {"name": "a"}), "fields named more than once"),
@@ -552,21 +696,37 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_dump_contract_round_trips_every_construct() -> None:
-    contract = parse_contract({
-        "name": "orders", "version": "3.2.1", "description": "d", "schema_policy": "freeze",
-        "schema": [
-            {"name": "id", "type": "string", "required": True, "unique": True, "pattern": "A\\d+",
-             "min_length": 2, "max_length": 9, "pii": True, "actions": {"required": "warn"}},
-            {"name": "amount", "type": "decimal(12,2)", "min": 0, "max": 10.5},
-            {"name": "day", "type": "date", "min": "2020-01-01", "enum": ["2020-01-02"]},
-            {"name": "ok", "type": "bool", "action": "drop"},
-        ],
-        "quality": [{"freshness": "1 hour", "column": "day"},
-                    {"completeness": "99%", "columns": ["id"], "action": "warn"},
-                    {"row_count": {"min": 1}},
-                    {"sql": "SELECT 1", "must_be": 1, "name": "one"}],
-        "samples": 3,
-    })
+    contract = parse_contract(
+        {
+            "name": "orders",
+            "version": "3.2.1",
+            "description": "d",
+            "schema_policy": "freeze",
+            "schema": [
+                {
+                    "name": "id",
+                    "type": "string",
+                    "required": True,
+                    "unique": True,
+                    "pattern": "A\\d+",
+                    "min_length": 2,
+                    "max_length": 9,
+                    "pii": True,
+                    "actions": {"required": "warn"},
+                },
+                {"name": "amount", "type": "decimal(12,2)", "min": 0, "max": 10.5},
+                {"name": "day", "type": "date", "min": "2020-01-01", "enum": ["2020-01-02"]},
+                {"name": "ok", "type": "bool", "action": "drop"},
+            ],
+            "quality": [
+                {"freshness": "1 hour", "column": "day"},
+                {"completeness": "99%", "columns": ["id"], "action": "warn"},
+                {"row_count": {"min": 1}},
+                {"sql": "SELECT 1", "must_be": 1, "name": "one"},
+            ],
+            "samples": 3,
+        }
+    )
     text = dump_contract(contract)
     assert parse_contract(yaml.safe_load(text)) == contract
     assert text.startswith("name: orders\nversion: 3.2.1\n")
@@ -593,9 +753,11 @@ def _charset(items: list[tuple[Any, Any]]) -> list[str]:
         elif name == "RANGE":
             chars += [chr(c) for c in range(av[0], av[1] + 1)]
         elif name == "CATEGORY":
-            chars += {"CATEGORY_DIGIT": list(string.digits),
-                      "CATEGORY_WORD": list(_ALNUM + "_"),
-                      "CATEGORY_SPACE": [" "]}.get(str(av), [])
+            chars += {
+                "CATEGORY_DIGIT": list(string.digits),
+                "CATEGORY_WORD": list(_ALNUM + "_"),
+                "CATEGORY_SPACE": [" "],
+            }.get(str(av), [])
         else:
             raise ValueError(name)
     if negate:
@@ -683,41 +845,63 @@ def _column(f: FieldSpec, n: int, examples: Sequence[Any], skipped: set[str]) ->
         assert not f.unique or n <= len(f.enum), f.name
         return pa.array([f.enum[i % len(f.enum)] for i in range(n)]).cast(typ)
     if pa.types.is_integer(typ):
-        lo = math.ceil(float(f.min)) if f.min is not None else (
-            math.floor(float(f.max)) - n + 1 if f.max is not None else 1)
+        lo = (
+            math.ceil(float(f.min))
+            if f.min is not None
+            else (math.floor(float(f.max)) - n + 1 if f.max is not None else 1)
+        )
         hi = math.floor(float(f.max)) if f.max is not None else lo + n - 1
         assert not f.unique or hi - lo + 1 >= n, f.name
         return pa.array(lo + idx % (hi - lo + 1), type=typ)
     if pa.types.is_floating(typ) or pa.types.is_decimal(typ):
-        lo_f = float(f.min) if f.min is not None else (float(f.max) - n if f.max is not None
-                                                       else 1.0)
+        lo_f = (
+            float(f.min) if f.min is not None else (float(f.max) - n if f.max is not None else 1.0)
+        )
         hi_f = float(f.max) if f.max is not None else lo_f + n
         if pa.types.is_decimal(typ):
-            hi_f = min(hi_f, 10.0 ** (typ.precision - typ.scale) - 10.0 ** -typ.scale)
+            hi_f = min(hi_f, 10.0 ** (typ.precision - typ.scale) - 10.0**-typ.scale)
             step = Decimal(1).scaleb(-typ.scale)
-            values = [max(Decimal(str(lo_f)), min(Decimal(str(hi_f)), Decimal(
-                str(lo_f + (hi_f - lo_f) * i / n)).quantize(step))) for i in range(n)]
+            values = [
+                max(
+                    Decimal(str(lo_f)),
+                    min(
+                        Decimal(str(hi_f)),
+                        Decimal(str(lo_f + (hi_f - lo_f) * i / n)).quantize(step),
+                    ),
+                )
+                for i in range(n)
+            ]
             return pa.array(values, type=typ)
         return pa.array(lo_f + (hi_f - lo_f) * idx / n, type=typ)
     if pa.types.is_boolean(typ):
         return pa.array(idx % 2 == 0)
     if pa.types.is_date(typ):
         epoch = date(1970, 1, 1)
-        lo_d = date.fromisoformat(str(f.min)) if f.min is not None else (
-            date.fromisoformat(str(f.max)) - timedelta(days=n) if f.max is not None
-            else date(2020, 1, 1))
+        lo_d = (
+            date.fromisoformat(str(f.min))
+            if f.min is not None
+            else (
+                date.fromisoformat(str(f.max)) - timedelta(days=n)
+                if f.max is not None
+                else date(2020, 1, 1)
+            )
+        )
         hi_d = date.fromisoformat(str(f.max)) if f.max is not None else lo_d + timedelta(days=n)
         span = (hi_d - lo_d).days + 1
         assert not f.unique or span >= n, f.name
         return pa.array(((lo_d - epoch).days + idx % span).astype(np.int32), type=pa.date32())
     if pa.types.is_timestamp(typ):
+
         def micros(v: Any) -> int:
             t = datetime.fromisoformat(str(v))
             t = t.astimezone(UTC) if t.tzinfo else t.replace(tzinfo=UTC)
             return int(t.timestamp()) * 1_000_000 + t.microsecond
 
-        lo_t = micros(f.min) if f.min is not None else (
-            micros(f.max) - n * 60_000_000 if f.max is not None else micros("2020-01-01"))
+        lo_t = (
+            micros(f.min)
+            if f.min is not None
+            else (micros(f.max) - n * 60_000_000 if f.max is not None else micros("2020-01-01"))
+        )
         hi_t = micros(f.max) if f.max is not None else lo_t + n * 60_000_000
         span = (hi_t - lo_t) // 60_000_000 + 1
         return pa.array(lo_t + (idx % span) * 60_000_000, type=typ)
@@ -727,9 +911,13 @@ def _column(f: FieldSpec, n: int, examples: Sequence[Any], skipped: set[str]) ->
     return pa.array(values, type=pa.string())
 
 
-def matching_table(contract: Contract, n: int = 50, *,
-                   examples: Mapping[str, Sequence[Any]] | None = None,
-                   skipped: set[str] | None = None) -> pa.Table:
+def matching_table(
+    contract: Contract,
+    n: int = 50,
+    *,
+    examples: Mapping[str, Sequence[Any]] | None = None,
+    skipped: set[str] | None = None,
+) -> pa.Table:
     """A table of ``n`` rows (more or fewer when a row_count rule says so) whose values satisfy
     every FieldSpec: type, required (no nulls), unique, min/max, lengths, enum and pattern.
     Patterns are generated for simple regular expressions; otherwise values come from
@@ -743,8 +931,9 @@ def matching_table(contract: Contract, n: int = 50, *,
                 n = min(n, rule.row_count.max)
     skipped = set() if skipped is None else skipped
     examples = examples or {}
-    return pa.table({f.name: _column(f, n, examples.get(f.name, ()), skipped)
-                     for f in contract.fields})
+    return pa.table(
+        {f.name: _column(f, n, examples.get(f.name, ()), skipped) for f in contract.fields}
+    )
 
 
 def _examples(raw: dict[str, Any], name: str) -> dict[str, list[Any]]:
@@ -764,17 +953,37 @@ def test_matching_table_satisfies_a_rich_contract() -> None:
     from sluice.quality.engine import evaluate
 
     contract, _ = one(
-        {"name": "id", "logicalType": "string", "primaryKey": True,
-         "logicalTypeOptions": {"pattern": "ORD-[0-9]{4}"}},
-        {"name": "amount", "logicalType": "number", "physicalType": "decimal(12,2)",
-         "logicalTypeOptions": {"minimum": 0, "maximum": 100}},
-        {"name": "age", "logicalType": "integer", "logicalTypeOptions": {"minimum": 18,
-                                                                         "exclusiveMaximum": 100}},
-        {"name": "status", "logicalType": "string", "quality": [
-            {"metric": "invalidValues", "mustBe": 0, "arguments": {"validValues": ["a", "b"]}}]},
+        {
+            "name": "id",
+            "logicalType": "string",
+            "primaryKey": True,
+            "logicalTypeOptions": {"pattern": "ORD-[0-9]{4}"},
+        },
+        {
+            "name": "amount",
+            "logicalType": "number",
+            "physicalType": "decimal(12,2)",
+            "logicalTypeOptions": {"minimum": 0, "maximum": 100},
+        },
+        {
+            "name": "age",
+            "logicalType": "integer",
+            "logicalTypeOptions": {"minimum": 18, "exclusiveMaximum": 100},
+        },
+        {
+            "name": "status",
+            "logicalType": "string",
+            "quality": [
+                {"metric": "invalidValues", "mustBe": 0, "arguments": {"validValues": ["a", "b"]}}
+            ],
+        },
         {"name": "code", "logicalType": "string", "physicalType": "varchar(2)", "unique": True},
-        {"name": "day", "logicalType": "date", "required": True,
-         "logicalTypeOptions": {"minimum": "2024-01-01", "maximum": "2024-12-31"}},
+        {
+            "name": "day",
+            "logicalType": "date",
+            "required": True,
+            "logicalTypeOptions": {"minimum": "2024-01-01", "maximum": "2024-12-31"},
+        },
         {"name": "ts", "logicalType": "timestamp", "logicalTypeOptions": {"timezone": True}},
         quality=[{"metric": "rowCount", "mustBeGreaterThan": 60}],
     )

@@ -233,13 +233,61 @@ def test_backpressure_bounds_what_the_reader_runs_ahead(tmp_path: Path) -> None:
 
 
 def test_a_source_that_cannot_open_reports_its_own_error(tmp_path: Path) -> None:
-    cfg = parse_pipeline({
-        "pipeline": "t",
-        "source": {"kind": "csv", "path": "missing/*.csv"},
-        "sinks": [{"id": "out", "kind": "parquet", "path": "out"}],
-        "settings": {"report_dir": str(tmp_path / "runs")},
-    })
+    cfg = parse_pipeline(
+        {
+            "pipeline": "t",
+            "source": {"kind": "csv", "path": "missing/*.csv"},
+            "sinks": [{"id": "out", "kind": "parquet", "path": "out"}],
+            "settings": {"report_dir": str(tmp_path / "runs")},
+        }
+    )
     with pytest.raises(sluice.SourceError, match=r"step 'source'.*missing/\*\.csv"):
         Executor(cfg, base_dir=tmp_path, progress=False).run()
     report = json.loads(next((tmp_path / "runs").glob("*.json")).read_text())
     assert report["status"] == "failed" and "missing" in report["error"]
+
+
+class _BrokenSink(MemorySink):
+    def write(self, table: pa.Table) -> pa.Table:
+        raise OSError("disk full")
+
+
+class _SlowSource(_CountingSource):
+    def read(self) -> Iterator[Chunk]:
+        for i in range(50):
+            time.sleep(0.02)  # the reader is the bottleneck: the main thread waits on it
+            yield Chunk(table=with_positions(pa.table({"i": [i]}), "slow", i))
+
+
+def test_a_failing_sink_stops_the_run_instead_of_hanging(tmp_path: Path) -> None:
+    ex = Executor(
+        _cfg(tmp_path, [], batch_rows=1),
+        base_dir=tmp_path,
+        progress=False,
+        source=_SlowSource(),
+        sinks={"out": _BrokenSink("out")},
+    )
+    result: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            ex.run()
+        except BaseException as exc:
+            result.append(exc)
+
+    th = threading.Thread(target=target)
+    th.start()
+    th.join(20)
+    assert not th.is_alive(), "the run hung"
+    assert result and isinstance(result[0], OSError) and "disk full" in str(result[0])
+
+
+def test_a_step_that_duplicates_rows_shows_as_unbalanced() -> None:
+    from sluice.runtime.report import StepStats
+
+    s = StepStats("dup", "custom")
+    s.add(10, 20, 0, 0, 0.0, may_create=False)
+    assert not s.balanced
+    s2 = StepStats("sql", "sql")
+    s2.add(10, 20, 0, 0, 0.0, may_create=True)
+    assert s2.balanced and s2.created == 10

@@ -141,3 +141,16 @@ def test_cast_guesses_the_timestamp_format_but_accepts_other_formats() -> None:
     got = as_arrow(later.table).column("ts").to_pylist()
     assert [t.day for t in got] == [3, 4]
     assert [d["payload"] for d in later.dead.to_pylist()] == ['{"ts":"garbage"}']
+
+
+def test_dedupe_keeps_null_keys_whatever_the_batching() -> None:
+    for sizes in ([4], [2, 2], [1, 1, 1, 1]):
+        step = Deduplicate(DeduplicateStep(id="u", deduplicate={"key": ["k"]}))
+        kept = 0
+        values: list[str | None] = [None, None, "a", "a"]
+        start = 0
+        for n in sizes:
+            kept += as_arrow(step.process(batch(k=values[start : start + n])).table).num_rows
+            start += n
+        step.close()
+        assert kept == 3, sizes  # both nulls and the first "a"

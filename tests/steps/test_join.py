@@ -57,3 +57,10 @@ def test_bad_reference_rows_become_dead_letters_of_the_join(tmp_path: Path) -> N
     res = step.process(batch())
     assert [d["reason"] for d in res.dead.to_pylist()] == ["column_count"]
     assert all(d["step_id"] == "j" for d in res.dead.to_pylist())
+
+
+def test_reference_dead_letters_come_out_even_without_input(tmp_path: Path) -> None:
+    step = _join(tmp_path, "k,name\n1,one\n2,two,extra\n")
+    res = step.finish()
+    assert res is not None and [d["reason"] for d in res.dead.to_pylist()] == ["column_count"]
+    assert step.finish() is None

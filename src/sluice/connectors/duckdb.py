@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any
 
 import pyarrow as pa
@@ -122,6 +124,8 @@ class DuckdbWriter:
         return dead
 
     def _insert(self, data: pa.Table) -> None:
+        import duckdb
+
         con = self._con
         con.register(_VIEW, data)
         try:
@@ -131,7 +135,8 @@ class DuckdbWriter:
             if data.num_rows:
                 self._exec(con, f"INSERT INTO {self._qualified} BY NAME SELECT * FROM {_VIEW}")
         finally:
-            con.unregister(_VIEW)
+            with contextlib.suppress(duckdb.Error):  # keep the real error visible
+                con.unregister(_VIEW)
 
     def commit(self) -> None:
         import duckdb

@@ -61,6 +61,7 @@ RowCheck = Literal[
     "references",
 ]
 
+
 def parse_percent(text: str | int | float) -> float:
     """'99%' -> 0.99, 0.99 -> 0.99, 99 -> 0.99."""
     if isinstance(text, str):
@@ -179,6 +180,15 @@ class SqlRule(_Model):
 
     sql: str
     must_be: float | None = None
+
+    @field_validator("sql")
+    @classmethod
+    def _one_select(cls, v: str) -> str:
+        body = v.strip().rstrip(";").strip()
+        if ";" in body or not body.lower().startswith(("select", "with")):
+            raise ValueError("a quality sql rule must be one SELECT statement (no ';')")
+        return v
+
     max: float | None = None
     name: str | None = None
     action: Literal["fail", "warn"] = "fail"

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import duckdb
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
@@ -357,17 +358,20 @@ class ContractChecker:
             return pl.lit(parsed.date() if dtype == pl.Date else parsed)
         return pl.lit(value)
 
-    def _unique_flags(self, df: pl.DataFrame) -> pl.DataFrame:
-        """``__dup_<field>``: the value was seen earlier in this batch or in an earlier batch.
-
-        Exact (values, not hashes); bounded memory: see :class:`sluice.state.keys.SeenKeys`."""
+    def _unique_flags(self, df: pl.DataFrame, eligible: np.ndarray) -> pl.DataFrame:
+        """``__dup_<field>``: the value was seen earlier in this batch or in an earlier batch,
+        among the rows the other checks keep (``eligible``): a key of a rejected row is not
+        remembered, so a later valid row with that key still passes. Only eligible keys are
+        stored. Exact (values, not hashes); bounded memory: see :class:`SeenKeys`."""
         cols = []
+        idx = np.flatnonzero(eligible)
         for name, seen in self.seen.items():
-            values = df[name].to_list()
-            first = df.select(pl.col(name).is_first_distinct()).to_series().to_numpy()
-            before = seen.seen_before(values)
-            dup = ~first | before
-            dup &= df[name].is_not_null().to_numpy()
+            dup = np.zeros(df.height, dtype=bool)
+            if idx.size:
+                sub = df[name].gather(idx)
+                first = sub.is_first_distinct().to_numpy()
+                before = seen.seen_before(sub.to_list())
+                dup[idx] = (~first | before) & sub.is_not_null().to_numpy()
             cols.append(pl.Series(f"__dup_{name}", dup))
         return df.with_columns(cols) if cols else df
 
@@ -376,14 +380,29 @@ class ContractChecker:
         assert isinstance(df, pl.DataFrame)
         df = self._schema(df)
         df, type_flags = self._cast(df)
-        df = self._unique_flags(df)
+        df = df.with_columns(pl.lit(False).alias(f"__dup_{name}") for name in self.seen)
         checks = self._row_checks(df, type_flags)
         n = df.height
         self._dataset_counters(df)
         if not checks or n == 0:
             return BatchOutcome(self._clean(df), empty_dead_letters(), 0)
         vcols = [f"__v{i}" for i in range(len(checks))]
-        df = df.with_columns(ck.violated.alias(v) for ck, v in zip(checks, vcols, strict=True))
+        # all checks but `unique` first: uniqueness is decided among the rows they keep
+        others = [(ck, v) for ck, v in zip(checks, vcols, strict=True) if ck.check != "unique"]
+        df = df.with_columns(ck.violated.alias(v) for ck, v in others)
+        rejecting = [v for ck, v in others if ck.action != "warn"]
+        if self.seen:
+            eligible = (
+                df.select(~pl.any_horizontal(rejecting)).to_series().to_numpy()
+                if rejecting
+                else np.ones(n, dtype=bool)
+            )
+            df = self._unique_flags(df, eligible)
+        df = df.with_columns(
+            ck.violated.alias(v)
+            for ck, v in zip(checks, vcols, strict=True)
+            if ck.check == "unique"
+        )
         counts = df.select(pl.col(v).sum() for v in vcols).row(0)
         for ck, v, failed in zip(checks, vcols, counts, strict=True):
             res = self.results[ck.name]
@@ -491,7 +510,10 @@ class ContractChecker:
         sql_rules = [(i, r) for i, r in enumerate(self.contract.quality) if isinstance(r, SqlRule)]
         if sql_rules and df.height:
             if self._con is None:
+                # contract SQL may come from a third party (ODCS import): no files, no network
                 self._con = duckdb.connect(":memory:")
+                self._con.execute("SET enable_external_access = false")
+                self._con.execute("SET lock_configuration = true")
             self._con.register("input", self._clean(df).to_arrow())
             try:
                 for i, rule in sql_rules:

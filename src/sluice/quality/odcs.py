@@ -70,48 +70,151 @@ _DateAsStringLoader.yaml_implicit_resolvers = {
 }
 
 # Top-level sections that describe operations, not data: reported as not enforced.
-_DOC_SECTIONS = ("servers", "slaProperties", "slaDefaultElement", "roles", "team", "stakeholders",
-                 "price", "support")
+_DOC_SECTIONS = (
+    "servers",
+    "slaProperties",
+    "slaDefaultElement",
+    "roles",
+    "team",
+    "stakeholders",
+    "price",
+    "support",
+)
 # Descriptive metadata with no effect on checks: mentioned in the notes.
-_META_TOP = {"apiVersion", "kind", "id", "version", "status", "name", "domain", "dataProduct",
-             "tenant", "description", "tags", "contractCreatedTs", "authoritativeDefinitions",
-             "customProperties", "schema"}
-_META_OBJECT = {"id", "name", "physicalName", "physicalType", "businessName", "description",
-                "authoritativeDefinitions", "tags", "dataGranularityDescription",
-                "customProperties", "logicalType", "properties", "quality", "relationships"}
-_META_PROPERTY = {"id", "businessName", "authoritativeDefinitions", "tags", "partitioned",
-                  "partitionKeyPosition", "primaryKeyPosition", "criticalDataElement",
-                  "transformSourceObjects", "transformLogic", "transformDescription", "examples",
-                  "encryptedName", "customProperties", "physicalName", "classification"}
-_HANDLED_PROPERTY = {"name", "logicalType", "physicalType", "logicalTypeOptions", "required",
-                     "unique", "primaryKey", "description", "quality", "relationships", "items",
-                     "properties"}
+_META_TOP = {
+    "apiVersion",
+    "kind",
+    "id",
+    "version",
+    "status",
+    "name",
+    "domain",
+    "dataProduct",
+    "tenant",
+    "description",
+    "tags",
+    "contractCreatedTs",
+    "authoritativeDefinitions",
+    "customProperties",
+    "schema",
+}
+_META_OBJECT = {
+    "id",
+    "name",
+    "physicalName",
+    "physicalType",
+    "businessName",
+    "description",
+    "authoritativeDefinitions",
+    "tags",
+    "dataGranularityDescription",
+    "customProperties",
+    "logicalType",
+    "properties",
+    "quality",
+    "relationships",
+}
+_META_PROPERTY = {
+    "id",
+    "businessName",
+    "authoritativeDefinitions",
+    "tags",
+    "partitioned",
+    "partitionKeyPosition",
+    "primaryKeyPosition",
+    "criticalDataElement",
+    "transformSourceObjects",
+    "transformLogic",
+    "transformDescription",
+    "examples",
+    "encryptedName",
+    "customProperties",
+    "physicalName",
+    "classification",
+}
+_HANDLED_PROPERTY = {
+    "name",
+    "logicalType",
+    "physicalType",
+    "logicalTypeOptions",
+    "required",
+    "unique",
+    "primaryKey",
+    "description",
+    "quality",
+    "relationships",
+    "items",
+    "properties",
+}
 
 PII_CLASSIFICATIONS = frozenset({"restricted", "confidential", "pii", "sensitive"})
 PII_TAGS = frozenset({"pii", "sensitive"})
-PII_RULE = ("a field is marked pii when its classification is one of "
-            f"{sorted(PII_CLASSIFICATIONS)}, when it is tagged {sorted(PII_TAGS)}, or when it has "
-            "a custom property pii: true")
+PII_RULE = (
+    "a field is marked pii when its classification is one of "
+    f"{sorted(PII_CLASSIFICATIONS)}, when it is tagged {sorted(PII_TAGS)}, or when it has "
+    "a custom property pii: true"
+)
 
-_INT_PHYSICAL = {"int", "integer", "int2", "int4", "int8", "smallint", "bigint", "serial",
-                 "smallserial", "bigserial", "serial2", "serial4", "serial8", "tinyint", "long",
-                 "short", "byte", "int16", "int32", "int64", "mediumint"}
-_INT_FORMAT = {"i8": "int8", "i16": "int16", "i32": "int32", "i64": "int64", "u32": "uint32",
-               "u64": "uint64"}
+_INT_PHYSICAL = {
+    "int",
+    "integer",
+    "int2",
+    "int4",
+    "int8",
+    "smallint",
+    "bigint",
+    "serial",
+    "smallserial",
+    "bigserial",
+    "serial2",
+    "serial4",
+    "serial8",
+    "tinyint",
+    "long",
+    "short",
+    "byte",
+    "int16",
+    "int32",
+    "int64",
+    "mediumint",
+}
+_INT_FORMAT = {
+    "i8": "int8",
+    "i16": "int16",
+    "i32": "int32",
+    "i64": "int64",
+    "u32": "uint32",
+    "u64": "uint64",
+}
 _FLOAT_FORMAT = {"f32": "float32", "f64": "double"}
 _DECIMAL = re.compile(r"^(?:decimal|numeric|number)\s*\(\s*(\d+)\s*(?:,\s*(\d+)\s*)?\)$", re.I)
-_VARCHAR = re.compile(r"^(?:varchar|character varying|nvarchar|char|character|nchar|bpchar|string)"
-                      r"\s*[\(\[]\s*(\d+)\s*[\)\]]$", re.I)
+_VARCHAR = re.compile(
+    r"^(?:varchar|character varying|nvarchar|char|character|nchar|bpchar|string)"
+    r"\s*[\(\[]\s*(\d+)\s*[\)\]]$",
+    re.I,
+)
 _COUNT_QUERY = re.compile(r"^\s*select\s+count\s*\(", re.I)
 _FORMAT_PATTERNS = {
     "email": r"[^@\s]+@[^@\s]+\.[^@\s]+",
     "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
 }
-_OPERATORS = ("mustBe", "mustNotBe", "mustBeGreaterThan", "mustBeGreaterOrEqualTo",
-              "mustBeLessThan", "mustBeLessOrEqualTo", "mustBeBetween", "mustNotBeBetween")
+_OPERATORS = (
+    "mustBe",
+    "mustNotBe",
+    "mustBeGreaterThan",
+    "mustBeGreaterOrEqualTo",
+    "mustBeLessThan",
+    "mustBeLessOrEqualTo",
+    "mustBeBetween",
+    "mustNotBeBetween",
+)
 # ODCS v3.0 used ``rule`` with other names for some of the library metrics.
-_METRIC_ALIASES = {"nullCheck": "nullValues", "duplicateCount": "duplicateValues",
-                   "validValues": "invalidValues", "rowCount": "rowCount"}
+_METRIC_ALIASES = {
+    "nullCheck": "nullValues",
+    "duplicateCount": "duplicateValues",
+    "validValues": "invalidValues",
+    "rowCount": "rowCount",
+}
 
 
 def _num(v: float) -> int | float:
@@ -139,8 +242,10 @@ def _action(rule: dict[str, Any], loc: str, notes: list[str]) -> str:
     if sev in ("warning", "warn", "info"):
         return "warn"
     if sev not in ("error", "critical", "fatal"):
-        notes.append(f"{loc}: severity {rule.get('severity')!r} is not one of error/warning/info; "
-                     "treated as error (action: fail)")
+        notes.append(
+            f"{loc}: severity {rule.get('severity')!r} is not one of error/warning/info; "
+            "treated as error (action: fail)"
+        )
     return "fail"
 
 
@@ -175,9 +280,13 @@ def _row_bounds(op: str, v: Any) -> dict[str, int] | None:
     if not (_is_number(v) and float(v).is_integer()):
         return None
     n = int(v)
-    bounds = {"mustBe": {"min": n, "max": n}, "mustBeGreaterThan": {"min": n + 1},
-              "mustBeGreaterOrEqualTo": {"min": n}, "mustBeLessThan": {"max": n - 1},
-              "mustBeLessOrEqualTo": {"max": n}}.get(op)
+    bounds = {
+        "mustBe": {"min": n, "max": n},
+        "mustBeGreaterThan": {"min": n + 1},
+        "mustBeGreaterOrEqualTo": {"min": n},
+        "mustBeLessThan": {"max": n - 1},
+        "mustBeLessOrEqualTo": {"max": n},
+    }.get(op)
     if bounds is None or bounds.get("max", 0) < 0:
         return None
     return {k: max(b, 0) for k, b in bounds.items()}
@@ -216,31 +325,38 @@ class _Ctx:
             for ph in ("${property}", "${column}", "{property}", "{column}"):
                 query = query.replace(ph, _quote_ident(col))
         elif re.search(r"\$?\{(property|column)\}", query):
-            self.unsupported.append(f"{loc}: sql rule uses a property placeholder at object level; "
-                                    "not enforced")
+            self.unsupported.append(
+                f"{loc}: sql rule uses a property placeholder at object level; not enforced"
+            )
             return
         names = {str(n) for n in (self.obj.get("name"), self.obj.get("physicalName")) if n}
         for n in sorted(names, key=len, reverse=True):
             rx = re.compile(r"(?i)\b(from|join)\s+(\"?)" + re.escape(n) + r"\2(?![\w.])")
             if rx.search(query):
                 query = rx.sub(lambda m: f"{m.group(1)} input", query)
-                self.notes.append(f"{loc}: table {n!r} in the query replaced by 'input' (the batch "
-                                  "being checked)")
+                self.notes.append(
+                    f"{loc}: table {n!r} in the query replaced by 'input' (the batch being checked)"
+                )
         op = _operator(rule)
         count = bool(_COUNT_QUERY.match(query))
         bounds = _count_bounds(*op, count=count) if op else None
         if bounds is None:
-            self.unsupported.append(f"{loc}: sql rule{_describe(rule)} is not enforced (Sluice "
-                                    "compares a query result with must_be or max only)")
+            self.unsupported.append(
+                f"{loc}: sql rule{_describe(rule)} is not enforced (Sluice "
+                "compares a query result with must_be or max only)"
+            )
             return
         if not count:
-            self.notes.append(f"{loc}: Sluice sums the query result over batches; exact for "
-                              "counts, check this query")
+            self.notes.append(
+                f"{loc}: Sluice sums the query result over batches; exact for "
+                "counts, check this query"
+            )
         if op and op[0] == "mustBeLessThan":
             self.notes.append(f"{loc}: mustBeLessThan {op[1]} on a count -> max {op[1] - 1}")
         action = _action(rule, loc, self.notes)
-        self.rules.append(SqlRule(sql=query, name=str(rule.get("name") or name), action=action,
-                                  **bounds))
+        self.rules.append(
+            SqlRule(sql=query, name=str(rule.get("name") or name), action=action, **bounds)
+        )
 
     def row_count(self, rule: dict[str, Any], loc: str) -> None:
         op = _operator(rule)
@@ -260,21 +376,27 @@ class _Ctx:
             return False
         sql = f"SELECT count(*) FROM input WHERE {cond}"
         action = _action(rule, loc, self.notes)
-        self.rules.append(SqlRule(sql=sql, name=str(rule.get("name") or f"{col}.{metric}"),
-                                  action=action, **bounds))
+        self.rules.append(
+            SqlRule(
+                sql=sql, name=str(rule.get("name") or f"{col}.{metric}"), action=action, **bounds
+            )
+        )
         self.notes.append(f"{loc}: {metric}{_describe(rule)} -> sql rule counting the rows")
         return True
 
-    def row_check(self, rule: dict[str, Any], loc: str, col: str, check: str,
-                  update: dict[str, Any]) -> None:
+    def row_check(
+        self, rule: dict[str, Any], loc: str, col: str, check: str, update: dict[str, Any]
+    ) -> None:
         """Set a field check from a quality rule; severity warning/info -> that check warns."""
         spec = self.fields[col]
         already = all(spec.get(k) == v for k, v in update.items())
         spec.update(update)
         if _action(rule, loc, self.notes) == "warn":
             if already:
-                self.notes.append(f"{loc}: severity {rule.get('severity')} ignored: the property "
-                                  f"already declares {check} (kept strict)")
+                self.notes.append(
+                    f"{loc}: severity {rule.get('severity')} ignored: the property "
+                    f"already declares {check} (kept strict)"
+                )
             else:
                 spec.setdefault("actions", {})[check] = "warn"
         self.notes.append(f"{loc}: {rule_name(rule)}{_describe(rule)} -> {col}.{check}")
@@ -293,8 +415,9 @@ class _Ctx:
         op = _operator(rule)
         unit = str(rule.get("unit", "rows")).lower()
         zero = op is not None and op[0] == "mustBe" and _is_number(op[1]) and op[1] == 0
-        zero = zero or (op is not None and op[0] == "mustBeLessThan" and op[1] == 1
-                        and unit in ("rows", "row"))
+        zero = zero or (
+            op is not None and op[0] == "mustBeLessThan" and op[1] == 1 and unit in ("rows", "row")
+        )
         if metric == "rowCount":
             self.row_count(rule, loc)
             return
@@ -303,24 +426,32 @@ class _Ctx:
             if isinstance(props, list) and len(props) == 1 and props[0] in self.fields:
                 col = str(props[0])
         if col is None:
-            self.unsupported.append(f"{loc}: object-level metric {metric!r}{_describe(rule)} is "
-                                    "not enforced")
+            self.unsupported.append(
+                f"{loc}: object-level metric {metric!r}{_describe(rule)} is not enforced"
+            )
             return
         q = _quote_ident(col)
         if metric == "nullValues":
             if zero:
                 self.row_check(rule, loc, col, "required", {"required": True})
                 return
-            if unit in ("percent", "%") and op and op[0] in ("mustBeLessOrEqualTo",
-                                                             "mustBeBetween"):
+            if (
+                unit in ("percent", "%")
+                and op
+                and op[0] in ("mustBeLessOrEqualTo", "mustBeBetween")
+            ):
                 x = op[1][1] if op[0] == "mustBeBetween" else op[1]
                 lo_ok = op[0] != "mustBeBetween" or op[1][0] <= 0
                 if _is_number(x) and 0 <= x <= 100 and lo_ok:
                     pct = f"{_num(100 - float(x))}%"
-                    self.rules.append(Completeness(completeness=pct, columns=[col],
-                                                   action=_action(rule, loc, self.notes)))
-                    self.notes.append(f"{loc}: nullValues{_describe(rule)} -> completeness "
-                                      f"{pct} of {col}")
+                    self.rules.append(
+                        Completeness(
+                            completeness=pct, columns=[col], action=_action(rule, loc, self.notes)
+                        )
+                    )
+                    self.notes.append(
+                        f"{loc}: nullValues{_describe(rule)} -> completeness {pct} of {col}"
+                    )
                     return
             if self.count_sql(rule, loc, col, metric, f"{q} IS NULL"):
                 return
@@ -346,8 +477,10 @@ class _Ctx:
                 if zero and non_null:
                     self.row_check(rule, loc, col, "enum", {"enum": non_null})
                     if None not in valid:
-                        self.notes.append(f"{loc}: nulls are not checked by enum; add "
-                                          "required: true if nulls are invalid")
+                        self.notes.append(
+                            f"{loc}: nulls are not checked by enum; add "
+                            "required: true if nulls are invalid"
+                        )
                     return
                 cond = f"{q} IS NOT NULL AND {q} NOT IN ({', '.join(map(_sql_literal, non_null))})"
                 if non_null and self.count_sql(rule, loc, col, metric, cond):
@@ -363,8 +496,7 @@ class _Ctx:
         elif metric == "duplicateValues" and zero:
             self.row_check(rule, loc, col, "unique", {"unique": True})
             return
-        self.unsupported.append(f"{loc}: metric {metric or raw!r}{_describe(rule)} is not "
-                                "enforced")
+        self.unsupported.append(f"{loc}: metric {metric or raw!r}{_describe(rule)} is not enforced")
 
     def quality(self, rules: Any, loc: str, col: str | None) -> None:
         if not isinstance(rules, list):
@@ -381,12 +513,14 @@ class _Ctx:
             elif kind == "sql":
                 self.sql_rule(rule, rloc, col, f"{col or self.obj_name}.quality[{k}]")
             elif kind == "custom":
-                self.unsupported.append(f"{rloc}: custom rule for engine "
-                                        f"{rule.get('engine')!r} is not enforced")
+                self.unsupported.append(
+                    f"{rloc}: custom rule for engine {rule.get('engine')!r} is not enforced"
+                )
             elif kind == "text":
-                self.unsupported.append(f"{rloc}: text rule is documentation only, not enforced"
-                                        + (f" ({rule['description']})" if rule.get("description")
-                                           else ""))
+                self.unsupported.append(
+                    f"{rloc}: text rule is documentation only, not enforced"
+                    + (f" ({rule['description']})" if rule.get("description") else "")
+                )
             else:
                 self.unsupported.append(f"{rloc}: quality rule type {kind!r} is not enforced")
 
@@ -402,9 +536,18 @@ def _map_type(prop: dict[str, Any], loc: str, name: str, ctx: _Ctx) -> str | Non
     raw_opts = prop.get("logicalTypeOptions")
     opts: dict[str, Any] = raw_opts if isinstance(raw_opts, dict) else {}
     if not logical:
-        guess = {"string": "string", "varchar": "string", "text": "string", "boolean": "boolean",
-                 "bool": "boolean", "date": "date", "timestamp": "timestamp", "double": "number",
-                 "float": "number", "time": "time"}
+        guess = {
+            "string": "string",
+            "varchar": "string",
+            "text": "string",
+            "boolean": "boolean",
+            "bool": "boolean",
+            "date": "date",
+            "timestamp": "timestamp",
+            "double": "number",
+            "float": "number",
+            "time": "time",
+        }
         if phys in _INT_PHYSICAL:
             logical = "integer"
         elif _DECIMAL.match(phys):
@@ -414,12 +557,15 @@ def _map_type(prop: dict[str, Any], loc: str, name: str, ctx: _Ctx) -> str | Non
         else:
             logical = guess.get(phys, "")
         if not logical:
-            ctx.notes.append(f"{loc} {name!r}: no logicalType"
-                             + (f" and physicalType {physical!r} is not recognised" if phys else "")
-                             + "; the field is not type-checked")
+            ctx.notes.append(
+                f"{loc} {name!r}: no logicalType"
+                + (f" and physicalType {physical!r} is not recognised" if phys else "")
+                + "; the field is not type-checked"
+            )
             return None
-        ctx.notes.append(f"{loc} {name!r}: no logicalType; {logical} inferred from physicalType "
-                         f"{physical!r}")
+        ctx.notes.append(
+            f"{loc} {name!r}: no logicalType; {logical} inferred from physicalType {physical!r}"
+        )
     tz = opts.get("timezone") is True or "tz" in phys or "with time zone" in phys
     if logical == "string":
         return "string"
@@ -437,27 +583,36 @@ def _map_type(prop: dict[str, Any], loc: str, name: str, ctx: _Ctx) -> str | Non
             p, s = int(m.group(1)), int(m.group(2) or 0)
             if 1 <= p <= 38 and s <= p:
                 return f"decimal({p},{s})"
-            ctx.notes.append(f"{loc} {name!r}: physicalType {physical!r} is outside decimal(38) "
-                             "-> double (lossy)")
+            ctx.notes.append(
+                f"{loc} {name!r}: physicalType {physical!r} is outside decimal(38) "
+                "-> double (lossy)"
+            )
             return "double"
         if phys in _INT_PHYSICAL:
-            ctx.notes.append(f"{loc} {name!r}: logicalType number with integer physicalType "
-                             f"{physical!r} -> int")
+            ctx.notes.append(
+                f"{loc} {name!r}: logicalType number with integer physicalType {physical!r} -> int"
+            )
             return "int"
         if fmt in _FLOAT_FORMAT:
             return _FLOAT_FORMAT[str(fmt)]
         if phys in ("numeric", "decimal", "money", "number"):
-            ctx.notes.append(f"{loc} {name!r}: physicalType {physical!r} without precision -> "
-                             "double (lossy for exact decimals)")
+            ctx.notes.append(
+                f"{loc} {name!r}: physicalType {physical!r} without precision -> "
+                "double (lossy for exact decimals)"
+            )
         return "double"
     if logical == "date":
         if phys.startswith(("timestamp", "datetime")):
-            ctx.notes.append(f"{loc} {name!r}: logicalType date with physicalType {physical!r} "
-                             f"-> {'timestamptz' if tz else 'timestamp'}")
+            ctx.notes.append(
+                f"{loc} {name!r}: logicalType date with physicalType {physical!r} "
+                f"-> {'timestamptz' if tz else 'timestamp'}"
+            )
             return "timestamptz" if tz else "timestamp"
         if phys.startswith("time"):
-            ctx.notes.append(f"{loc} {name!r}: logicalType date with physicalType {physical!r} "
-                             "-> string (Sluice has no time-of-day type)")
+            ctx.notes.append(
+                f"{loc} {name!r}: logicalType date with physicalType {physical!r} "
+                "-> string (Sluice has no time-of-day type)"
+            )
             return "string"
         return "date"
     if logical == "timestamp":
@@ -465,16 +620,22 @@ def _map_type(prop: dict[str, Any], loc: str, name: str, ctx: _Ctx) -> str | Non
             ctx.notes.append(f"{loc} {name!r}: timestamp with time zone -> timestamptz (UTC)")
         return "timestamptz" if tz else "timestamp"
     if logical == "time":
-        ctx.notes.append(f"{loc} {name!r}: logicalType time -> string (Sluice has no time-of-day "
-                         "type; values are kept as text)")
+        ctx.notes.append(
+            f"{loc} {name!r}: logicalType time -> string (Sluice has no time-of-day "
+            "type; values are kept as text)"
+        )
         return "string"
     if logical in ("object", "array"):
-        ctx.unsupported.append(f"{loc} {name!r}: logicalType {logical!r}"
-                               + (f" (physicalType {physical!r})" if physical else "")
-                               + " is not supported; the field is kept without a type")
+        ctx.unsupported.append(
+            f"{loc} {name!r}: logicalType {logical!r}"
+            + (f" (physicalType {physical!r})" if physical else "")
+            + " is not supported; the field is kept without a type"
+        )
         return None
-    ctx.unsupported.append(f"{loc} {name!r}: logicalType {prop.get('logicalType')!r} is unknown; "
-                           "the field is kept without a type")
+    ctx.unsupported.append(
+        f"{loc} {name!r}: logicalType {prop.get('logicalType')!r} is unknown; "
+        "the field is kept without a type"
+    )
     return None
 
 
@@ -507,8 +668,9 @@ def _options(prop: dict[str, Any], spec: dict[str, Any], loc: str, name: str, ct
     oloc = f"{loc}.logicalTypeOptions"
     if stype is None:
         if opts:
-            ctx.unsupported.append(f"{oloc} ({', '.join(sorted(opts))}) on an untyped field is "
-                                   "not enforced")
+            ctx.unsupported.append(
+                f"{oloc} ({', '.join(sorted(opts))}) on an untyped field is not enforced"
+            )
         return
     logical = str(prop.get("logicalType") or "").lower()
     is_int = stype.startswith(("int", "uint"))
@@ -531,13 +693,16 @@ def _options(prop: dict[str, Any], spec: dict[str, Any], loc: str, name: str, ct
             try:
                 re.compile(str(value))
             except re.error:
-                ctx.unsupported.append(f"{where} {value!r} is not a valid Python regular "
-                                       "expression; not enforced")
+                ctx.unsupported.append(
+                    f"{where} {value!r} is not a valid Python regular expression; not enforced"
+                )
                 continue
             spec["pattern"] = str(value)
-            ctx.notes.append(f"{where}: pattern {value!r} kept as written; Sluice requires the "
-                             "whole value to match (ECMA patterns match anywhere): write "
-                             "'.*(...).*' for a substring match")
+            ctx.notes.append(
+                f"{where}: pattern {value!r} kept as written; Sluice requires the "
+                "whole value to match (ECMA patterns match anywhere): write "
+                "'.*(...).*' for a substring match"
+            )
         elif key == "format" and stype == "string":
             fmt = str(value).lower()
             if fmt in _FORMAT_PATTERNS and "pattern" not in opts:
@@ -565,8 +730,9 @@ def _options(prop: dict[str, Any], spec: dict[str, Any], loc: str, name: str, ct
                 if spec[target] != value:
                     ctx.notes.append(f"{where} {value!r} -> {spec[target]!r} (ISO 8601)")
             else:
-                ctx.unsupported.append(f"{where} = {value!r} cannot be read as a {stype}; "
-                                       "not enforced")
+                ctx.unsupported.append(
+                    f"{where} = {value!r} cannot be read as a {stype}; not enforced"
+                )
         elif key in ("exclusiveMinimum", "exclusiveMaximum") and (is_int or is_date):
             target, step = ("min", 1) if key == "exclusiveMinimum" else ("max", -1)
             if is_int and _is_number(value) and float(value).is_integer():
@@ -578,8 +744,10 @@ def _options(prop: dict[str, Any], spec: dict[str, Any], loc: str, name: str, ct
             else:
                 ctx.unsupported.append(f"{where} = {value!r} is not enforced")
                 continue
-            ctx.notes.append(f"{where} {value!r} -> {target} {spec[target]!r} (exact for "
-                             f"{'whole numbers' if is_int else 'dates'})")
+            ctx.notes.append(
+                f"{where} {value!r} -> {target} {spec[target]!r} (exact for "
+                f"{'whole numbers' if is_int else 'dates'})"
+            )
         else:
             ctx.unsupported.append(f"{where} = {value!r} is not enforced")
 
@@ -594,8 +762,11 @@ def _pii(prop: dict[str, Any]) -> str | None:
         if hit:
             return f"tag {hit[0]!r}"
     for cp in prop.get("customProperties") or []:
-        if (isinstance(cp, dict) and str(cp.get("property", "")).lower() == "pii"
-                and cp.get("value") in (True, "true", "True", "yes")):
+        if (
+            isinstance(cp, dict)
+            and str(cp.get("property", "")).lower() == "pii"
+            and cp.get("value") in (True, "true", "True", "yes")
+        ):
             return "custom property pii: true"
     if prop.get("pii") is True:
         return "pii: true"
@@ -604,8 +775,13 @@ def _pii(prop: dict[str, Any]) -> str | None:
 
 def _import_object(obj: dict[str, Any], idx: int, doc_where: str, version: str) -> _Ctx:
     ctx = _Ctx(doc_where, obj, idx)
-    ctx.meta_keys |= {k for k in obj if k in _META_OBJECT} - {"name", "properties", "quality",
-                                                              "relationships", "description"}
+    ctx.meta_keys |= {k for k in obj if k in _META_OBJECT} - {
+        "name",
+        "properties",
+        "quality",
+        "relationships",
+        "description",
+    }
     for key in obj:
         if key not in _META_OBJECT:
             ctx.unsupported.append(f"{ctx.obj_loc}.{key}: unknown key, not enforced")
@@ -613,9 +789,11 @@ def _import_object(obj: dict[str, Any], idx: int, doc_where: str, version: str) 
     pk = [p for p in props if p.get("primaryKey") is True]
     pk_names = [str(p.get("name")) for p in pk]
     if len(pk) > 1:
-        ctx.unsupported.append(f"{ctx.obj_loc} {ctx.obj_name!r}: composite primary key "
-                               f"({', '.join(pk_names)}): each column is required, but uniqueness "
-                               "of the combination is not enforced")
+        ctx.unsupported.append(
+            f"{ctx.obj_loc} {ctx.obj_name!r}: composite primary key "
+            f"({', '.join(pk_names)}): each column is required, but uniqueness "
+            "of the combination is not enforced"
+        )
     for j, prop in enumerate(props):
         loc = f"{ctx.obj_loc}.properties[{j}]"
         name = str(prop.get("name") or "").strip()
@@ -623,9 +801,11 @@ def _import_object(obj: dict[str, Any], idx: int, doc_where: str, version: str) 
             ctx.unsupported.append(f"{loc}: property without a name; skipped")
             continue
         if name in ctx.fields:
-            raise ConfigError(f"{doc_where}: {loc}: fields named more than once in "
-                              f"{ctx.obj_name!r}: {name!r}", field="schema",
-                              fix="give every property of an object its own name")
+            raise ConfigError(
+                f"{doc_where}: {loc}: fields named more than once in {ctx.obj_name!r}: {name!r}",
+                field="schema",
+                fix="give every property of an object its own name",
+            )
         spec: dict[str, Any] = {"name": name}
         ctx.fields[name] = spec
         ctx.meta_keys |= {k for k in prop if k in _META_PROPERTY}
@@ -634,8 +814,10 @@ def _import_object(obj: dict[str, Any], idx: int, doc_where: str, version: str) 
                 ctx.unsupported.append(f"{loc}.{key}: unknown key, not enforced")
         phys_name = prop.get("physicalName")
         if phys_name and phys_name != name:
-            ctx.notes.append(f"{loc}: field named {name!r} (the ODCS name); its physical column "
-                             f"is {phys_name!r}: rename the column or the field if they differ")
+            ctx.notes.append(
+                f"{loc}: field named {name!r} (the ODCS name); its physical column "
+                f"is {phys_name!r}: rename the column or the field if they differ"
+            )
         stype = _map_type(prop, loc, name, ctx)
         if stype is not None:
             spec["type"] = stype
@@ -647,8 +829,9 @@ def _import_object(obj: dict[str, Any], idx: int, doc_where: str, version: str) 
             spec["unique"] = True
         if prop.get("primaryKey") is True:
             if prop.get("required") is False:
-                ctx.notes.append(f"{loc}: primaryKey with required: false -> required (a key "
-                                 "cannot be null)")
+                ctx.notes.append(
+                    f"{loc}: primaryKey with required: false -> required (a key cannot be null)"
+                )
             spec["required"] = True
             if len(pk) == 1:
                 spec["unique"] = True
@@ -658,25 +841,29 @@ def _import_object(obj: dict[str, Any], idx: int, doc_where: str, version: str) 
             m = _VARCHAR.match(str(prop.get("physicalType") or "").strip())
             if m:
                 spec["max_length"] = int(m.group(1))
-                ctx.notes.append(f"{loc}: physicalType {prop['physicalType']!r} -> max_length "
-                                 f"{m.group(1)}")
+                ctx.notes.append(
+                    f"{loc}: physicalType {prop['physicalType']!r} -> max_length {m.group(1)}"
+                )
         why = _pii(prop)
         if why:
             spec["pii"] = True
             ctx.notes.append(f"{loc}: pii (from {why})")
         for r, rel in enumerate(prop.get("relationships") or []):
             to = rel.get("to") if isinstance(rel, dict) else rel
-            ctx.unsupported.append(f"{loc}.relationships[{r}]: relationship to {to!r} is not "
-                                   "enforced (a Sluice reference needs the file or table to read; "
-                                   "add references: by hand)")
+            ctx.unsupported.append(
+                f"{loc}.relationships[{r}]: relationship to {to!r} is not "
+                "enforced (a Sluice reference needs the file or table to read; "
+                "add references: by hand)"
+            )
         if prop.get("items") is not None or prop.get("properties") is not None:
             ctx.unsupported.append(f"{loc} {name!r}: nested items/properties are not enforced")
         if prop.get("quality") is not None:
             ctx.quality(prop["quality"], loc, name)
     for r, rel in enumerate(obj.get("relationships") or []):
-        desc = (f"{rel.get('from')!r} -> {rel.get('to')!r}" if isinstance(rel, dict) else repr(rel))
-        ctx.unsupported.append(f"{ctx.obj_loc}.relationships[{r}]: relationship {desc} is not "
-                               "enforced")
+        desc = f"{rel.get('from')!r} -> {rel.get('to')!r}" if isinstance(rel, dict) else repr(rel)
+        ctx.unsupported.append(
+            f"{ctx.obj_loc}.relationships[{r}]: relationship {desc} is not enforced"
+        )
     if obj.get("quality") is not None:
         ctx.quality(obj["quality"], ctx.obj_loc, None)
     return ctx
@@ -693,15 +880,21 @@ def _load(source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
         try:
             text = p.read_text(encoding="utf-8")
         except OSError as exc:
-            raise ConfigError(f"cannot read ODCS contract {where!r}: {exc.strerror}",
-                              field="contract", fix="check the path") from exc
+            raise ConfigError(
+                f"cannot read ODCS contract {where!r}: {exc.strerror}",
+                field="contract",
+                fix="check the path",
+            ) from exc
     try:
         raw = yaml.load(text, Loader=_DateAsStringLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where} is not valid YAML: {exc}", field="contract") from exc
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where} is not an ODCS document (expected a mapping at the top)",
-                          field="contract", fix="pass an Open Data Contract Standard v3 file")
+        raise ConfigError(
+            f"{where} is not an ODCS document (expected a mapping at the top)",
+            field="contract",
+            fix="pass an Open Data Contract Standard v3 file",
+        )
     return raw, where
 
 
@@ -712,12 +905,18 @@ def import_odcs(source: str | Path | dict[str, Any]) -> ImportResult:
     properties (the message names what the document holds instead)."""
     doc, where = _load(source)
     if doc.get("kind", "DataContract") != "DataContract":
-        raise ConfigError(f"{where}: kind {doc.get('kind')!r} is not an ODCS DataContract",
-                          field="kind", fix="pass an Open Data Contract Standard v3 file")
+        raise ConfigError(
+            f"{where}: kind {doc.get('kind')!r} is not an ODCS DataContract",
+            field="kind",
+            fix="pass an Open Data Contract Standard v3 file",
+        )
     api = str(doc.get("apiVersion", "v3"))
     if not api.lstrip("v").startswith("3"):
-        raise ConfigError(f"{where}: apiVersion {api!r} is not supported (ODCS v3 only)",
-                          field="apiVersion", fix="upgrade the contract to ODCS v3")
+        raise ConfigError(
+            f"{where}: apiVersion {api!r} is not supported (ODCS v3 only)",
+            field="apiVersion",
+            fix="upgrade the contract to ODCS v3",
+        )
     version = str(doc.get("version") or "1.0.0")
     unsupported: list[str] = []
     notes: list[str] = []
@@ -729,16 +928,20 @@ def import_odcs(source: str | Path | dict[str, Any]) -> ImportResult:
     unknown = [k for k in doc if k not in _META_TOP and k not in _DOC_SECTIONS]
     if unknown:
         unsupported.append(f"{', '.join(unknown)}: unknown top-level keys, not enforced")
-    meta_top = [k for k in doc if k in _META_TOP and k not in ("schema", "version", "kind",
-                                                                "apiVersion")]
+    meta_top = [
+        k for k in doc if k in _META_TOP and k not in ("schema", "version", "kind", "apiVersion")
+    ]
     schema = doc.get("schema")
     if not isinstance(schema, list) or not schema:
         holds = ", ".join(k for k in doc if k not in _META_TOP) or "identification only"
         what = "has no 'schema' section" if schema is None else "has an empty 'schema' list"
-        raise ConfigError(f"{where}: the ODCS document {what}, so there is no table to import "
-                          f"(it describes: {holds})", field="schema",
-                          fix="add a schema object with properties (name, logicalType, ...) to "
-                          "the ODCS document, or write the Sluice contract by hand")
+        raise ConfigError(
+            f"{where}: the ODCS document {what}, so there is no table to import "
+            f"(it describes: {holds})",
+            field="schema",
+            fix="add a schema object with properties (name, logicalType, ...) to "
+            "the ODCS document, or write the Sluice contract by hand",
+        )
     contracts: list[Contract] = []
     meta_keys: set[str] = set()
     skipped: list[str] = []
@@ -748,10 +951,14 @@ def import_odcs(source: str | Path | dict[str, Any]) -> ImportResult:
             continue
         name = obj.get("name") or obj.get("physicalName")
         if not [p for p in obj.get("properties") or [] if isinstance(p, dict) and p.get("name")]:
-            refs = [str(a["url"]) for a in obj.get("authoritativeDefinitions") or []
-                    if isinstance(a, dict) and a.get("url")]
-            reason = (f"schema[{i}] {name!r} has no properties"
-                      + (f" (its schema is defined elsewhere: {', '.join(refs)})" if refs else ""))
+            refs = [
+                str(a["url"])
+                for a in obj.get("authoritativeDefinitions") or []
+                if isinstance(a, dict) and a.get("url")
+            ]
+            reason = f"schema[{i}] {name!r} has no properties" + (
+                f" (its schema is defined elsewhere: {', '.join(refs)})" if refs else ""
+            )
             skipped.append(reason)
             unsupported.append(reason + "; not imported")
             continue
@@ -761,35 +968,51 @@ def import_odcs(source: str | Path | dict[str, Any]) -> ImportResult:
         meta_keys |= ctx.meta_keys
         try:
             fields = [FieldSpec.model_validate(spec) for spec in ctx.fields.values()]
-            contracts.append(Contract.model_validate({
-                "name": ctx.obj_name, "version": version,
-                **({"description": obj["description"]} if isinstance(obj.get("description"), str)
-                   else {}),
-                "schema": fields, "quality": ctx.rules,
-            }))
+            contracts.append(
+                Contract.model_validate(
+                    {
+                        "name": ctx.obj_name,
+                        "version": version,
+                        **(
+                            {"description": obj["description"]}
+                            if isinstance(obj.get("description"), str)
+                            else {}
+                        ),
+                        "schema": fields,
+                        "quality": ctx.rules,
+                    }
+                )
+            )
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(str(x) for x in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
                 for e in exc.errors(include_url=False)
             )
-            raise ConfigError(f"{where}: schema[{i}] {ctx.obj_name!r} cannot become a Sluice "
-                              f"contract: {problems}", field="schema",
-                              fix="correct the ODCS document") from None
+            raise ConfigError(
+                f"{where}: schema[{i}] {ctx.obj_name!r} cannot become a Sluice "
+                f"contract: {problems}",
+                field="schema",
+                fix="correct the ODCS document",
+            ) from None
     if not contracts:
-        raise ConfigError(f"{where}: no schema object with properties to import: "
-                          + "; ".join(skipped or ["schema holds no objects"]), field="schema",
-                          fix="describe the table's properties (name, logicalType, ...) in the "
-                          "ODCS document, or write the Sluice contract by hand")
+        raise ConfigError(
+            f"{where}: no schema object with properties to import: "
+            + "; ".join(skipped or ["schema holds no objects"]),
+            field="schema",
+            fix="describe the table's properties (name, logicalType, ...) in the "
+            "ODCS document, or write the Sluice contract by hand",
+        )
     notes.insert(0, f"pii rule: {PII_RULE}")
     if meta_top or meta_keys:
-        notes.append("kept as documentation only (no check): "
-                     + ", ".join([*meta_top, *sorted(meta_keys - set(meta_top))]))
+        notes.append(
+            "kept as documentation only (no check): "
+            + ", ".join([*meta_top, *sorted(meta_keys - set(meta_top))])
+        )
     return ImportResult(contracts=contracts, unsupported=unsupported, notes=notes)
 
 
 def dump_contract(contract: Contract) -> str:
     """YAML text of a Sluice contract; ``parse_contract(yaml.safe_load(text)) == contract``."""
-    data = contract.model_dump(mode="json", by_alias=True, exclude_defaults=True,
-                               exclude_none=True)
+    data = contract.model_dump(mode="json", by_alias=True, exclude_defaults=True, exclude_none=True)
     data = {"name": contract.name, "version": contract.version, **data}
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)

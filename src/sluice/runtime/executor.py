@@ -241,6 +241,7 @@ class Executor:
                 res.filtered,
                 time.perf_counter() - t0,
                 res.aggregated,
+                getattr(step, "creates_rows", False),
             )
             self._dead(res.dead)
             outputs[step.step_id] = out
@@ -263,6 +264,11 @@ class Executor:
 
     # ------------------------------------------------------------------ run
 
+    def _raise_worker_error(self) -> None:
+        for w in [*self._workers, self._dl_worker]:
+            if w.error is not None:
+                raise w.error
+
     def _read(self, q: queue.Queue[Any]) -> None:
         try:
             for chunk in self.source.read():
@@ -284,7 +290,15 @@ class Executor:
         reader.start()
         try:
             while True:
-                item = q.get()
+                try:
+                    item = q.get(timeout=0.1)
+                except queue.Empty:
+                    # a sink or the dead-letter writer failed: the reader stops without an end
+                    # marker, so the failure must be raised from here
+                    self._raise_worker_error()
+                    if self.stop.is_set() and not reader.is_alive() and q.empty():
+                        raise RuntimeError("the reader stopped without finishing") from None
+                    continue
                 if item is _END:
                     return
                 if isinstance(item, _Failed):

@@ -36,13 +36,17 @@ class StepStats:
         filtered: int,
         seconds: float,
         aggregated: int = 0,
+        may_create: bool = True,
     ) -> None:
+        """Add one call's counts. Unless ``may_create``, extra output rows are not explained
+        away as created, so a step that duplicates rows shows as unbalanced."""
         self.rows_in += rows_in
         self.rows_out += rows_out
         self.dead += dead
         self.filtered += filtered
         self.aggregated += aggregated
-        self.created += max(0, rows_out + dead + filtered + aggregated - rows_in)
+        if may_create:
+            self.created += max(0, rows_out + dead + filtered + aggregated - rows_in)
         self.seconds += seconds
         self.batches += 1
 

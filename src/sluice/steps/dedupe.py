@@ -18,7 +18,8 @@ class Deduplicate(BaseStep):
 
     Exact: keys are compared as values, not hashes. Within a batch Polars finds first
     occurrences; earlier batches are looked up in :class:`sluice.state.keys.SeenKeys` (a set in
-    memory, spilled to an indexed file on disk past 2M keys, so memory stays bounded).
+    memory, spilled to an indexed file on disk past 2M keys, so memory stays bounded). With a
+    single key column, rows whose key is null are kept (null is not a key).
     """
 
     config: DeduplicateStep
@@ -33,7 +34,12 @@ class Deduplicate(BaseStep):
         check_columns(self.step_id, self.keys, df.columns, "deduplicate.key")
         if df.height == 0:
             return StepResult(table)
-        first = df.select(pl.struct(self.keys).is_first_distinct()).to_series()
+        # rows whose key is null (single-column key) are never duplicates: the same rule in any
+        # batch, matching SeenKeys, which does not store null
+        first = df.select(
+            pl.struct(self.keys).is_first_distinct()
+            | (pl.col(self.keys[0]).is_null() if len(self.keys) == 1 else pl.lit(False))
+        ).to_series()
         cand = df.filter(first)
         if len(self.keys) == 1:
             keys: list[Any] = cand[self.keys[0]].to_list()

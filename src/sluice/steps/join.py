@@ -21,6 +21,7 @@ class Join(BaseStep):
     """
 
     config: JoinStep
+    creates_rows = True  # unreadable reference rows come out as dead letters of this step
 
     def __init__(self, config: JoinStep) -> None:
         super().__init__(config)
@@ -89,3 +90,9 @@ class Join(BaseStep):
             )
             return StepResult(out, dead=concat([dead, dl]))
         return StepResult(out, dead=dead, filtered=missing)
+
+    def finish(self) -> StepResult | None:
+        if self.pending_dead.num_rows:  # no input row came: still report the reference's
+            dead, self.pending_dead = self.pending_dead, empty_dead_letters()
+            return StepResult(None, dead=dead)
+        return None

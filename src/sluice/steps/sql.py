@@ -20,6 +20,7 @@ class Sql(BaseStep):
     """
 
     config: SqlStep
+    creates_rows = True
 
     def __init__(self, config: SqlStep) -> None:
         super().__init__(config)

@@ -49,6 +49,7 @@ class Window(BaseStep):
     (UTC timestamps) and one column per aggregate."""
 
     config: WindowStep
+    creates_rows = True
 
     def __init__(self, config: WindowStep) -> None:
         super().__init__(config)

@@ -352,9 +352,7 @@ def _column(values: list[Any]) -> pa.Array:
     return pa.array([None if v is None else orjson.dumps(v).decode() for v in values], pa.string())
 
 
-def records_to_table(
-    records: list[dict[str, Any]], schema: pa.Schema | None = None
-) -> pa.Table:
+def records_to_table(records: list[dict[str, Any]], schema: pa.Schema | None = None) -> pa.Table:
     """Build a table from dicts: union of keys (first-seen order), missing keys are null.
 
     Column types: strings, booleans, int64, float64 (ints mixed with floats) when a column holds
@@ -385,4 +383,3 @@ def records_to_table(
     if not fields:  # only empty objects: rows without columns
         return pa.table({"_": pa.nulls(len(records))}).drop_columns(["_"])
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
-

@@ -46,8 +46,7 @@ class ParquetReader(FileReader):
                         dead=self.dead(
                             state,
                             "corrupt_file",
-                            f"column(s) {missing} not in this file; it has "
-                            f"{sorted(have)}",
+                            f"column(s) {missing} not in this file; it has {sorted(have)}",
                             None,
                         )
                     )
@@ -87,5 +86,3 @@ class ParquetReader(FileReader):
         table, dead = self.apply_schema(table)
         state.rows += table.num_rows + dead.num_rows
         return Chunk(table=table if table.num_rows else None, dead=dead if dead.num_rows else None)
-
-

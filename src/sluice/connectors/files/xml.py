@@ -155,4 +155,3 @@ class XmlReader(FileReader):
             dead=dead if dead.num_rows else None,
             bytes_read=nbytes,
         )
-

@@ -253,8 +253,9 @@ def mask_pii(
     * a payload holding a JSON object: the PII keys get the value ``<redacted>``;
     * any other payload (a raw CSV line, a JSON line that did not parse): it cannot be taken
       apart safely, so the whole payload is redacted (such letters cannot be replayed);
-    * a message from a step other than a contract step that names a PII field: redacted
-      (contract steps never put PII values in their messages).
+    * a message from a step other than a contract step that names a PII field, or that
+      contains the value of a PII field of its own payload (a database's "Failing row
+      contains (...)"): redacted (contract steps never put PII values in their messages).
     """
     import orjson
 
@@ -264,6 +265,7 @@ def mask_pii(
     out_p: list[str | None] = []
     out_m: list[str | None] = []
     for payload, message, step in zip(payloads, messages, steps, strict=True):
+        values: list[str] = []
         if payload is not None:
             try:
                 obj = orjson.loads(payload)
@@ -271,11 +273,17 @@ def mask_pii(
                 obj = None
             if isinstance(obj, dict):
                 for key in fields & obj.keys():
+                    if obj[key] not in (None, ""):
+                        values.append(str(obj[key]))
                     obj[key] = REDACTED
                 payload = orjson.dumps(obj).decode()
             else:
                 payload = f"{REDACTED} (raw record; the pipeline declares PII fields)"
-        if message and step not in trusted_steps and any(f in message for f in fields):
+        if (
+            message
+            and step not in trusted_steps
+            and (any(f in message for f in fields) or any(v in message for v in values))
+        ):
             message = f"{REDACTED} (the message names a PII field)"
         out_p.append(payload)
         out_m.append(message)

@@ -291,3 +291,24 @@ def test_a_step_that_duplicates_rows_shows_as_unbalanced() -> None:
     s2 = StepStats("sql", "sql")
     s2.add(10, 20, 0, 0, 0.0, may_create=True)
     assert s2.balanced and s2.created == 10
+
+
+def test_pii_values_in_messages_are_redacted() -> None:
+    from sluice.batch import dead_letters, mask_pii
+
+    letters = dead_letters(
+        step_id="pg",
+        reason="sink_rejected",
+        message=["Failing row contains (1, bob@example.org, null)", "value too long"],
+        payload=['{"id": 1, "mail": "bob@example.org"}', '{"id": 2, "mail": "x@y.z"}'],
+    )
+    masked = mask_pii(letters, {"mail"}).to_pylist()
+    assert "bob@example.org" not in str(masked)
+    assert masked[1]["message"] == "value too long"  # no PII in it: kept
+
+
+def test_batches_whose_types_cannot_merge_still_flow(tmp_path: Path) -> None:
+    tables = [pa.table({"v": [1, 2]}), pa.table({"v": ["x", "y"]})]
+    rep, sink = _run(tmp_path, [], tables, batch_rows=10)
+    assert rep.status == "succeeded" and rep.rows_read == 4
+    assert sum(t.num_rows for t in sink.committed) == 4

@@ -71,3 +71,31 @@ def test_replay_of_an_empty_folder_says_so(tmp_path: Path) -> None:
     (tmp_path / "dl").mkdir()
     with pytest.raises(ConfigError, match="no dead-letter files"):
         replay(parse_pipeline(_pipeline(tmp_path, "int")), tmp_path / "dl", base_dir=tmp_path)
+
+
+def test_replaying_source_rows_keeps_the_declared_types(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.csv").write_text("id,amount\n1,10\n2,abc\n")
+    raw = _pipeline(tmp_path, "int")
+    raw["source"] = {"kind": "csv", "path": "in/*.csv", "schema": {"id": "int", "amount": "int"}}
+    raw["steps"] = []
+    rep = Executor(parse_pipeline(raw), base_dir=tmp_path, progress=False).run()
+    assert rep.dead_letters_by_reason == {"cast_error": 1}
+    # unchanged pipeline: the row fails again instead of being written with a text amount
+    reports = replay(parse_pipeline(raw), tmp_path / "dl", base_dir=tmp_path)
+    assert [r.dead_letters for r in reports] == [1]
+    parts = sorted((tmp_path / "out").glob("*.parquet"))
+    assert sum(pl.read_parquet(p).height for p in parts) == 1
+
+
+def test_replaying_source_rows_with_inferred_types_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    block = "".join(f"{i},{i}\n" for i in range(3000))
+    (tmp_path / "in" / "a.csv").write_text("id,amount\n" + block + "3000,abc\n")
+    raw = _pipeline(tmp_path, "int")
+    raw["source"] = {"kind": "csv", "path": "in/*.csv", "block_size": 4096}
+    raw["steps"] = []
+    rep = Executor(parse_pipeline(raw), base_dir=tmp_path, progress=False).run()
+    assert rep.dead_letters_by_reason == {"cast_error": 1}
+    with pytest.raises(ConfigError, match=r"step 'source', field 'schema'.*infers the types"):
+        replay(parse_pipeline(raw), tmp_path / "dl", base_dir=tmp_path)

@@ -44,7 +44,7 @@ from sluice.batch import (
     rows_dead_letters,
 )
 from sluice.config.models import STEP_KEYS, JsonlSink, ParquetSink, PipelineConfig
-from sluice.errors import SluiceError, TerminalError, TransientError
+from sluice.errors import SinkError, SluiceError, TerminalError, TransientError
 from sluice.plugins import Chunk, RunContext, Sink, Source, Step, lookup
 from sluice.runtime.progress import RunProgress, progress_wanted
 from sluice.runtime.report import RunReport, StepStats
@@ -192,7 +192,13 @@ class Executor:
         self._dl_worker.put(table.cast(DEAD_LETTER_SCHEMA))
 
     def _write_dead(self, table: pa.Table) -> None:
-        self.dl_sink.write(table)
+        refused = self.dl_sink.write(table)
+        if refused.num_rows:
+            raise SinkError(
+                "dead_letter",
+                f"the dead-letter output refused {refused.num_rows} letter(s)",
+                fix="check the dead_letter path and its format",
+            )
 
     # ------------------------------------------------------------------ sinks
 
@@ -249,6 +255,17 @@ class Executor:
             ins = [t for src in inputs if (t := outputs.get(src)) is not None and frame_rows(t)]
             for t in ins:
                 self._workers[i].put(t)
+
+    def _process_pending(self, pending: list[pa.Table]) -> None:
+        """Merge small source batches; batches whose types cannot be merged (a column that
+        changed type between files or blocks) go through one by one instead."""
+        try:
+            merged = concat(pending)
+        except (pa.ArrowTypeError, pa.ArrowInvalid):
+            for table in pending:
+                self._process({self.cfg.source.id: table})
+            return
+        self._process({self.cfg.source.id: merged})
 
     def _finish_steps(self) -> None:
         for idx, (step, _) in enumerate(self.steps):
@@ -364,13 +381,13 @@ class Executor:
                         pending.append(chunk.table)
                         pending_rows += n
                         if pending_rows >= batch_rows:
-                            self._process({self.cfg.source.id: concat(pending)})
+                            self._process_pending(pending)
                             pending, pending_rows = [], 0
                     progress.update(
                         rep.bytes_read, rep.rows_read, self._dl_count, time.perf_counter() - started
                     )
                 if pending:
-                    self._process({self.cfg.source.id: concat(pending)})
+                    self._process_pending(pending)
                 self._finish_steps()
                 for w in self._workers:
                     w.put(_END)
@@ -438,7 +455,13 @@ class Executor:
             rep.error = f"{rep.error}; {msg}" if rep.error else msg
             print(f"sluice: {msg}", file=sys.stderr)
             return
-        self.dl_sink.commit()
+        try:
+            self.dl_sink.commit()
+        except Exception as exc:  # keep the run's own outcome; say the letters were not saved
+            msg = f"committing dead letters failed: {_describe(exc)}"
+            rep.status = "failed"
+            rep.error = f"{rep.error}; {msg}" if rep.error else msg
+            print(f"sluice: {msg}", file=sys.stderr)
 
 
 def _describe(exc: BaseException) -> str:

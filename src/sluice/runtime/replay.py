@@ -140,7 +140,23 @@ def _replay_source(
             src["encoding"] = "utf-8"
         reports.append(_run(cfg, src, None, tmpdir, base_dir, progress))
     if objects:
-        reports.append(_replay_objects(cfg, None, objects, tmpdir, base_dir, progress))
+        declared = dict(getattr(cfg.source, "columns", None) or {})
+        if getattr(cfg.source, "infer_types", False):
+            keys = {k for p in objects for k in orjson.loads(p)}
+            missing = sorted(keys - set(declared))
+            if missing:
+                raise ConfigError(
+                    f"cannot replay {len(objects)} record(s) that the source rejected while "
+                    f"converting types: the source infers the types of {missing}, and a replayed "
+                    "record alone would not get the same types",
+                    step_id=cfg.source.id,
+                    field="schema",
+                    fix="declare the column types in the source's schema (or set infer_types: "
+                    "false and type them with a cast step), then replay",
+                )
+        reports.append(
+            _replay_objects(cfg, None, objects, tmpdir, base_dir, progress, schema=declared)
+        )
     return reports
 
 
@@ -175,12 +191,25 @@ def _replay_objects(
     tmpdir: Path,
     base_dir: Path,
     progress: bool | None,
+    schema: dict[str, str] | None = None,
 ) -> RunReport:
     target = tmpdir / f"rows-{step_id or 'source'}.jsonl"
     with target.open("wb") as fh:
         for p in payloads:
-            fh.write(orjson.dumps(orjson.loads(p)) + b"\n")
-    src = {"kind": "jsonl", "path": str(target)}
+            try:
+                row = orjson.loads(p)
+            except orjson.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict):
+                raise ConfigError(
+                    f"a dead letter of step '{step_id}' holds a raw record, not a row",
+                    step_id=step_id,
+                    fix="replay it by fixing the file it came from (source: see the letter)",
+                )
+            fh.write(orjson.dumps(row) + b"\n")
+    src: dict[str, Any] = {"kind": "jsonl", "path": str(target)}
+    if schema:
+        src["schema"] = schema
     return _run(cfg, src, step_id, tmpdir, base_dir, progress)
 
 

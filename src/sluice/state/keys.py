@@ -44,13 +44,13 @@ class SeenKeys:
         return self._db is not None
 
     def seen_before(self, keys: Sequence[Any]) -> np.ndarray:
+        if self._mem is not None and self.count > self.max_in_memory:
+            self._spill()  # only when another call comes: one big call never pays for a spill
         if self._mem is not None:
             before = np.fromiter(map(self._mem.__contains__, keys), dtype=bool, count=len(keys))
             self._mem.update(keys)
             self._mem.discard(None)
             self.count = len(self._mem)
-            if self.count > self.max_in_memory:
-                self._spill()
             return before
         return self._seen_in_db(keys)
 

@@ -100,3 +100,17 @@ def test_xxe_not_resolved(tmp_path: Path) -> None:
     )
     rows, dead, _ = run(p, record_path="i")
     assert "TOP-SECRET" not in repr(rows) + repr(dead.to_pylist())
+
+
+def test_records_using_entities_are_dead_letters_not_silently_changed(tmp_path: Path) -> None:
+    p = tmp_path / "e.xml"
+    p.write_text(
+        '<?xml version="1.0"?>\n<!DOCTYPE o [<!ENTITY who "Ann">]>\n'
+        "<orders><order><name>&who;</name><total>1</total></order>\n"
+        "<order><name>Bo</name><total>2</total></order></orders>\n"
+    )
+    rows, dead, _ = run(p, record_path="order")
+    assert rows == [{"name": "Bo", "total": "2"}]
+    letters = dead.to_pylist()
+    assert [(d["reason"], d["line"]) for d in letters] == [("parse_error", 3)]
+    assert "&who;" in letters[0]["message"] and "<name>" in letters[0]["payload"]

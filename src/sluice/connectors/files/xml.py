@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from lxml import etree
 
 from sluice.batch import with_positions
@@ -87,6 +88,7 @@ class XmlReader(FileReader):
 
     def _read_file(self, path: Path, state: FileState) -> Iterator[Chunk]:
         rows: list[dict[str, Any]] = []
+        entity_dead: list[tuple[str, list[str], int | None]] = []
         stack: list[str] = []
         depth_in_record = 0
         last = 0
@@ -114,6 +116,16 @@ class XmlReader(FileReader):
                         continue
                     stack.pop()
                     if depth_in_record == 1:
+                        entities = [n.text for n in elem.iter() if isinstance(n, etree._Entity)]
+                        if entities:  # not expanded (safety): the record cannot be read whole
+                            text = etree.tostring(elem, encoding="unicode")[: 64 * 1024]
+                            entity_dead.append(
+                                (text, sorted(set(map(str, entities))), elem.sourceline)
+                            )
+                            elem.clear(keep_tail=False)
+                            if depth_in_record:
+                                depth_in_record -= 1
+                            continue
                         row: dict[str, Any] = {}
                         _flatten(elem, "", row)
                         text = elem.text
@@ -130,12 +142,18 @@ class XmlReader(FileReader):
                             yield self._emit(rows, state, pos - last)
                             last = pos
                             rows = []
+                    if len(entity_dead) >= OBJECT_BATCH_ROWS:
+                        yield Chunk(dead=self._entity_letters(state, entity_dead))
+                        entity_dead = []
                     if depth_in_record:
                         depth_in_record -= 1
             except etree.XMLSyntaxError as exc:
                 if rows:
                     yield self._emit(rows, state, 0)
                     rows = []
+                if entity_dead:
+                    yield Chunk(dead=self._entity_letters(state, entity_dead))
+                    entity_dead = []
                 message = str(exc)
                 low = message.lower()
                 reason = "encoding" if "encoding" in low or "utf-8" in low else "parse_error"
@@ -144,6 +162,23 @@ class XmlReader(FileReader):
                 return
         if rows:
             yield self._emit(rows, state, 0)
+        if entity_dead:
+            yield Chunk(dead=self._entity_letters(state, entity_dead))
+
+    def _entity_letters(
+        self, state: FileState, items: list[tuple[str, list[str], int | None]]
+    ) -> pa.Table:
+        return self.dead(
+            state,
+            "parse_error",
+            [
+                f"the record uses entity reference(s) {', '.join(f'&{e};' for e in ents)}, which "
+                "are not expanded (a safety rule against entity attacks)"
+                for _, ents, _ in items
+            ],
+            [t for t, _, _ in items],
+            line=[ln for _, _, ln in items],
+        )
 
     def _emit(self, rows: list[dict[str, Any]], state: FileState, nbytes: int) -> Chunk:
         table = records_to_table(rows)

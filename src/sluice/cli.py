@@ -107,12 +107,34 @@ def run(
     fail_on_dead_letters: Annotated[
         bool, typer.Option(help="Exit 3 when the run produced dead letters.")
     ] = False,
+    until_idle: Annotated[
+        str | None,
+        typer.Option(
+            help="Stream mode: stop after no record arrived for this long (e.g. 5s), treating "
+            "it as the end of input: windows are flushed and a final checkpoint written."
+        ),
+    ] = None,
 ) -> None:
-    """Run a pipeline to the end of its input and print a per-step summary."""
+    """Run a pipeline and print a per-step summary. A batch pipeline runs to the end of its
+    input; a stream pipeline (kafka / redis_stream source, or watch: true) runs until SIGINT or
+    SIGTERM (final checkpoint, then exit 0) or --until-idle."""
     cfg = _load(pipeline)
     try:
-        ex = Executor(cfg, base_dir=pipeline.parent, progress=progress, report_path=report)
-    except SluiceError as exc:  # a setting only checked when the step is built
+        if cfg.streaming:
+            from sluice.runtime.stream import StreamExecutor
+            from sluice.time.durations import parse_duration
+
+            idle = parse_duration(until_idle) if until_idle is not None else None
+            ex: Executor = StreamExecutor(
+                cfg,
+                base_dir=pipeline.parent,
+                progress=progress,
+                report_path=report,
+                until_idle=idle,
+            )
+        else:
+            ex = Executor(cfg, base_dir=pipeline.parent, progress=progress, report_path=report)
+    except (SluiceError, ValueError) as exc:  # a setting only checked when the step is built
         _error("error", exc)
         raise typer.Exit(2) from None
     try:
@@ -379,3 +401,7 @@ def _load(path: Path) -> PipelineConfig:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

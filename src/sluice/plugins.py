@@ -24,6 +24,31 @@ Call contracts (the executor keeps them; implementations may rely on them):
     for rows the sink refused (empty table when all were written); then either ``commit()`` (the
     run succeeded: make the output visible atomically) or ``abort()`` (remove partial output).
     ``write`` is called from one thread per sink, never concurrently.
+
+Stream mode (:mod:`sluice.runtime.stream`) adds two interfaces:
+
+``StreamSource``
+    ``open(ctx, position)`` once; ``position`` is the JSON value that the newest complete
+    checkpoint recorded for this source (``None`` on a first start: begin where the consumer group
+    stands, or at the stream's start). ``poll(timeout)`` is then called repeatedly from one
+    reader thread: it returns a :class:`Chunk` (rows with position columns, whose
+    ``__sluice_source`` is the interned *partition* name, and/or dead letters) whose ``position`` is the JSON-serializable
+    position just after the chunk, or ``None`` when nothing arrived within ``timeout`` seconds. A
+    chunk with ``end=True`` says the input is exhausted (a bounded replay; a live stream never
+    ends). ``commit(position)`` is called from the main thread once a checkpoint covering
+    ``position`` is durable: acknowledge messages / commit offsets up to there (it may run
+    concurrently with ``poll``). After a restart, reading resumes right after the checkpointed
+    position even if later messages were already delivered. ``close()`` exactly once.
+
+``EpochPublisher``
+    A sink that cannot hide uncommitted output (a database, a broker) is fed per checkpoint epoch:
+    the runtime stages the epoch's rows locally and durably, writes the checkpoint, then calls
+    ``publish(epoch, table)``, which must make the rows visible *together with* an epoch marker in
+    one transaction and return dead letters for refused rows. ``published_epoch()`` returns the
+    marker (newest epoch already visible, ``None`` if none): after a crash the runtime re-publishes
+    a staged epoch only when the marker is older, so nothing is duplicated. A publisher without
+    a transactional marker returns ``None`` and is at-least-once for the epoch in flight at a
+    crash; its documentation says so.
 """
 
 from __future__ import annotations
@@ -61,6 +86,8 @@ class Chunk:
     table: pa.Table | None = None
     dead: pa.Table | None = None
     bytes_read: int = 0
+    position: Any = None  # stream sources: JSON-serializable position just after this chunk
+    end: bool = False  # stream sources: the (bounded) input is exhausted
 
 
 @dataclass
@@ -103,6 +130,26 @@ class Sink(Protocol):
     def abort(self) -> None: ...
 
 
+@runtime_checkable
+class StreamSource(Protocol):
+    step_id: str
+
+    def open(self, ctx: RunContext, position: Any) -> None: ...
+    def poll(self, timeout: float) -> Chunk | None: ...
+    def commit(self, position: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class EpochPublisher(Protocol):
+    step_id: str
+
+    def open(self, ctx: RunContext) -> None: ...
+    def published_epoch(self) -> int | None: ...
+    def publish(self, epoch: int, table: pa.Table) -> pa.Table: ...
+    def close(self) -> None: ...
+
+
 Factory = Callable[[Any], Any]
 
 # Built-ins are imported lazily ("module:attribute") so a run only imports what it uses.
@@ -113,6 +160,8 @@ _BUILTIN: dict[str, dict[str, str]] = {
         "jsonl": "sluice.connectors.files.json:JsonlReader",
         "parquet": "sluice.connectors.files.parquet:ParquetReader",
         "xml": "sluice.connectors.files.xml:XmlReader",
+        "redis_stream": "sluice.connectors.redis_streams:RedisStreamReader",
+        "kafka": "sluice.connectors.kafka:KafkaReader",
     },
     "sink": {
         "parquet": "sluice.connectors.files.writers:ParquetWriter",
@@ -121,6 +170,8 @@ _BUILTIN: dict[str, dict[str, str]] = {
         "delta": "sluice.connectors.delta:DeltaWriter",
         "duckdb": "sluice.connectors.duckdb:DuckdbWriter",
         "postgres": "sluice.connectors.postgres:PostgresWriter",
+        "redis_stream": "sluice.connectors.redis_streams:RedisStreamWriter",
+        "kafka": "sluice.connectors.kafka:KafkaWriter",
     },
     "step": {
         "select": "sluice.steps.columns:Select",

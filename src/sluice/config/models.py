@@ -39,6 +39,15 @@ class FileSourceBase(Model):
         description="Explicit column types {name: type}; columns not listed are inferred.",
     )
 
+    watch: bool = Field(
+        False,
+        description="Stream mode: keep watching the folder; each new file matching the glob is "
+        "read exactly once as it lands (write it elsewhere and rename it in).",
+    )
+    poll_interval: str | float = Field(
+        "1s", description="With watch: how often the folder is listed for new files."
+    )
+
     _types = field_validator("columns")(classmethod(lambda cls, v: _check_types(v)))
 
 
@@ -91,9 +100,64 @@ class XmlSource(FileSourceBase):
     )
 
 
-SourceConfig = Annotated[
+FileSourceConfig = Annotated[
     CsvSource | JsonSource | JsonlSource | ParquetSource | XmlSource, Field(discriminator="kind")
 ]
+
+
+class StreamSourceBase(Model):
+    id: str = Field("source", description="Step id of the source (used in dead letters).")
+    format: Literal["json", "text"] = Field(
+        "json",
+        description="Message payload: a JSON object per message (parsed into columns), or "
+        "text kept whole in a column named 'value'.",
+    )
+    columns: dict[str, str] | None = Field(
+        None,
+        alias="schema",
+        description="Explicit column types {name: type}; other fields are inferred per batch. "
+        "Declare every column for a stable schema across batches.",
+    )
+
+    _types = field_validator("columns")(classmethod(lambda cls, v: _check_types(v)))
+
+
+class RedisStreamSource(StreamSourceBase):
+    """Redis Streams read through a consumer group; messages are acknowledged only after the
+    checkpoint that covers them."""
+
+    kind: Literal["redis_stream"]
+    url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL.")
+    stream: str | list[str] = Field(description="Stream key(s); each key is one partition.")
+    group: str = Field("sluice", description="Consumer group (created at the stream's start).")
+    consumer: str = Field("sluice-1", description="Consumer name inside the group.")
+    field: str = Field("data", description="Message field that holds the payload.")
+    count: int = Field(10_000, ge=1, description="Messages fetched per read call.")
+
+
+class KafkaSource(StreamSourceBase):
+    """Kafka topics through a consumer group; offsets are committed only at checkpoints."""
+
+    kind: Literal["kafka"]
+    brokers: str = Field(description="bootstrap.servers, e.g. 127.0.0.1:9092.")
+    topic: str | list[str]
+    group: str = Field("sluice", description="Consumer group id.")
+    options: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="Extra librdkafka consumer settings."
+    )
+
+
+SourceConfig = Annotated[
+    CsvSource
+    | JsonSource
+    | JsonlSource
+    | ParquetSource
+    | XmlSource
+    | RedisStreamSource
+    | KafkaSource,
+    Field(discriminator="kind"),
+]
+STREAM_SOURCE_KINDS = ("redis_stream", "kafka")
 
 # ----------------------------------------------------------------------------------------- steps
 
@@ -161,8 +225,25 @@ class ContractStep(StepBase):
 
 
 class WindowSpec(Model):
-    kind: Literal["tumbling", "sliding"] = "tumbling"
-    size: str | float = Field(description="Window length: '1m', '10s', '1 hour' (or seconds).")
+    kind: Literal["tumbling", "sliding", "session"] = "tumbling"
+    size: str | float | None = Field(
+        None,
+        description="Window length: '1m', '10s', '1 hour' (or seconds); not for sessions.",
+    )
+    gap: str | float | None = Field(
+        None,
+        description="Session windows: a key's session ends after this long without events.",
+    )
+    idle_timeout: str | float | None = Field(
+        None,
+        description="A partition that sent nothing for this long (wall clock) is left out of "
+        "the watermark, so one quiet partition does not stall windows.",
+    )
+    early: str | float | None = Field(
+        None,
+        description="Also emit partial results of open windows this often (processing time), "
+        "marked is_final = false; the final row follows when the window closes.",
+    )
     slide: str | float | None = Field(
         None, description="Sliding windows: start a window every this long (divides size)."
     )
@@ -189,7 +270,7 @@ class WindowStep(StepBase):
 
 
 class JoinOptions(Model):
-    reference: SourceConfig = Field(description="A file source read once, held in memory.")
+    reference: FileSourceConfig = Field(description="A file source read once, held in memory.")
     key: list[str] = Field(min_length=1, description="Key columns present on both sides.")
     how: Literal["left", "inner"] = "left"
     unmatched: Literal["filter", "dead_letter"] = Field(
@@ -314,8 +395,38 @@ class PostgresSink(SinkBase):
     create: bool = Field(True, description="Create the table from the data's schema if missing.")
 
 
+class RedisStreamSink(SinkBase):
+    """XADD each row as a message (JSON in one field). In stream mode each checkpoint epoch is
+    added in one MULTI/EXEC transaction together with an epoch marker: exactly once."""
+
+    kind: Literal["redis_stream"]
+    url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL.")
+    stream: str = Field(description="Stream key to add to.")
+    field: str = Field("data", description="Message field that holds the JSON row.")
+    maxlen: int | None = Field(None, ge=1, description="Approximate cap on the stream length.")
+
+
+class KafkaSink(SinkBase):
+    """Produce each row as a JSON message with the idempotent producer."""
+
+    kind: Literal["kafka"]
+    brokers: str = Field(description="bootstrap.servers, e.g. 127.0.0.1:9092.")
+    topic: str
+    key: str | None = Field(None, description="Column whose value is the message key.")
+    options: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="Extra librdkafka producer settings."
+    )
+
+
 SinkConfig = Annotated[
-    ParquetSink | CsvSink | JsonlSink | DeltaSink | DuckdbSink | PostgresSink,
+    ParquetSink
+    | CsvSink
+    | JsonlSink
+    | DeltaSink
+    | DuckdbSink
+    | PostgresSink
+    | RedisStreamSink
+    | KafkaSink,
     Field(discriminator="kind"),
 ]
 
@@ -344,6 +455,25 @@ class Settings(Model):
     retry_backoff: float = Field(
         0.2, ge=0, description="First retry delay in seconds; doubles each try, with full jitter."
     )
+    linger: str | float = Field(
+        "50ms",
+        description="Stream mode: a micro-batch is cut when it has batch_rows rows or its first "
+        "record waited this long.",
+    )
+
+
+class CheckpointConfig(Model):
+    """Stream mode: where and how often the checkpoint (epoch, source positions, operator
+    state, sink commit tokens) is written."""
+
+    path: str = Field(
+        "state/{pipeline}.db", description="SQLite file holding the checkpoints (created)."
+    )
+    every: str | float = Field("1s", description="Checkpoint interval.")
+    keep: int = Field(3, ge=2, description="Checkpoints kept (older ones are the fallback).")
+    backend: Literal["memory"] = Field(
+        "memory", description="State store: operator state in memory, snapshotted to SQLite."
+    )
 
 
 class PipelineConfig(Model):
@@ -357,6 +487,12 @@ class PipelineConfig(Model):
     )
     dead_letter: DeadLetterConfig = Field(default_factory=DeadLetterConfig)
     settings: Settings = Field(default_factory=Settings)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @property
+    def streaming(self) -> bool:
+        """True when the source is unbounded (a broker, or a watched folder)."""
+        return self.source.kind in STREAM_SOURCE_KINDS or bool(getattr(self.source, "watch", False))
 
     def step(self, step_id: str) -> Any:
         for node in (self.source, *self.steps, *self.sinks):

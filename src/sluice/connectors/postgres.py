@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 from typing import TYPE_CHECKING, Any
 
@@ -134,11 +135,16 @@ class PostgresWriter:
         self._stage_ready = False
         self._dirty = False  # rows of this run were written in the current transaction
         self._opened = False
+        self._pipeline = ""
+        self._marker = ""
+        self._epochs_table: Any = None
 
     # ---------------------------------------------------------------------------- sink protocol
 
     def open(self, ctx: RunContext) -> None:
         require("psycopg", "postgres", "PostgreSQL sink")
+        self._pipeline = ctx.pipeline
+        self._marker = f"{self.step_id}@{ctx.run_id}"  # stream mode: run_id names the history
         self._aligner = SchemaAligner(self.step_id, null_as=pa.string())
         self._dirty = False
         self._connect()
@@ -209,6 +215,106 @@ class PostgresWriter:
             pass
         finally:
             conn.close()
+
+    # ------------------------------------------------------------- stream mode (EpochPublisher)
+
+    def published_epoch(self) -> int | None:
+        """The newest checkpoint epoch whose rows are committed in the table (its marker)."""
+        import psycopg
+        from psycopg import sql
+
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._connect()
+        conn = self._conn
+        assert conn is not None
+        try:
+            self._ensure_epochs(conn)
+            row = conn.execute(
+                sql.SQL("SELECT epoch FROM {} WHERE pipeline = %s AND sink = %s").format(
+                    self._epochs_table
+                ),
+                [self._pipeline, self._marker],
+            ).fetchone()
+            conn.commit()
+        except psycopg.OperationalError as exc:
+            self._drop_connection()
+            raise TransientError(self.step_id, f"PostgreSQL connection failed: {exc}") from exc
+        return None if row is None else int(row[0])
+
+    def publish(self, epoch: int, table: pa.Table) -> pa.Table:
+        """Write one checkpoint epoch's rows and its marker row (table ``sluice_epochs``) in one
+        transaction; an epoch at or below the marker is skipped (it is already in the table)."""
+        import psycopg
+        from psycopg import sql
+
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._connect()
+        conn = self._conn
+        assert conn is not None
+        self._opened = True
+        try:
+            self._ensure_epochs(conn)
+            row = conn.execute(
+                sql.SQL("SELECT epoch FROM {} WHERE pipeline = %s AND sink = %s FOR UPDATE").format(
+                    self._epochs_table
+                ),
+                [self._pipeline, self._marker],
+            ).fetchone()
+            if row is not None and int(row[0]) >= epoch:
+                conn.rollback()
+                return empty_dead_letters()
+            data, dead = self._aligner.prepare(table)
+            if data is not None and data.num_rows:
+                written = self._write(table, data)
+                if written.num_rows:
+                    dead = pa.concat_tables([dead, written]) if dead.num_rows else written
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (pipeline, sink, epoch) VALUES (%s, %s, %s) "
+                    "ON CONFLICT (pipeline, sink) DO UPDATE SET epoch = EXCLUDED.epoch, "
+                    "updated = now()"
+                ).format(self._epochs_table),
+                [self._pipeline, self._marker, epoch],
+            )
+            conn.commit()
+            self._stage_ready = False
+            return dead
+        except psycopg.OperationalError as exc:
+            self._drop_connection()
+            raise TransientError(
+                self.step_id, f"PostgreSQL connection lost while publishing epoch {epoch}: {exc}"
+            ) from exc
+        except psycopg.Error as exc:
+            with contextlib.suppress(Exception):
+                conn.rollback()
+            raise SinkError(
+                self.step_id, f"publishing epoch {epoch} to {self.config.table} failed: {exc}"
+            ) from exc
+
+    def close(self) -> None:
+        self.abort()
+
+    def _ensure_epochs(self, conn: Any) -> None:
+        from psycopg import sql
+
+        if self._epochs_table is None:
+            schema = self._parts[0] if len(self._parts) == 2 else None
+            self._epochs_table = (
+                sql.Identifier(schema, "sluice_epochs")
+                if schema
+                else sql.Identifier("sluice_epochs")
+            )
+            if schema:
+                conn.execute(
+                    sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema))
+                )
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} (pipeline text NOT NULL, sink text NOT NULL,"
+                " epoch bigint NOT NULL, updated timestamptz NOT NULL DEFAULT now(), "
+                "PRIMARY KEY (pipeline, sink))"
+            ).format(self._epochs_table)
+        )
 
     # -------------------------------------------------------------------------------- internals
 

@@ -45,7 +45,7 @@ from sluice.batch import (
 )
 from sluice.config.models import STEP_KEYS, JsonlSink, ParquetSink, PipelineConfig
 from sluice.errors import SinkError, SluiceError, TerminalError, TransientError
-from sluice.plugins import Chunk, RunContext, Sink, Source, Step, lookup
+from sluice.plugins import Chunk, RunContext, Sink, Source, Step, StepResult, lookup
 from sluice.runtime.progress import RunProgress, progress_wanted
 from sluice.runtime.report import RunReport, StepStats
 from sluice.runtime.retry import retry
@@ -234,7 +234,7 @@ class Executor:
             table = ins[0] if len(ins) == 1 else concat(ins)
             t0 = time.perf_counter()
             try:
-                res = step.process(table)
+                res = self._call_step(step, table)
             except SluiceError as exc:
                 self._dead(getattr(exc, "dead", None))  # write what the step found, then stop
                 raise
@@ -255,6 +255,9 @@ class Executor:
             ins = [t for src in inputs if (t := outputs.get(src)) is not None and frame_rows(t)]
             for t in ins:
                 self._workers[i].put(t)
+
+    def _call_step(self, step: Step, table: Frame) -> StepResult:
+        return step.process(table)
 
     def _process_pending(self, pending: list[pa.Table]) -> None:
         """Merge small source batches; batches whose types cannot be merged (a column that

@@ -81,6 +81,7 @@ class RunReport:
     error: str | None = None
     steps: list[StepStats] = field(default_factory=list)
     quality: dict[str, Any] = field(default_factory=dict)
+    stream: dict[str, Any] | None = None  # stream mode: epoch, checkpoints, restored_from...
 
     def step(self, step_id: str) -> StepStats:
         for s in self.steps:

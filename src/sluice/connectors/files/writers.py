@@ -280,6 +280,24 @@ class _FileWriter:
             ) from exc
         self._state = None
 
+    def prepare(self) -> list[tuple[Path, Path]]:
+        """Stream mode: finish every part file (closed and fsynced under its temporary name) and
+        return ``(temporary, final)`` pairs; renaming them is the caller's publish step."""
+        state = self._state
+        if state is None:
+            return []
+        try:
+            for key in list(state.open_parts):
+                self._finish(state, key)
+        except (OSError, pa.ArrowException) as exc:
+            self.abort()
+            raise SinkError(
+                self.step_id, f"finishing {self.ext} parts under {state.root} failed: {exc}"
+            ) from exc
+        pairs = [(part.tmp, part.final) for part in state.finished]
+        self._state = None
+        return pairs
+
     def abort(self) -> None:
         state = self._state
         if state is None:

@@ -58,6 +58,39 @@ class MemorySource:
         self.closed = True
 
 
+class MemoryStream:
+    """A stream source over the given tables, one chunk per table, then the end of input.
+
+    The position is the number of tables consumed, so a pipeline restarted from a checkpoint
+    continues with the next table (what a broker does with offsets). ``committed`` records the
+    positions the runtime acknowledged."""
+
+    def __init__(self, tables: Sequence[pa.Table], step_id: str = "source", name: str = "memory"):
+        self.step_id = step_id
+        self.tables = list(tables)
+        self.name = name
+        self.next = 0
+        self.committed: list[int] = []
+
+    def open(self, ctx: RunContext, position: object) -> None:
+        self.next = int(position) if isinstance(position, int) else 0
+
+    def poll(self, timeout: float) -> Chunk | None:
+        if self.next >= len(self.tables):
+            return Chunk(end=True, position=self.next)
+        t = self.tables[self.next]
+        first = sum(x.num_rows for x in self.tables[: self.next])
+        self.next += 1
+        return Chunk(table=with_positions(t, self.name, first), position=self.next)
+
+    def commit(self, position: object) -> None:
+        assert isinstance(position, int)
+        self.committed.append(position)
+
+    def close(self) -> None:
+        return None
+
+
 class MemorySink:
     """Collects written tables; ``committed`` holds them only after commit (like a real sink)."""
 

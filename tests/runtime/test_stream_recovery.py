@@ -100,8 +100,16 @@ def _start(pipeline: Path, crash: str | None, until_idle: str = "60s") -> subpro
         env["SLUICE_TEST_CRASH"] = crash
     with open(pipeline.parent / "stderr.log", "wb") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "sluice.cli", "run", str(pipeline), "--no-progress",
-             "--until-idle", until_idle],
+            [
+                sys.executable,
+                "-m",
+                "sluice.cli",
+                "run",
+                str(pipeline),
+                "--no-progress",
+                "--until-idle",
+                until_idle,
+            ],
             cwd=pipeline.parent,
             env=env,
             stdout=subprocess.DEVNULL,

@@ -1,0 +1,286 @@
+"""The stream executor: epochs, checkpoints, failures, poison records, graceful stop.
+
+Logic tests use the in-memory stream of the test kit; the Redis tests use the real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sluice.config.loader import parse_pipeline
+from sluice.errors import ConfigError
+from sluice.runtime.stream import StreamExecutor
+from sluice.state.checkpoints import Checkpoint, CheckpointStore, decode, encode
+from sluice.testing import FlakySink, MemorySink, MemoryStream
+
+
+def _cfg(tmp: Path, **extra: Any) -> Any:
+    raw: dict[str, Any] = {
+        "pipeline": "stream_test",
+        "source": {"kind": "redis_stream", "stream": "unused"},
+        "sinks": [{"id": "out", "kind": "jsonl", "path": "out/"}],
+        "checkpoint": {"path": str(tmp / "state" / "cp.db"), "every": "10ms"},
+        "dead_letter": {"path": str(tmp / "dead")},
+        "settings": {"retry_backoff": 0.0, "linger": "1ms"},
+    }
+    raw.update(extra)
+    return parse_pipeline(raw)
+
+
+def _tables(n_tables: int, rows: int) -> list[pa.Table]:
+    return [
+        pa.table({"id": list(range(i * rows, (i + 1) * rows)), "v": [float(i)] * rows})
+        for i in range(n_tables)
+    ]
+
+
+def _dead(tmp: Path) -> pl.DataFrame:
+    files = sorted((tmp / "dead").glob("part-*.jsonl"))
+    return pl.concat([pl.read_ndjson(f) for f in files]) if files else pl.DataFrame()
+
+
+def test_transient_sink_failures_deliver_every_record_once(tmp_path: Path) -> None:
+    sink = FlakySink("out", transient_rate=0.1, seed=3)
+    ex = StreamExecutor(
+        _cfg(tmp_path, settings={"retry_backoff": 0.0, "retry_attempts": 30, "batch_rows": 50}),
+        base_dir=tmp_path,
+        source=MemoryStream(_tables(40, 50)),
+        sinks={"out": sink},
+        handle_signals=False,
+    )
+    rep = ex.run()
+    assert sink.transient_failures > 0
+    got = pa.concat_tables(sink.committed).column("id").to_pylist()
+    assert sorted(got) == list(range(2000))  # each once
+    assert rep.dead_letters == 0 and rep.status == "succeeded"
+
+
+def test_permanent_failures_dead_letter_exactly_the_refused_records(tmp_path: Path) -> None:
+    poison = {17, 555, 1999}
+    sink = FlakySink("out", column="id", poison=poison)
+    ex = StreamExecutor(
+        _cfg(tmp_path, settings={"retry_backoff": 0.0, "batch_rows": 100}),
+        base_dir=tmp_path,
+        source=MemoryStream(_tables(20, 100)),
+        sinks={"out": sink},
+        handle_signals=False,
+    )
+    rep = ex.run()
+    got = set(pa.concat_tables(sink.committed).column("id").to_pylist())
+    assert got == set(range(2000)) - poison  # the stream kept flowing past each failure
+    dead = _dead(tmp_path)
+    assert sorted(json.loads(p)["id"] for p in dead["payload"]) == sorted(poison)
+    assert set(dead["reason"]) == {"sink_rejected"} and set(dead["step_id"]) == {"out"}
+    assert rep.dead_letters == 3
+
+
+def test_poison_record_in_a_step_is_a_dead_letter_not_a_restart_loop(tmp_path: Path) -> None:
+    tables = [
+        pa.table({"id": [1, 2, 3, 4], "s": ["1", "2", "x", "4"]}),
+        pa.table({"id": [5, 6], "s": ["5", "6"]}),
+    ]
+    sink = MemorySink("out")
+    cfg = _cfg(tmp_path, steps=[{"id": "num", "derive": {"n": "CAST(s AS INTEGER)"}}])
+    rep = StreamExecutor(
+        cfg,
+        base_dir=tmp_path,
+        source=MemoryStream(tables),
+        sinks={"out": sink},
+        handle_signals=False,
+    ).run()
+    out = pa.concat_tables(sink.committed)
+    assert sorted(out.column("id").to_pylist()) == [1, 2, 4, 5, 6]
+    dead = _dead(tmp_path)
+    assert dead["reason"].to_list() == ["step_error"] and dead["step_id"].to_list() == ["num"]
+    assert json.loads(dead["payload"][0])["s"] == "x"
+    assert rep.status == "succeeded" and rep.balanced
+
+
+def test_restart_resumes_after_the_checkpointed_position(tmp_path: Path) -> None:
+    tables = _tables(10, 10)
+    first = MemoryStream(tables[:6])
+    StreamExecutor(_cfg(tmp_path), base_dir=tmp_path, source=first, handle_signals=False).run()
+    assert first.committed[-1] == 6  # acknowledged after the checkpoint
+    rest = MemoryStream(tables)
+    rep = StreamExecutor(_cfg(tmp_path), base_dir=tmp_path, source=rest, handle_signals=False).run()
+    assert rep.stream is not None and rep.stream["restored_from"] is not None
+    out = pl.concat([pl.read_ndjson(f) for f in sorted((tmp_path / "out").glob("*.jsonl"))])
+    assert sorted(out["id"].to_list()) == list(range(100))
+
+
+def test_single_file_sink_path_is_a_config_error_in_stream_mode(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, sinks=[{"id": "out", "kind": "parquet", "path": "out.parquet"}])
+    with pytest.raises(ConfigError) as err:
+        StreamExecutor(cfg, base_dir=tmp_path, source=MemoryStream([]), handle_signals=False)
+    assert "out" in str(err.value) and "directory" in str(err.value)
+
+
+# ------------------------------------------------------------------------- checkpoint store
+
+tables_st = st.lists(
+    st.lists(st.one_of(st.none(), st.integers(-(2**62), 2**62)), min_size=0, max_size=20),
+    max_size=3,
+)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    epoch=st.integers(0, 2**40),
+    position=st.dictionaries(st.text(max_size=5), st.text(max_size=10), max_size=3),
+    columns=tables_st,
+)
+def test_checkpoint_encoding_round_trips(
+    epoch: int, position: dict[str, str], columns: list[list[int | None]]
+) -> None:
+    state = {
+        "w": {f"t{i}": pa.table({"x": pa.array(c, pa.int64())}) for i, c in enumerate(columns)}
+    }
+    cp = Checkpoint(epoch, position, state, {"out": [["a", "b"]]}, "now")
+    back = decode(encode(cp))
+    assert (back.epoch, back.position, back.sinks) == (epoch, position, {"out": [["a", "b"]]})
+    assert set(back.state.get("w", {})) == set(state["w"])
+    for name, table in state["w"].items():
+        assert back.state["w"][name].equals(table)
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "cp.db", keep=3)
+    for e in range(1, 6):
+        store.save(Checkpoint(e, {"p": e}, {"w": {"s": pa.table({"x": [e] * 100})}}))
+    assert store.epochs() == [3, 4, 5]
+    store.close()
+    with sqlite3.connect(tmp_path / "cp.db") as db:
+        db.execute("UPDATE checkpoints SET body = substr(body, 1, 40) WHERE epoch = 5")
+    store = CheckpointStore(tmp_path / "cp.db")
+    cp, warnings = store.load()
+    store.close()
+    assert cp is not None and cp.epoch == 4 and cp.position == {"p": 4}
+    assert cp.state["w"]["s"].column("x").to_pylist() == [4] * 100
+    assert len(warnings) == 1 and "checkpoint 5" in warnings[0] and "corrupt" in warnings[0]
+
+
+# ------------------------------------------------------------------------- with Redis
+
+
+def _produce(url: str, stream: str, rows: list[dict[str, Any]]) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        pipe = client.pipeline(transaction=False)
+        for r in rows:
+            pipe.xadd(stream, {"data": json.dumps(r)})
+        pipe.execute()
+    finally:
+        client.close()
+
+
+def _redis_pipeline(tmp: Path, stream: str, url: str) -> Path:
+    path = tmp / "p.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "pipeline": "stream_redis",
+                "source": {
+                    "kind": "redis_stream",
+                    "url": url,
+                    "stream": stream,
+                    "schema": {"id": "int64"},
+                },
+                "sinks": [{"id": "out", "kind": "parquet", "path": "out/"}],
+                "checkpoint": {"path": "state/cp.db", "every": "50ms"},
+            }
+        )
+    )
+    return path
+
+
+def _run(pipeline: Path) -> Any:
+    from sluice.config.loader import load_pipeline
+
+    return StreamExecutor(
+        load_pipeline(pipeline), base_dir=pipeline.parent, until_idle=0.5, handle_signals=False
+    ).run()
+
+
+def test_corrupt_newest_checkpoint_restart_is_still_exact(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    stream = f"{redis_prefix}:s"
+    pipeline = _redis_pipeline(tmp_path, stream, redis_url)
+    _produce(redis_url, stream, [{"id": i} for i in range(5000)])
+    _run(pipeline)
+    with sqlite3.connect(tmp_path / "state" / "cp.db") as db:
+        newest = db.execute("SELECT max(epoch) FROM checkpoints").fetchone()[0]
+        db.execute("UPDATE checkpoints SET body = substr(body, 1, 20) WHERE epoch = ?", [newest])
+    _produce(redis_url, stream, [{"id": i} for i in range(5000, 8000)])
+    rep = _run(pipeline)
+    assert rep.stream["restored_from"] == newest - 1
+    assert any("corrupt" in w for w in rep.stream["warnings"])
+    ids = pl.read_parquet(tmp_path / "out" / "*.parquet")["id"]
+    assert ids.len() == 8000 and ids.n_unique() == 8000
+
+
+def test_dead_consumers_pending_messages_are_reclaimed_and_acked_after_checkpoint(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    import redis
+
+    stream = f"{redis_prefix}:s"
+    _produce(redis_url, stream, [{"id": i} for i in range(300)])
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.xgroup_create(stream, "sluice", id="0")
+        # a consumer that died holding 100 messages it never acknowledged
+        client.xreadgroup("sluice", "dead-worker", {stream: ">"}, count=100)
+        assert client.xpending(stream, "sluice")["pending"] == 100
+        _run(_redis_pipeline(tmp_path, stream, redis_url))
+        assert client.xpending(stream, "sluice")["pending"] == 0  # all acked after checkpoints
+    finally:
+        client.close()
+    ids = pl.read_parquet(tmp_path / "out" / "*.parquet")["id"]
+    assert sorted(ids.to_list()) == list(range(300))
+
+
+def test_sigterm_stops_gracefully_with_a_final_checkpoint(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    stream = f"{redis_prefix}:s"
+    pipeline = _redis_pipeline(tmp_path, stream, redis_url)
+    _produce(redis_url, stream, [{"id": i} for i in range(1000)])
+    with open(tmp_path / "err.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sluice.cli", "run", str(pipeline), "--no-progress", "--json"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env=dict(os.environ),
+        )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        parts = list((tmp_path / "out").glob("part-*.parquet"))
+        if parts and pl.read_parquet(tmp_path / "out" / "*.parquet").height == 1000:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, (tmp_path / "err.log").read_text()
+    report = json.loads(out)
+    assert report["status"] == "stopped" and report["stream"]["checkpoints"] >= 1
+    _produce(redis_url, stream, [{"id": i} for i in range(1000, 1500)])
+    _run(pipeline)
+    ids = pl.read_parquet(tmp_path / "out" / "*.parquet")["id"]
+    assert sorted(ids.to_list()) == list(range(1500))

@@ -28,17 +28,17 @@ Call contracts (the executor keeps them; implementations may rely on them):
 Stream mode (:mod:`sluice.runtime.stream`) adds two interfaces:
 
 ``StreamSource``
-    ``open(ctx, position)`` once; ``position`` is the JSON value that the newest complete
-    checkpoint recorded for this source (``None`` on a first start: begin where the consumer group
-    stands, or at the stream's start). ``poll(timeout)`` is then called repeatedly from one
-    reader thread: it returns a :class:`Chunk` (rows with position columns, whose
-    ``__sluice_source`` is the interned *partition* name, and/or dead letters) whose ``position`` is the JSON-serializable
-    position just after the chunk, or ``None`` when nothing arrived within ``timeout`` seconds. A
-    chunk with ``end=True`` says the input is exhausted (a bounded replay; a live stream never
-    ends). ``commit(position)`` is called from the main thread once a checkpoint covering
-    ``position`` is durable: acknowledge messages / commit offsets up to there (it may run
-    concurrently with ``poll``). After a restart, reading resumes right after the checkpointed
-    position even if later messages were already delivered. ``close()`` exactly once.
+    ``open(ctx, position)`` once; ``position`` is the JSON value that the newest complete checkpoint
+    recorded for this source (``None`` on a first start: begin where the consumer group stands, or
+    at the stream's start). ``poll(timeout)`` is then called repeatedly from one reader thread: it
+    returns a :class:`Chunk` (rows with position columns, whose ``__sluice_source`` is the interned
+    *partition* name, and/or dead letters) whose ``position`` is the JSON-serializable position just
+    after the chunk, or ``None`` when nothing arrived within ``timeout`` seconds. A chunk with
+    ``end=True`` says the input is exhausted (a bounded replay; a live stream never ends).
+    ``commit(position)`` is called from the main thread once a checkpoint covering ``position`` is
+    durable: acknowledge messages / commit offsets up to there (it may run concurrently with
+    ``poll``). After a restart, reading resumes right after the checkpointed position even if later
+    messages were already delivered. ``close()`` exactly once.
 
 ``EpochPublisher``
     A sink that cannot hide uncommitted output (a database, a broker) is fed per checkpoint epoch:

@@ -16,7 +16,7 @@ from sluice.batch import with_positions  # noqa: E402
 from sluice.config.models import DeltaSink  # noqa: E402
 from sluice.connectors.delta import DeltaWriter  # noqa: E402
 from sluice.errors import SinkError  # noqa: E402
-from sluice.plugins import RunContext, Sink  # noqa: E402
+from sluice.plugins import EpochPublisher, RunContext, Sink  # noqa: E402
 
 
 def rows(start: int, n: int) -> pa.Table:
@@ -167,3 +167,109 @@ def test_incompatible_partitioning_is_a_sink_error(tmp_path: Path) -> None:
     with pytest.raises(SinkError, match="lake"):
         w.commit()
     assert pc.max(read(table)["id"]).as_py() == 1
+
+
+# ------------------------------------------------------------------------------- stream mode
+
+
+def ids(path: Path) -> list[int]:
+    return list(read(path)["id"].to_pylist())
+
+
+def test_publish_epochs_exactly_once(tmp_path: Path) -> None:
+    table = tmp_path / "t"
+    w = sink(table)
+    assert isinstance(w, EpochPublisher) and isinstance(w, Sink)
+    w.open(RunContext("p", "r1", tmp_path))
+    assert w.published_epoch() is None
+    for epoch, start in ((1, 0), (2, 5), (3, 10)):
+        assert w.publish(epoch, rows(start, 5)).num_rows == 0
+    assert w.published_epoch() == 3
+    assert ids(table) == list(range(15))
+    dtable = deltalake.DeltaTable(str(table))
+    assert dtable.version() == 2  # one Delta commit per epoch
+    assert dtable.transaction_version("sluice:p:lake:r1") == 3
+    assert "__sluice_row" not in read(table).column_names
+    assert "__sluice_source" not in read(table).column_names
+
+    assert w.publish(2, rows(5, 5)).num_rows == 0  # a replayed epoch: skipped
+    assert w.publish(3, rows(10, 5)).num_rows == 0
+    assert deltalake.DeltaTable(str(table)).version() == 2  # nothing written
+    w.close()
+    assert ids(table) == list(range(15))
+
+    fresh = sink(table)  # a new checkpoint history (state deleted): old markers are not its own
+    fresh.open(RunContext("p", "r2", tmp_path))
+    assert fresh.published_epoch() is None
+    fresh.close()
+    again = sink(table)  # after a restart: the stream runtime passes the same run id
+    again.open(RunContext("p", "r1", tmp_path))
+    assert again.published_epoch() == 3
+    assert again.publish(3, rows(10, 5)).num_rows == 0
+    assert again.publish(4, rows(15, 2)).num_rows == 0
+    assert again.published_epoch() == 4
+    again.close()
+    assert ids(table) == list(range(17))
+
+
+def test_marker_is_per_pipeline_and_sink(tmp_path: Path) -> None:
+    table = tmp_path / "t"
+    w = sink(table)
+    w.open(RunContext("p", "r1", tmp_path))
+    w.publish(7, rows(0, 2))
+    w.close()
+    other_pipeline = sink(table)
+    other_pipeline.open(RunContext("q", "r1", tmp_path))
+    assert other_pipeline.app_id == "sluice:q:lake:r1"
+    assert other_pipeline.published_epoch() is None
+    other_pipeline.publish(1, rows(2, 2))  # appends next to the other pipeline's rows
+    other_pipeline.close()
+    other_sink = DeltaWriter(DeltaSink(id="lake2", kind="delta", path=str(table)))
+    other_sink.open(RunContext("p", "r1", tmp_path))
+    assert other_sink.published_epoch() is None
+    other_sink.close()
+    assert ids(table) == [0, 1, 2, 3]
+
+
+def test_publish_empty_and_refused_epochs_record_the_marker(tmp_path: Path) -> None:
+    table = tmp_path / "t"
+    w = sink(table)
+    w.open(RunContext("p", "r1", tmp_path))
+    assert w.publish(1, pa.table({})).num_rows == 0  # nothing known yet: no table, no marker
+    assert w.published_epoch() is None
+    w.publish(2, rows(0, 3))
+    assert w.publish(3, rows(3, 0)).num_rows == 0
+    assert w.published_epoch() == 3
+    bad = rows(3, 2).set_column(0, "id", pa.array(["a", "b"]))
+    dead = w.publish(4, bad)
+    assert dead.num_rows == 2 and dead["reason"].to_pylist() == ["sink_rejected"] * 2
+    assert w.published_epoch() == 4
+    w.close()
+    assert ids(table) == [0, 1, 2]
+
+
+def test_publish_overwrite_replaces_only_at_the_first_epoch(tmp_path: Path) -> None:
+    table = tmp_path / "t"
+    run(sink(table), tmp_path, rows(100, 3))
+    w = sink(table, mode="overwrite")
+    w.open(RunContext("p", "r1", tmp_path))
+    w.publish(1, rows(0, 2))
+    w.publish(2, rows(2, 2))
+    w.close()
+    assert ids(table) == [0, 1, 2, 3]
+    again = sink(table, mode="overwrite")
+    again.open(RunContext("p", "r1", tmp_path))
+    again.publish(3, rows(4, 1))  # after a restart: still appends
+    again.close()
+    assert ids(table) == [0, 1, 2, 3, 4]
+
+
+def test_publish_partitioned(tmp_path: Path) -> None:
+    table = tmp_path / "t"
+    w = sink(table, partition_by=["region"])
+    w.open(RunContext("p", "r1", tmp_path))
+    w.publish(1, rows(0, 3))
+    w.publish(2, rows(3, 3))
+    w.close()
+    assert deltalake.DeltaTable(str(table)).metadata().partition_columns == ["region"]
+    assert ids(table) == list(range(6))

@@ -14,7 +14,7 @@ from sluice.batch import with_positions
 from sluice.config.models import DuckdbSink
 from sluice.connectors.duckdb import DuckdbWriter
 from sluice.errors import SinkError
-from sluice.plugins import RunContext, Sink
+from sluice.plugins import EpochPublisher, RunContext, Sink
 
 
 def rows(start: int, n: int) -> pa.Table:
@@ -107,3 +107,108 @@ def test_constraint_violation_fails_the_run(tmp_path: Path) -> None:
         w.write(pa.table({"id": [2], "v": ["dup"]}))
     w.abort()
     assert query(tmp_path, "SELECT count(*) FROM orders") == [(0,)]
+
+
+# ------------------------------------------------------------------------------- stream mode
+
+
+def test_publish_epochs_exactly_once(tmp_path: Path) -> None:
+    w = sink()
+    assert isinstance(w, EpochPublisher) and isinstance(w, Sink)
+    w.open(RunContext("p", "r1", tmp_path))
+    assert w.published_epoch() is None
+    for epoch, start in ((1, 0), (2, 5), (3, 10)):
+        assert w.publish(epoch, rows(start, 5)).num_rows == 0
+    assert w.published_epoch() == 3
+    assert w.publish(2, rows(5, 5)).num_rows == 0  # a replayed epoch: skipped
+    assert w.publish(3, rows(10, 5)).num_rows == 0
+    w.close()
+    assert query(tmp_path, "SELECT id FROM orders ORDER BY id") == [(i,) for i in range(15)]
+    assert query(tmp_path, "SELECT * FROM sluice_epochs") == [("p", "db@r1", 3)]
+    with duckdb.connect(str(tmp_path / "w.duckdb"), read_only=True) as con:
+        back = con.sql("SELECT * FROM orders").to_arrow_table()
+    assert back.column_names == ["id", "amount", "day", "name"]  # positions stripped
+
+    fresh = sink()  # a new checkpoint history (state deleted): old markers are not its own
+    fresh.open(RunContext("p", "r2", tmp_path))
+    assert fresh.published_epoch() is None
+    fresh.close()
+    again = sink()  # after a restart: the stream runtime passes the same run id
+    again.open(RunContext("p", "r1", tmp_path))
+    assert again.published_epoch() == 3
+    assert again.publish(3, rows(10, 5)).num_rows == 0
+    assert again.publish(4, rows(15, 1)).num_rows == 0
+    assert again.published_epoch() == 4
+    again.close()
+    assert query(tmp_path, "SELECT count(*), count(DISTINCT id) FROM orders") == [(16, 16)]
+
+
+def test_marker_is_per_pipeline_and_sink_next_to_the_table(tmp_path: Path) -> None:
+    w = sink(table="stage.orders")
+    w.open(RunContext("p", "r1", tmp_path))
+    w.publish(5, rows(0, 2))
+    w.close()
+    other = sink(table="stage.orders", id="db2")
+    other.open(RunContext("p", "r1", tmp_path))
+    assert other.published_epoch() is None
+    other.publish(1, rows(2, 1))
+    other.close()
+    third = sink(table="stage.orders")
+    third.open(RunContext("q", "r1", tmp_path))
+    assert third.published_epoch() is None
+    third.close()
+    assert query(tmp_path, "SELECT * FROM stage.sluice_epochs ORDER BY sink") == [
+        ("p", "db2@r1", 1),
+        ("p", "db@r1", 5),
+    ]
+    assert query(tmp_path, "SELECT count(*) FROM stage.orders") == [(3,)]
+
+
+def test_publish_failure_rolls_back_rows_and_marker(tmp_path: Path) -> None:
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as con:
+        con.execute("CREATE TABLE orders (id BIGINT PRIMARY KEY, v VARCHAR)")
+    w = sink()
+    w.open(RunContext("p", "r1", tmp_path))
+    w.publish(1, pa.table({"id": [1, 2], "v": ["a", "b"]}))
+    with pytest.raises(SinkError, match="epoch 2"):
+        w.publish(2, pa.table({"id": [3, 2], "v": ["c", "dup"]}))
+    assert w.published_epoch() == 1
+    assert w.publish(2, pa.table({"id": [3], "v": ["c"]})).num_rows == 0
+    refused = w.publish(3, pa.table({"id": ["x"], "v": ["y"]}))  # wrong type: dead letter
+    assert refused.num_rows == 1 and refused["reason"][0].as_py() == "sink_rejected"
+    assert w.published_epoch() == 3
+    w.close()
+    assert query(tmp_path, "SELECT id, v FROM orders ORDER BY id") == [(1, "a"), (2, "b"), (3, "c")]
+
+
+def test_publish_replace_only_at_the_first_epoch_and_empty_epochs(tmp_path: Path) -> None:
+    run(sink(), tmp_path, rows(100, 3))
+    w = sink(mode="replace")
+    w.open(RunContext("p", "r1", tmp_path))
+    assert w.publish(1, pa.table({"other": ["a"]})).num_rows == 0  # the old table is replaced
+    assert w.publish(2, pa.table({"other": ["b"]}).slice(0, 0)).num_rows == 0
+    assert w.published_epoch() == 2
+    w.close()
+    again = sink(mode="replace")
+    again.open(RunContext("p", "r1", tmp_path))
+    again.publish(3, pa.table({"other": ["c"]}))  # after a restart: appends
+    again.close()
+    assert query(tmp_path, "SELECT other FROM orders") == [("a",), ("c",)]
+
+    fresh = sink(table="empty_first", id="db9")
+    fresh.open(RunContext("p", "r1", tmp_path))
+    assert fresh.publish(1, pa.table({})).num_rows == 0  # no rows, no columns: marker only
+    assert fresh.published_epoch() == 1
+    fresh.close()
+    assert query(
+        tmp_path, "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'empty_first'"
+    ) == [(0,)]
+
+
+def test_batch_and_stream_mode_are_not_mixed(tmp_path: Path) -> None:
+    w = sink()
+    w.open(RunContext("p", "r1", tmp_path))
+    w.write(rows(0, 1))
+    with pytest.raises(SinkError, match="batch transaction"):
+        w.publish(1, rows(1, 1))
+    w.abort()

@@ -1,4 +1,4 @@
-"""Delta Lake sink (``deltalake``, imported lazily)."""
+"""Delta Lake sink (``deltalake``, imported lazily): one commit per run, or per epoch (stream)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from sluice.batch import empty_dead_letters
 from sluice.config.models import DeltaSink
 from sluice.connectors.files.writers import SchemaAligner, normalize
 from sluice.errors import SinkError, require
@@ -27,6 +28,26 @@ class DeltaWriter:
     ``mode: overwrite`` replaces the table's content (and schema) with the first commit of the
     run; further commits of the same run append. In append mode the existing table's schema is
     the target: batches are aligned to it and incompatible ones become dead letters.
+
+    **Stream mode** (:class:`~sluice.plugins.EpochPublisher`): :meth:`publish` writes one checkpoint
+    epoch's rows as **one Delta commit** that also records the application transaction ``(app_id,
+    version=epoch)`` (Delta's ``txn`` action, via ``CommitProperties``), so the rows and the epoch
+    marker become visible together or not at all. :meth:`published_epoch` reads the marker back
+    (``DeltaTable.transaction_version(app_id)``). ``app_id`` is ``sluice:<pipeline>:<sink id>:<run
+    id>`` (:attr:`app_id`; in stream mode the run id names the checkpoint history, so a fresh
+    checkpoint store never inherits old markers). An epoch not newer than the marker is skipped
+    (nothing written, no dead letters), so a re-published epoch is never duplicated: exactly once,
+    as long as one writer publishes for that pipeline and sink (the check and the commit are not one
+    atomic step against a concurrent writer of the same ``app_id``). An epoch without rows (or with
+    every row refused) still makes a commit, without data files, to record its marker; only before
+    any column is known (no table, an epoch without columns) is nothing written, and the marker
+    stays behind, which is harmless for an empty epoch. ``mode: overwrite`` replaces the table with
+    the first epoch ever published (no marker yet); later epochs, also after a restart, append.
+    Every epoch is one table version: compact small files now and then (``OPTIMIZE``) and keep
+    Delta's transaction retention (``delta.setTransactionRetentionDuration``) unset or longer than
+    any restart gap, or the marker expires and a replayed epoch would be written twice. The marker
+    belongs to the checkpoint store's epoch numbering: a new, empty checkpoint store gets a new run
+    id, so it never mistakes old markers for its own.
     """
 
     max_buffer_bytes: int = 256 << 20
@@ -42,12 +63,16 @@ class DeltaWriter:
         self._commits = 0
         self._start_version: int | None = None
         self._opened = False
+        self._stream_used = False  # publish() has run (overwrite is only for the first epoch)
+        self.app_id = ""
 
     def open(self, ctx: RunContext) -> None:
         require("deltalake", "delta", "Delta sink")
         import deltalake
 
         self._dl = deltalake
+        self.app_id = f"sluice:{ctx.pipeline}:{self.step_id}:{ctx.run_id}"
+        self._stream_used = False
         path = self.config.path
         self._uri = path if "://" in path else str(ctx.resolve(path))
         self._aligner = SchemaAligner(self.step_id, null_as=pa.string())
@@ -152,3 +177,78 @@ class DeltaWriter:
             ) from exc
         self._commits += 1
         self._buffer, self._buffered = [], 0
+
+    # -- stream mode (EpochPublisher) --------------------------------------------------------
+
+    def published_epoch(self) -> int | None:
+        """The newest epoch published by this pipeline's sink (the Delta app transaction)."""
+        if self._dl is None:
+            raise SinkError(self.step_id, "published_epoch() called before open()")
+        try:
+            if not self._dl.DeltaTable.is_deltatable(self._uri):
+                return None
+            version = self._dl.DeltaTable(self._uri).transaction_version(self.app_id)
+        except Exception as exc:
+            raise SinkError(
+                self.step_id,
+                f"cannot read the epoch marker of Delta table {self._uri}: {exc}",
+                fix="check the path and that it holds a Delta table",
+            ) from exc
+        return None if version is None else int(version)
+
+    def publish(self, epoch: int, table: pa.Table) -> pa.Table:
+        """Append ``table`` (position columns dropped) and record ``epoch`` in one Delta commit;
+        returns the dead letters of refused rows. An epoch not newer than the marker is skipped:
+        nothing is written and no dead letters are returned."""
+        if not self._opened:
+            raise SinkError(self.step_id, "publish() called before open() or after close()")
+        if self._commits or self._buffer:
+            raise SinkError(self.step_id, "publish() called on a sink used by write()/commit()")
+        published = self.published_epoch()
+        if published is not None and epoch <= published:
+            return empty_dead_letters()
+        dl = self._dl
+        exists = bool(dl.DeltaTable.is_deltatable(self._uri))
+        overwrite = self.config.mode == "overwrite" and published is None and not self._stream_used
+        if not overwrite and exists and self._aligner.schema is None:
+            current = pa.schema(dl.DeltaTable(self._uri).schema().to_arrow())
+            self._aligner.schema = normalize(current.empty_table()).schema
+        data, dead = self._aligner.prepare(table)
+        if data is None:
+            schema = self._aligner.schema or self._aligner.fallback
+            if schema is None or not schema.names:
+                return dead  # no columns known: no table can hold the marker yet
+            data = schema.empty_table()
+        if self.config.partition_by and not exists:
+            missing = [c for c in self.config.partition_by if c not in data.column_names]
+            if missing:
+                raise SinkError(
+                    self.step_id,
+                    f"partition columns {missing} are not in the data ({data.column_names})",
+                    fix="partition_by must name columns of the data",
+                )
+        try:
+            dl.write_deltalake(
+                self._uri,
+                data,
+                mode="overwrite" if overwrite else "append",
+                schema_mode="overwrite" if overwrite else None,
+                partition_by=self.config.partition_by or None,
+                commit_properties=dl.CommitProperties(
+                    app_transactions=[dl.Transaction(app_id=self.app_id, version=epoch)]
+                ),
+            )
+        except Exception as exc:
+            raise SinkError(
+                self.step_id,
+                f"publishing epoch {epoch} to Delta table {self._uri} failed: {exc}",
+                fix="check that the data's schema and partition_by match the existing table",
+            ) from exc
+        self._stream_used = True
+        return dead
+
+    def close(self) -> None:
+        """End stream mode (nothing is held open); a batch run not committed is aborted."""
+        if self._opened and (self._buffer or self._commits):
+            self.abort()
+        self._opened = False

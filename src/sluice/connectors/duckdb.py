@@ -1,4 +1,4 @@
-"""DuckDB sink: one transaction per run."""
+"""DuckDB sink: one transaction per run (batch mode) or per checkpoint epoch (stream mode)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,16 @@ from typing import Any
 
 import pyarrow as pa
 
+from sluice.batch import empty_dead_letters
 from sluice.config.models import DuckdbSink
 from sluice.connectors.files.writers import SchemaAligner, normalize
 from sluice.errors import SinkError, TransientError
 from sluice.plugins import RunContext
 
 _VIEW = "__sluice_batch"
+
+#: Name of the epoch marker table (stream mode), created next to the sink's table.
+MARKER_TABLE = "sluice_epochs"
 
 
 def _quote(name: str) -> str:
@@ -30,7 +34,23 @@ class DuckdbWriter:
 
     DuckDB has no savepoints: a constraint violation (NOT NULL, PRIMARY KEY, ...) aborts the
     whole transaction, so it fails the run with :class:`SinkError` instead of dead-lettering rows.
-    A database file locked by another process raises :class:`TransientError`.
+    A database file locked by another process raises :class:`TransientError` (at :meth:`open`,
+    which connects; the batch transaction begins with the first :meth:`write` or :meth:`commit`).
+
+    **Stream mode** (:class:`~sluice.plugins.EpochPublisher`): :meth:`publish` inserts one
+    checkpoint epoch's rows and upserts the marker row ``(pipeline, sink, epoch)`` of the table
+    ``sluice_epochs`` **in one transaction**, so the rows and the marker become visible
+    together or not at all; :meth:`published_epoch` reads the marker back. An epoch not newer
+    than the marker is skipped (nothing written, no dead letters), so a re-published epoch is
+    never duplicated: exactly once. The marker table is created next to the sink's table (same
+    database and schema, as DuckDB writes one database per transaction); its key is the
+    pipeline name and the sink's step id. ``mode: replace`` drops the old table in the
+    transaction of the first epoch ever published (no marker yet); later epochs, also after a
+    restart, append. A failed insert rolls the epoch's transaction back and raises
+    :class:`SinkError`; the marker is then unchanged. A sink instance is used either in batch
+    mode or in stream mode, not both. The marker belongs to the checkpoint store's epoch
+    numbering: starting the pipeline again with a new, empty checkpoint store (epochs from 1
+    again) makes every epoch up to the old marker look published (delete its marker row first).
     """
 
     def __init__(self, config: DuckdbSink) -> None:
@@ -40,14 +60,24 @@ class DuckdbWriter:
         self._aligner = SchemaAligner(self.step_id, null_as=pa.string())
         self._exists = False
         parts = config.table.split(".")
+        self._parts = parts
         self._qualified = ".".join(_quote(p) for p in parts)
         self._schema_name = parts[-2] if len(parts) >= 2 else None
+        self._marker_parts = [*parts[:-1], MARKER_TABLE]
+        self._marker = ".".join(_quote(p) for p in self._marker_parts)
+        self._ctx: RunContext | None = None
+        self._in_batch = False  # the batch transaction has begun
+        self._stream_ready = False  # the table was checked (and replaced) for stream mode
 
     def open(self, ctx: RunContext) -> None:
+        """Connect to the database file (created if missing); no transaction begins yet."""
         import duckdb
 
         path = ctx.resolve(self.config.path)
+        self._ctx = ctx
         self._aligner = SchemaAligner(self.step_id, null_as=pa.string())
+        self._in_batch = False
+        self._stream_ready = False
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._con = duckdb.connect(str(path))
@@ -61,24 +91,41 @@ class DuckdbWriter:
             raise SinkError(self.step_id, f"cannot open DuckDB database {path}: {exc}") from exc
         except (duckdb.Error, OSError) as exc:
             raise SinkError(self.step_id, f"cannot open DuckDB database {path}: {exc}") from exc
-        con = self._con
+
+    def _begin_batch(self) -> None:
+        """Begin the run's transaction (once) and prepare the table."""
+        import duckdb
+
+        if self._in_batch:
+            return
+        if self._stream_ready:
+            raise SinkError(
+                self.step_id, "write()/commit() called on a sink already used by publish()"
+            )
         try:
-            self._exec(con, "BEGIN TRANSACTION")
-            if self._schema_name is not None:
-                self._exec(con, f"CREATE SCHEMA IF NOT EXISTS {_quote(self._schema_name)}")
-            if self.config.mode == "replace":
-                self._exec(con, f"DROP TABLE IF EXISTS {self._qualified}")
-                self._exists = False
-            else:
-                self._exists = self._table_exists()
-                if self._exists:
-                    current = con.sql(f"SELECT * FROM {self._qualified} LIMIT 0").to_arrow_table()
-                    self._aligner.schema = normalize(current).schema
+            self._exec(self._con, "BEGIN TRANSACTION")
+            self._in_batch = True
+            self._prepare(replace=self.config.mode == "replace")
         except duckdb.Error as exc:
             self._close(rollback=True)
             raise SinkError(
                 self.step_id, f"cannot prepare table {self.config.table}: {exc}"
             ) from exc
+
+    def _prepare(self, *, replace: bool) -> None:
+        """Inside a transaction: create the schema, drop (replace) or inspect the table."""
+        con = self._con
+        self._aligner = SchemaAligner(self.step_id, null_as=pa.string())
+        if self._schema_name is not None:
+            self._exec(con, f"CREATE SCHEMA IF NOT EXISTS {_quote(self._schema_name)}")
+        if replace:
+            self._exec(con, f"DROP TABLE IF EXISTS {self._qualified}")
+            self._exists = False
+        else:
+            self._exists = self._table_exists()
+            if self._exists:
+                current = con.sql(f"SELECT * FROM {self._qualified} LIMIT 0").to_arrow_table()
+                self._aligner.schema = normalize(current).schema
 
     @staticmethod
     def _exec(con: Any, statement: str, params: list[Any] | None = None) -> list[Any]:
@@ -86,8 +133,8 @@ class DuckdbWriter:
         rows: list[Any] = con.execute(statement, params).fetchall()
         return rows
 
-    def _table_exists(self) -> bool:
-        parts = self.config.table.split(".")
+    def _table_exists(self, parts: list[str] | None = None) -> bool:
+        parts = self._parts if parts is None else parts
         schema = parts[-2] if len(parts) >= 2 else None
         sql = "SELECT count(*) FROM duckdb_tables() WHERE lower(table_name) = lower(?)"
         params = [parts[-1]]
@@ -109,6 +156,7 @@ class DuckdbWriter:
 
         if self._con is None:
             raise SinkError(self.step_id, "write() called before open() or after commit()/abort()")
+        self._begin_batch()
         data, dead = self._aligner.prepare(table)
         if data is None or data.num_rows == 0:
             return dead
@@ -142,6 +190,7 @@ class DuckdbWriter:
 
         if self._con is None:
             return
+        self._begin_batch()
         try:
             if not self._exists:
                 schema = self._aligner.schema or self._aligner.fallback
@@ -156,12 +205,106 @@ class DuckdbWriter:
     def abort(self) -> None:
         self._close(rollback=True)
 
+    # -- stream mode (EpochPublisher) --------------------------------------------------------
+
+    def published_epoch(self) -> int | None:
+        """The newest epoch published by this pipeline's sink (its marker), None if none."""
+        import duckdb
+
+        con = self._stream_con("published_epoch")
+        try:
+            if not self._table_exists(self._marker_parts):
+                return None
+            rows = self._exec(
+                con,
+                f"SELECT max(epoch) FROM {self._marker} WHERE pipeline = ? AND sink = ?",
+                [self._pipeline, self._marker_key],
+            )
+        except duckdb.Error as exc:
+            raise SinkError(
+                self.step_id, f"cannot read the epoch marker {self._marker}: {exc}"
+            ) from exc
+        value = rows[0][0] if rows else None
+        return None if value is None else int(value)
+
+    def publish(self, epoch: int, table: pa.Table) -> pa.Table:
+        """Insert ``table`` (position columns dropped) and set the marker to ``epoch``, in one
+        transaction; returns the dead letters of refused rows. An epoch not newer than the
+        marker is skipped: nothing is written and no dead letters are returned."""
+        import duckdb
+
+        con = self._stream_con("publish")
+        published = self.published_epoch()
+        if published is not None and epoch <= published:
+            return empty_dead_letters()
+        try:
+            self._exec(con, "BEGIN TRANSACTION")
+            try:
+                if not self._stream_ready:
+                    self._prepare(replace=self.config.mode == "replace" and published is None)
+                data, dead = self._aligner.prepare(table)
+                if data is not None and data.num_rows:
+                    self._insert(data)
+                elif not self._exists:
+                    schema = self._aligner.schema or self._aligner.fallback
+                    if schema is not None and schema.names:  # an empty epoch creates it too
+                        self._insert(schema.empty_table())
+                self._exec(
+                    con,
+                    f"CREATE TABLE IF NOT EXISTS {self._marker} (pipeline VARCHAR NOT NULL, "
+                    "sink VARCHAR NOT NULL, epoch BIGINT NOT NULL, PRIMARY KEY (pipeline, sink))",
+                )
+                self._exec(
+                    con,
+                    f"INSERT INTO {self._marker} (pipeline, sink, epoch) VALUES (?, ?, ?) "
+                    "ON CONFLICT (pipeline, sink) DO UPDATE SET epoch = excluded.epoch",
+                    [self._pipeline, self._marker_key, epoch],
+                )
+                self._exec(con, "COMMIT")
+            except BaseException:
+                self._stream_ready = False  # re-inspect the table in the next transaction
+                with contextlib.suppress(duckdb.Error):
+                    self._exec(con, "ROLLBACK")
+                raise
+        except duckdb.Error as exc:
+            raise SinkError(
+                self.step_id,
+                f"publishing epoch {epoch} to {self.config.table} failed: {exc}",
+                fix="check constraints of the table; the epoch's transaction is rolled back",
+            ) from exc
+        self._stream_ready = True
+        return dead
+
+    def close(self) -> None:
+        """Close the connection (a batch transaction still open is rolled back)."""
+        self._close(rollback=self._in_batch)
+        self._stream_ready = False
+
+    @property
+    def _pipeline(self) -> str:
+        return self._ctx.pipeline if self._ctx is not None else ""
+
+    @property
+    def _marker_key(self) -> str:
+        """Sink id and run id: in stream mode the run id names the checkpoint history."""
+        return f"{self.step_id}@{self._ctx.run_id if self._ctx is not None else ''}"
+
+    def _stream_con(self, what: str) -> Any:
+        if self._con is None:
+            raise SinkError(self.step_id, f"{what}() called before open() or after close()")
+        if self._in_batch:
+            raise SinkError(
+                self.step_id, f"{what}() called on a sink with an open batch transaction"
+            )
+        return self._con
+
     def _close(self, *, rollback: bool) -> None:
         con, self._con = self._con, None
+        in_batch, self._in_batch = self._in_batch, False
         if con is None:
             return
         try:
-            if rollback:
+            if rollback and in_batch:
                 self._exec(con, "ROLLBACK")
         except Exception:  # the transaction may already be aborted
             pass

@@ -136,6 +136,7 @@ def _replay_source(
     for f in files:
         src = cfg.source.model_dump(by_alias=True, exclude_none=True)
         src["path"] = f
+        src["watch"] = False  # a replay reads these records once, as a batch
         if f.startswith(str(tmpdir)) and "encoding" in src:
             src["encoding"] = "utf-8"
         reports.append(_run(cfg, src, None, tmpdir, base_dir, progress))

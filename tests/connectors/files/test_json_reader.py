@@ -174,3 +174,17 @@ def test_jsonl_invalid_utf8_and_mixed(tmp_path: Path) -> None:
     assert dead.column("reason").to_pylist() == ["encoding"]
     assert dead.column("line").to_pylist() == [2]
     assert sum(t.num_rows for t in tables) == 2
+
+
+def test_jsonl_bad_line_in_first_block_keeps_later_batches_clean(tmp_path: Path) -> None:
+    """Regression: the schema pinned from a first block parsed line by line must not include
+    the position columns, or every later batch carried them twice."""
+    lines = ['{"a": 1, "b": "x"}', "not json"] + [f'{{"a": {i}, "b": "y"}}' for i in range(3000)]
+    path = tmp_path / "f.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    out = drain(JsonlReader(JsonlSource(kind="jsonl", path=str(path), block_size=4096)))
+    assert len(out.tables) > 1
+    for table in out.tables:
+        assert table.column_names.count(ROW_COL) == 1
+    assert sum(t.num_rows for t in out.tables) == 3001
+    assert out.dead.num_rows == 1

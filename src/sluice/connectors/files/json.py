@@ -11,7 +11,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.json as pajson
 
-from sluice.batch import concat, empty_dead_letters, with_positions
+from sluice.batch import concat, empty_dead_letters, strip_positions, with_positions
 from sluice.config.models import JsonlSource, JsonSource
 from sluice.connectors.files._common import (
     MAX_PAYLOAD,
@@ -166,7 +166,9 @@ class JsonlReader(FileReader):
                 n_records = table.num_rows + dead.num_rows
             lines = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
             if table.num_columns and pinned is None:
-                pinned = pa.schema([f for f in table.schema if not pa.types.is_null(f.type)])
+                pinned = pa.schema(
+                    [f for f in strip_positions(table).schema if not pa.types.is_null(f.type)]
+                )
             data: pa.Table | None = None
             if table.num_rows:
                 # the slow path has attached the positions already

@@ -44,13 +44,14 @@ class DuckdbWriter:
     than the marker is skipped (nothing written, no dead letters), so a re-published epoch is
     never duplicated: exactly once. The marker table is created next to the sink's table (same
     database and schema, as DuckDB writes one database per transaction); its key is the
-    pipeline name and the sink's step id. ``mode: replace`` drops the old table in the
+    pipeline name and the sink's step id with the run id (in stream mode: the checkpoint
+    history's id). ``mode: replace`` drops the old table in the
     transaction of the first epoch ever published (no marker yet); later epochs, also after a
     restart, append. A failed insert rolls the epoch's transaction back and raises
     :class:`SinkError`; the marker is then unchanged. A sink instance is used either in batch
     mode or in stream mode, not both. The marker belongs to the checkpoint store's epoch
-    numbering: starting the pipeline again with a new, empty checkpoint store (epochs from 1
-    again) makes every epoch up to the old marker look published (delete its marker row first).
+    numbering: a new, empty checkpoint store has a new id, so it never takes old markers for
+    its own.
     """
 
     def __init__(self, config: DuckdbSink) -> None:

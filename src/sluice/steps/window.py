@@ -1,26 +1,55 @@
-"""Keyed event-time windows (tumbling, sliding) with mergeable aggregates.
+"""Keyed event-time windows (tumbling, sliding, session) with mergeable aggregates.
 
-Each batch is folded into per-(key, window) partial aggregates (vectorized: one Polars
-group-by per batch). The watermark is the newest event time seen minus the allowed lateness; a
-window is emitted once the watermark passes its end, and all remaining windows are emitted when
-the input ends. A record that arrives when the earliest window it belongs to has already closed
-is a dead letter with reason ``late`` (it could not be counted in every window it belongs to),
-so nothing is dropped silently.
+Each batch is folded into per-(key, window) partial aggregates, vectorized with Polars (no
+per-record Python loop). State, per partition of the input (``__sluice_source``: a file, a
+Kafka partition, a Redis stream):
 
-``first``/``last`` pick by event time, ties by arrival order. Results do not depend on how the
-input is cut into batches as long as records are out of order
-by less than the allowed lateness; the watermark only advances between batches.
+* the partition's newest event time (its *maximum*);
+* the step's **watermark**: the minimum over active partitions of (maximum - ``lateness``), never
+  moving backwards. With ``idle_timeout`` a partition that sent nothing for that long (wall clock,
+  ``time.monotonic``) is left out of the minimum; when every partition is idle the maximum over
+  partitions is used;
+* the open windows (partial aggregates) and, for ``count_distinct``, the exact value sets.
+
+**Lateness is decided per record, in arrival order.** Record *i* of partition *p* is checked
+against::
+
+    wm_i = max(W, min(M_others, P_i) - lateness)
+
+where ``W`` is the step's watermark after the previous batch, ``M_others`` the smallest maximum of
+the *other* active partitions at the start of the batch, and ``P_i`` the newest event time of
+partition *p* before record *i* (the partition's maximum carried from earlier batches combined
+with a ``cum_max`` over the batch). The record is *late* (dead letter, reason ``late``) when the
+earliest window it belongs to ends at or before ``wm_i`` — for a session window: when
+``[t, t + gap)`` ends at or before ``wm_i``. With a single partition this is exactly "the newest
+event time of all records before it, minus lateness", so which records are late, and every
+window's result, do not depend on how the input is cut into batches. With several partitions,
+other partitions' progress inside the same batch counts from the next batch on.
+
+Windows are emitted at the end of each ``process`` call for the watermark after the batch:
+tumbling and sliding windows when the watermark reaches their end, sessions when it reaches
+their end plus ``gap`` (the soonest moment no on-time record can still extend them). The rest are
+emitted by ``finish`` at the end of a bounded input.
+
+``first``/``last`` pick by event time, ties by arrival order. ``early`` additionally emits the
+current partial result of every open window that changed, marked ``is_final = false``.
+``snapshot()``/``restore()`` save and load the complete state as Arrow tables for checkpoints.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
 
-from sluice.batch import Frame, concat, empty_dead_letters, rows_dead_letters
+from sluice.batch import SOURCE_COL, Frame, concat, empty_dead_letters, rows_dead_letters
+from sluice.batch import source_names as _source_names
 from sluice.config.models import WindowStep
 from sluice.errors import ConfigError, StepError
 from sluice.plugins import StepResult
@@ -30,10 +59,18 @@ from sluice.time.durations import parse_duration
 _AGG = re.compile(
     r"^\s*(count|sum|min|max|mean|first|last|count_distinct)\s*\(\s*([^)]*?)\s*\)\s*$"
 )
-_T = "__t_us"
+_T = "__t_us"  # event time, microseconds since the epoch (UTC)
+_P = "__part"  # partition id (interned __sluice_source, -1 when absent)
+_I = "__i"  # arrival order
+_SID = "__sid"  # session id while sessions are merged
+_V = "__v"  # a distinct value
+_DIRTY = "__dirty"  # changed since its last (early) emission
 _WS = "window_start"
 _WE = "window_end"
+_FINAL = "is_final"
 _UNIT_US = {"s": 1_000_000, "ms": 1_000, "us": 1}
+_NO_PARTITION = ""  # partition name used when the input has no __sluice_source column
+STATE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -44,9 +81,17 @@ class _Agg:
 
 
 class Window(BaseStep):
-    """The ``window`` step: ``window: {kind, size, slide, time, key, lateness}`` plus
-    ``aggregate: {name: fn(col)}``. Output columns: the keys, ``window_start``, ``window_end``
-    (UTC timestamps) and one column per aggregate."""
+    """The ``window`` step: ``window: {kind, size, slide, gap, time, key, lateness,
+    idle_timeout, early}`` plus ``aggregate: {name: fn(col)}``.
+
+    Output columns: the keys, ``window_start``, ``window_end`` (UTC timestamps), one column per
+    aggregate, and with ``early`` a boolean ``is_final``.
+
+    What a runtime may rely on: ``process``/``finish`` (the Step protocol), ``tick()`` (advance
+    idle timeouts and early updates without input), ``watermark`` (int microseconds or None),
+    ``snapshot()`` / ``restore(state)`` (Arrow tables), and ``clock`` (the processing-time
+    source, ``time.monotonic`` unless replaced).
+    """
 
     config: WindowStep
     creates_rows = True
@@ -54,32 +99,98 @@ class Window(BaseStep):
     def __init__(self, config: WindowStep) -> None:
         super().__init__(config)
         w = config.window
-        try:
-            self.size = round(parse_duration(w.size) * 1_000_000)
-            self.slide = round(parse_duration(w.slide) * 1_000_000) if w.slide else self.size
-            self.lateness = round(parse_duration(w.lateness) * 1_000_000)
-        except ValueError as exc:
-            raise ConfigError(str(exc), step_id=config.id, field="window") from None
-        if self.size <= 0 or self.slide <= 0 or self.size % self.slide:
-            raise ConfigError(
-                "window size must be a positive multiple of slide",
-                step_id=config.id,
-                field="window.slide",
-                value=w.slide,
-                fix="e.g. size: 1m with slide: 10s",
+        self.kind: str = w.kind
+        self.lateness = self._us("lateness", w.lateness, allow_zero=True)
+        self.size = 0
+        self.slide = 0
+        self.gap = 0
+        if w.kind == "session":
+            if w.gap is None:
+                self._fail("a session window needs gap", "window.gap", None, "e.g. gap: 30 min")
+            for field in ("size", "slide"):
+                if getattr(w, field) is not None:
+                    self._fail(
+                        f"a session window has no {field}: its length comes from its events",
+                        f"window.{field}",
+                        getattr(w, field),
+                        f"remove {field} and set gap (e.g. gap: 30 min)",
+                    )
+            assert w.gap is not None
+            self.gap = self._us("gap", w.gap, allow_zero=False)
+        else:
+            if w.gap is not None:
+                self._fail(
+                    f"a {w.kind} window has no gap",
+                    "window.gap",
+                    w.gap,
+                    "use kind: session, or remove gap",
+                )
+            if w.size is None:
+                self._fail(f"a {w.kind} window needs size", "window.size", None, "e.g. size: 1 min")
+            assert w.size is not None
+            self.size = self._us("size", w.size, allow_zero=False)
+            self.slide = (
+                self._us("slide", w.slide, allow_zero=False) if w.slide is not None else self.size
             )
-        if w.kind == "tumbling" and w.slide and self.slide != self.size:
-            raise ConfigError(
-                "a tumbling window has no slide",
-                step_id=config.id,
-                field="window.slide",
-                fix="use kind: sliding, or remove slide",
-            )
+            if self.size % self.slide:
+                self._fail(
+                    "window size must be a positive multiple of slide",
+                    "window.slide",
+                    w.slide,
+                    "e.g. size: 1m with slide: 10s",
+                )
+            if w.kind == "tumbling" and w.slide is not None and self.slide != self.size:
+                self._fail(
+                    "a tumbling window has no slide",
+                    "window.slide",
+                    w.slide,
+                    "use kind: sliding, or remove slide",
+                )
+        self.idle_timeout: float | None = (
+            self._us("idle_timeout", w.idle_timeout, allow_zero=False) / 1e6
+            if w.idle_timeout is not None
+            else None
+        )
+        self.early: float | None = (
+            self._us("early", w.early, allow_zero=True) / 1e6 if w.early is not None else None
+        )
         self.keys = w.keys()
         self.aggs = [self._parse(name, text) for name, text in config.aggregate.items()]
-        self.state: pl.DataFrame | None = None
-        self.distinct: dict[str, pl.DataFrame] = {}
-        self.max_t: int | None = None
+        #: processing-time clock (seconds); tests and runtimes may replace it
+        self.clock: Callable[[], float] = time.monotonic
+        self.state: pl.DataFrame | None = None  # open windows: keys, _WS, _WE, partials, _DIRTY
+        self.distinct: dict[str, pl.DataFrame] = {}  # count_distinct: keys, _WS, _V
+        self.part_max: dict[str, int] = {}  # partition name -> newest event time (us)
+        self.part_seen: dict[str, float] = {}  # partition name -> clock() when last heard of
+        self._wm: int | None = None
+        self._last_early: float | None = None
+
+    # ------------------------------------------------------------------------ config
+
+    def _fail(self, message: str, field: str, value: object, fix: str) -> None:
+        raise ConfigError(message, step_id=self.config.id, field=field, value=value, fix=fix)
+
+    def _us(self, field: str, value: str | float, *, allow_zero: bool) -> int:
+        """A configured duration in microseconds, or a ConfigError naming the field."""
+        try:
+            seconds = parse_duration(value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                "cannot read this duration",
+                step_id=self.config.id,
+                field=f"window.{field}",
+                value=value,
+                fix="write e.g. '30s', '15 min', '1 hour', '2 days' (or a number of seconds)",
+            ) from None
+        if seconds < 0 or (seconds == 0 and not allow_zero):
+            raise ConfigError(
+                f"{field} must be {'zero or more' if allow_zero else 'positive'}",
+                step_id=self.config.id,
+                field=f"window.{field}",
+                value=value,
+                fix="e.g. '10s'",
+            )
+        return round(seconds * 1_000_000)
 
     def _parse(self, name: str, text: str) -> _Agg:
         m = _AGG.match(text)
@@ -93,6 +204,13 @@ class Window(BaseStep):
             )
         return _Agg(name, m.group(1), m.group(2) or None)
 
+    # ------------------------------------------------------------------------ public state
+
+    @property
+    def watermark(self) -> int | None:
+        """The step's watermark in microseconds since the epoch (UTC), None before any data."""
+        return self._wm
+
     # ------------------------------------------------------------------------ helpers
 
     def _event_time(self, df: pl.DataFrame) -> pl.Expr:
@@ -104,63 +222,80 @@ class Window(BaseStep):
             return expr.dt.cast_time_unit("us").cast(pl.Int64)
         if dtype == pl.Date:
             return c.cast(pl.Datetime("us")).cast(pl.Int64)
+        if dtype.is_integer():
+            return c.cast(pl.Int64) * _UNIT_US[self.config.window.time_unit]
         if dtype.is_numeric():
             return (c.cast(pl.Float64) * _UNIT_US[self.config.window.time_unit]).cast(pl.Int64)
+        if dtype == pl.Null:
+            return pl.lit(None, dtype=pl.Int64)
         return (
-            c.str.to_datetime(strict=False, time_unit="us", time_zone="UTC")
+            c.cast(pl.String)
+            .str.to_datetime(strict=False, time_unit="us", time_zone="UTC")
             .dt.replace_time_zone(None)
             .cast(pl.Int64)
         )
 
-    @property
-    def watermark(self) -> int | None:
-        return None if self.max_t is None else self.max_t - self.lateness
+    def _threshold(self) -> pl.Expr:
+        """End of the earliest window a record belongs to: late when it is <= the watermark."""
+        if self.kind == "session":
+            return pl.col(_T) + self.gap
+        return (pl.col(_T) // self.slide) * self.slide + self.slide
 
-    def _partials(self, df: pl.DataFrame) -> pl.DataFrame:
-        """Per (key, window) partial aggregates of one batch."""
-        per_row = self.size // self.slide
-        base = (pl.col(_T) // self.slide) * self.slide
-        if per_row == 1:
-            df = df.with_columns(base.alias(_WS))
-        else:
-            df = df.with_columns((base - pl.int_ranges(0, per_row) * self.slide).alias(_WS))
-            df = df.explode(_WS)
-        group = [*self.keys, _WS]
+    def _partition_names(self, ids: list[int]) -> dict[int, str]:
+        known = [i for i in ids if i >= 0]
+        names: dict[int, str] = {-1: _NO_PARTITION}
+        if known:
+            try:
+                got = _source_names(pa.array(known, pa.int32())).to_pylist()
+            except (IndexError, pa.ArrowException):
+                got = [f"#{i}" for i in known]
+            for i, g in zip(known, got, strict=True):
+                names[i] = g if g is not None else f"#{i}"
+        return names
+
+    def _active(self, now: float) -> set[str]:
+        if self.idle_timeout is None:
+            return set(self.part_max)
+        return {n for n in self.part_max if now - self.part_seen.get(n, now) < self.idle_timeout}
+
+    def _combined(self, now: float) -> int | None:
+        """min over active partitions of their maximum - lateness (max when all are idle)."""
+        if not self.part_max:
+            return None
+        active = self._active(now)
+        if active:
+            return min(self.part_max[n] for n in active) - self.lateness
+        return max(self.part_max.values()) - self.lateness
+
+    # ------------------------------------------------------------------------ partials
+
+    def _record_partials(self) -> list[pl.Expr]:
+        """One partial-aggregate row per record (merged later by :meth:`_combine`)."""
         exprs: list[pl.Expr] = []
         for a in self.aggs:
             c = pl.col(a.column) if a.column else None
             if a.fn == "count":
                 exprs.append(
-                    (c.count() if c is not None else pl.len()).cast(pl.Int64).alias(a.name)
+                    (
+                        c.is_not_null().cast(pl.Int64) if c is not None else pl.lit(1, pl.Int64)
+                    ).alias(a.name)
                 )
             elif a.fn in ("sum", "min", "max"):
                 assert c is not None
-                exprs.append(getattr(c, a.fn)().alias(a.name))
+                exprs.append(c.alias(a.name))
             elif a.fn == "mean":
                 assert c is not None
-                exprs += [c.sum().alias(f"{a.name}__sum"), c.count().alias(f"{a.name}__n")]
+                exprs += [
+                    c.alias(f"{a.name}__sum"),
+                    c.is_not_null().cast(pl.Int64).alias(f"{a.name}__n"),
+                ]
             elif a.fn in ("first", "last"):
                 assert c is not None
-                pick = (
-                    c.sort_by(_T, maintain_order=True).first()
-                    if a.fn == "first"
-                    else c.sort_by(_T, maintain_order=True).last()
-                )
-                t = pl.col(_T).min() if a.fn == "first" else pl.col(_T).max()
-                exprs += [pick.alias(a.name), t.alias(f"{a.name}__t")]
-            else:  # count_distinct: the exact set of values is kept per window
-                assert c is not None
-                vals = df.select([*group, c.alias("v")]).drop_nulls("v").unique()
-                old = self.distinct.get(a.name)
-                self.distinct[a.name] = vals if old is None else pl.concat([old, vals]).unique()
-        return df.group_by(group).agg(exprs) if exprs else df.select(group).unique()
+                exprs += [c.alias(a.name), pl.col(_T).alias(f"{a.name}__t")]
+        return exprs
 
-    def _merge(self, partials: pl.DataFrame) -> None:
-        if self.state is None:
-            self.state = partials
-            return
-        both = pl.concat([self.state, partials], how="diagonal_relaxed")
-        group = [*self.keys, _WS]
+    def _combine(self) -> list[pl.Expr]:
+        """Merge partial rows of one window (rows in arrival order)."""
         exprs: list[pl.Expr] = []
         for a in self.aggs:
             if a.fn in ("count", "sum"):
@@ -171,108 +306,379 @@ class Window(BaseStep):
                 exprs += [pl.col(f"{a.name}__sum").sum(), pl.col(f"{a.name}__n").sum()]
             elif a.fn in ("first", "last"):
                 t = pl.col(f"{a.name}__t")
+                v = pl.col(a.name).sort_by(t, maintain_order=True)
                 exprs += [
-                    pl.col(a.name).sort_by(t, maintain_order=True).first()
-                    if a.fn == "first"
-                    else pl.col(a.name).sort_by(t, maintain_order=True).last(),
+                    v.first() if a.fn == "first" else v.last(),
                     t.min() if a.fn == "first" else t.max(),
                 ]
-        self.state = (
-            both.group_by(group, maintain_order=True).agg(exprs)
-            if exprs
-            else both.unique(group, maintain_order=True)
-        )
+        return exprs
 
-    def _emit(self, upto: int | None) -> pl.DataFrame | None:
-        """Remove and return the windows whose end is at or before ``upto`` (all when None)."""
-        if self.state is None or self.state.height == 0:
-            return None
-        done_mask = (pl.col(_WS) + self.size <= upto) if upto is not None else pl.lit(True)
-        done = self.state.filter(done_mask)
-        self.state = self.state.filter(~done_mask)
-        if done.height == 0:
-            return None
+    def _distinct_aggs(self) -> list[_Agg]:
+        return [a for a in self.aggs if a.fn == "count_distinct"]
+
+    def _fold_fixed(self, df: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, pl.DataFrame]]:
+        """New open windows and distinct sets with on-time records folded into tumbling/sliding
+        windows (nothing is changed: the caller commits)."""
+        per_row = self.size // self.slide
+        base = (pl.col(_T) // self.slide) * self.slide
+        if per_row == 1:
+            df = df.with_columns(base.alias(_WS))
+        else:
+            df = df.with_columns((base - pl.int_ranges(0, per_row) * self.slide).alias(_WS))
+            df = df.explode(_WS)
+        df = df.with_columns((pl.col(_WS) + self.size).alias(_WE))
+        group = [*self.keys, _WS]
+        distinct = dict(self.distinct)
+        for a in self._distinct_aggs():
+            assert a.column is not None
+            vals = df.select([*group, pl.col(a.column).alias(_V)]).drop_nulls(_V).unique()
+            old = self.distinct.get(a.name)
+            distinct[a.name] = (
+                vals if old is None else pl.concat([old, vals], how="vertical_relaxed").unique()
+            )
+        recs = df.select(*self.keys, _WS, _WE, *self._record_partials(), pl.lit(True).alias(_DIRTY))
+        both = recs if self.state is None else pl.concat([self.state, recs], how="diagonal_relaxed")
+        state = both.group_by(group, maintain_order=True).agg(
+            pl.col(_WE).first(), *self._combine(), pl.col(_DIRTY).any()
+        )
+        return state, distinct
+
+    def _fold_session(self, df: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, pl.DataFrame]]:
+        """New open sessions and distinct sets with on-time records folded in (nothing is
+        changed: the caller commits): sort old sessions and new [t, t + gap) intervals
+        by start per key; a new session begins where the start is at or after every earlier end
+        (sessions that a record bridges merge)."""
+        dist = self._distinct_aggs()
+        recs = df.select(
+            *self.keys,
+            pl.col(_T).alias(_WS),
+            (pl.col(_T) + self.gap).alias(_WE),
+            *self._record_partials(),
+            pl.lit(True).alias(_DIRTY),
+            *(pl.col(a.column).alias(f"{a.name}{_V}") for a in dist if a.column),
+        )
+        n_old = 0 if self.state is None else self.state.height
+        both = recs if self.state is None else pl.concat([self.state, recs], how="diagonal_relaxed")
+        both = both.with_row_index(_I)
+        prev_end = pl.col(_WE).cum_max().shift(1)
+        if self.keys:
+            prev_end = prev_end.over(self.keys)
+        starts = prev_end.is_null() | (pl.col(_WS) >= prev_end)
+        both = (
+            both.sort([*self.keys, _WS, _I], nulls_last=True)
+            .with_columns(starts.cast(pl.Int64).cum_sum().alias(_SID))
+            .sort(_I)
+        )
+        merged = both.group_by(_SID, maintain_order=True).agg(
+            *(pl.col(k).first() for k in self.keys),
+            pl.col(_WS).min(),
+            pl.col(_WE).max(),
+            *self._combine(),
+            pl.col(_DIRTY).any(),
+        )
+        distinct = dict(self.distinct)
+        if dist:
+            new_start = merged.select(_SID, _WS)
+            old_ids = both.filter(pl.col(_I) < n_old).select(*self.keys, _WS, _SID)
+            new_vals = both.filter(pl.col(_I) >= n_old)
+            for a in dist:
+                parts: list[pl.DataFrame] = []
+                old = self.distinct.get(a.name)
+                if old is not None and old.height:
+                    parts.append(
+                        old.join(old_ids, on=[*self.keys, _WS], nulls_equal=True).select(
+                            *self.keys, _SID, _V
+                        )
+                    )
+                parts.append(new_vals.select(*self.keys, _SID, pl.col(f"{a.name}{_V}").alias(_V)))
+                vals = (
+                    pl.concat(parts, how="vertical_relaxed")
+                    .drop_nulls(_V)
+                    .join(new_start, on=_SID)
+                    .select(*self.keys, _WS, _V)
+                    .unique()
+                )
+                distinct[a.name] = vals
+        return merged.drop(_SID), distinct
+
+    # ------------------------------------------------------------------------ emission
+
+    def _finalize(self, rows: pl.DataFrame, *, remove: bool) -> pl.DataFrame:
+        """Output rows for windows ``rows`` (state rows); ``remove`` drops their distinct sets."""
         group = [*self.keys, _WS]
         for a in self.aggs:
             if a.fn == "count_distinct":
-                vals = self.distinct[a.name]
+                vals = self.distinct.get(a.name)
+                if vals is None or vals.height == 0:
+                    rows = rows.with_columns(pl.lit(0, pl.Int64).alias(a.name))
+                    continue
                 counts = (
-                    vals.join(done.select(group), on=group, how="semi")
+                    vals.join(rows.select(group), on=group, how="semi", nulls_equal=True)
                     .group_by(group)
                     .agg(pl.len().cast(pl.Int64).alias(a.name))
                 )
-                done = done.join(counts, on=group, how="left").with_columns(
+                rows = rows.join(counts, on=group, how="left", nulls_equal=True).with_columns(
                     pl.col(a.name).fill_null(0)
                 )
-                self.distinct[a.name] = vals.join(done.select(group), on=group, how="anti")
+                if remove:
+                    self.distinct[a.name] = vals.join(
+                        rows.select(group), on=group, how="anti", nulls_equal=True
+                    )
             elif a.fn == "mean":
-                done = done.with_columns(
-                    (pl.col(f"{a.name}__sum") / pl.col(f"{a.name}__n")).alias(a.name)
+                n = pl.col(f"{a.name}__n")
+                rows = rows.with_columns(
+                    pl.when(n > 0).then(pl.col(f"{a.name}__sum") / n).alias(a.name)
                 )
-        out = done.with_columns(
+        out = rows.with_columns(
             pl.col(_WS).cast(pl.Datetime("us", "UTC")),
-            (pl.col(_WS) + self.size).cast(pl.Datetime("us", "UTC")).alias(_WE),
-        ).sort([_WS, *self.keys])
+            pl.col(_WE).cast(pl.Datetime("us", "UTC")),
+        ).sort([_WS, *self.keys], nulls_last=True)
         return out.select([*self.keys, _WS, _WE, *(a.name for a in self.aggs)])
+
+    def _take_closed(self, upto: int | None, *, everything: bool = False) -> pl.DataFrame | None:
+        """Remove and return the windows the watermark ``upto`` has closed (all: everything)."""
+        if self.state is None or self.state.height == 0:
+            return None
+        if everything:
+            done_mask = pl.lit(True)
+        elif upto is None:
+            return None
+        else:
+            end = pl.col(_WE) + self.gap if self.kind == "session" else pl.col(_WE)
+            done_mask = end <= upto
+        done = self.state.filter(done_mask)
+        if done.height == 0:
+            return None
+        self.state = self.state.filter(~done_mask)
+        return self._finalize(done, remove=True)
+
+    def _take_early(self, now: float) -> pl.DataFrame | None:
+        """Partial results of open windows that changed since their last emission, if due."""
+        if self.early is None:
+            return None
+        if self._last_early is not None and now - self._last_early < self.early:
+            return None
+        self._last_early = now
+        if self.state is None or self.state.height == 0:
+            return None
+        changed = self.state.filter(pl.col(_DIRTY))
+        if changed.height == 0:
+            return None
+        self.state = self.state.with_columns(pl.lit(False).alias(_DIRTY))
+        return self._finalize(changed, remove=False)
+
+    def _output(
+        self, finals: pl.DataFrame | None, partials: pl.DataFrame | None
+    ) -> pl.DataFrame | None:
+        if self.early is None:
+            return finals
+        parts = [
+            f.with_columns(pl.lit(flag).alias(_FINAL))
+            for f, flag in ((finals, True), (partials, False))
+            if f is not None
+        ]
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else pl.concat(parts, how="diagonal_relaxed")
+
+    def _advance(self, now: float) -> pl.DataFrame | None:
+        """Move the watermark for ``now``, emit closed windows and due early updates."""
+        cand = self._combined(now)
+        if cand is not None and (self._wm is None or cand > self._wm):
+            self._wm = cand
+        finals = self._take_closed(self._wm)
+        return self._output(finals, self._take_early(now))
 
     # ------------------------------------------------------------------------ step
 
-    def process(self, table: Frame) -> StepResult:
-        df = to_polars(table)
+    def _check(self, df: pl.DataFrame) -> None:
         cols = [self.config.window.time, *self.keys, *(a.column for a in self.aggs if a.column)]
         check_columns(self.step_id, cols, df.columns, "window")
         for a in self.aggs:
-            if a.fn in ("sum", "mean") and a.column and not df.schema[a.column].is_numeric():
-                raise StepError(
-                    self.step_id,
-                    f"aggregate {a.name}: {a.fn}({a.column}) needs numbers, but column "
-                    f"{a.column!r} is {df.schema[a.column]}",
-                    fix=f"cast it first, e.g. a step with cast: {{{a.column}: float}}",
-                )
-        df = df.with_columns(self._event_time(df).alias(_T))
-        bad_time = df.filter(pl.col(_T).is_null())
+            if a.fn in ("sum", "mean") and a.column:
+                dtype = df.schema[a.column]
+                if not dtype.is_numeric() and dtype != pl.Null:
+                    raise StepError(
+                        self.step_id,
+                        f"aggregate {a.name}: {a.fn}({a.column}) needs numbers, but column "
+                        f"{a.column!r} is {dtype}",
+                        fix=f"cast it first, e.g. a step with cast: {{{a.column}: float}}",
+                    )
+
+    def process(self, table: Frame) -> StepResult:
+        now = self.clock()
+        df = to_polars(table)
+        if df.height == 0:
+            return StepResult(self._advance(now))
+        self._check(df)  # before any state changes: a failing batch leaves the state as it was
+        part = (
+            pl.col(SOURCE_COL).cast(pl.Int64).fill_null(-1)
+            if SOURCE_COL in df.columns
+            else pl.lit(-1, pl.Int64)
+        )
+        df = df.with_columns(self._event_time(df).alias(_T), part.alias(_P))
+        ids: list[int] = df[_P].unique().to_list()
+        names = self._partition_names(ids)
         dead = empty_dead_letters()
+        bad_time = df.filter(pl.col(_T).is_null())
         if bad_time.height:
             dead = rows_dead_letters(
-                bad_time.drop(_T),
+                bad_time.drop(_T, _P),
                 step_id=self.step_id,
                 reason="cast_error",
                 message=f"event time {self.config.window.time!r} is missing or cannot be read",
             )
             df = df.filter(pl.col(_T).is_not_null())
-        wm = self.watermark
-        if wm is not None:
-            # late: the earliest window the record belongs to has already closed
-            first_end = (
-                (pl.col(_T) // self.slide) * self.slide - (self.size - self.slide) + self.size
+        late_mask = self._late_mask(df, ids, names, now)
+        late = df.filter(late_mask)
+        if late.height:
+            dead = concat(
+                [
+                    dead,
+                    rows_dead_letters(
+                        late.drop(_T, _P),
+                        step_id=self.step_id,
+                        reason="late",
+                        message=f"event time is behind the watermark (allowed lateness "
+                        f"{self.config.window.lateness}): its window already closed",
+                    ),
+                ]
             )
-            late = df.filter(first_end <= wm)
-            if late.height:
-                dead = concat(
-                    [
-                        dead,
-                        rows_dead_letters(
-                            late.drop(_T),
-                            step_id=self.step_id,
-                            reason="late",
-                            message=f"event time is behind the watermark (allowed lateness "
-                            f"{self.config.window.lateness}): its window already closed",
-                        ),
-                    ]
-                )
-                df = df.filter(first_end > wm)
+            df = df.filter(~late_mask)
         if df.height:
-            self._merge(self._partials(df))
-            newest = df[_T].max()
-            assert isinstance(newest, int)
-            self.max_t = newest if self.max_t is None else max(self.max_t, newest)
-        emitted = self._emit(self.watermark)
+            fold = self._fold_session if self.kind == "session" else self._fold_fixed
+            self.state, self.distinct = fold(df)  # computed first, then committed
+        # partitions: newest event time (late records never raise it) and last heard of
+        for pid, newest in df.group_by(_P).agg(pl.col(_T).max()).iter_rows():
+            name = names[pid]
+            old = self.part_max.get(name)
+            self.part_max[name] = newest if old is None else max(old, newest)
+        for pid in ids:
+            self.part_seen[names[pid]] = now
+        emitted = self._advance(now)
         assert isinstance(dead, pa.Table)
         return StepResult(emitted, dead=dead, aggregated=df.height)
 
-    def finish(self) -> StepResult | None:
-        out = self._emit(None)
+    def _late_mask(
+        self, df: pl.DataFrame, ids: list[int], names: dict[int, str], now: float
+    ) -> pl.Series:
+        """Per record: is the end of its earliest window at or before its watermark?"""
+        if df.height == 0:
+            return pl.Series("late", [], dtype=pl.Boolean)
+        batch_names = {names[i] for i in ids}
+        active = self._active(now) | (batch_names & set(self.part_max))
+        ranked = sorted((self.part_max[n], n) for n in active)
+        m0: list[int | None] = []
+        others: list[int | None] = []
+        for pid in ids:
+            name = names[pid]
+            m0.append(self.part_max.get(name))
+            rest = [m for m, n in ranked[:2] if n != name]
+            others.append(rest[0] if rest else None)
+        own = pl.max_horizontal(
+            pl.col(_P).replace_strict(ids, m0, default=None, return_dtype=pl.Int64),
+            pl.col(_T).cum_max().shift(1).over(_P),
+        )
+        bound = pl.min_horizontal(
+            pl.col(_P).replace_strict(ids, others, default=None, return_dtype=pl.Int64), own
+        )
+        wm = pl.max_horizontal(pl.lit(self._wm, pl.Int64), bound - self.lateness)
+        return df.select((self._threshold() <= wm).fill_null(False).alias("late"))["late"]
+
+    def tick(self) -> StepResult | None:
+        """Without input: re-evaluate idle partitions, emit windows the watermark closed and
+        early updates that are due. Rows returned are created by this call (nothing came in)."""
+        out = self._advance(self.clock())
         return StepResult(out) if out is not None else None
+
+    def finish(self) -> StepResult | None:
+        out = self._output(self._take_closed(None, everything=True), None)
+        return StepResult(out) if out is not None else None
+
+    # ------------------------------------------------------------------------ checkpoints
+
+    def _fingerprint(self) -> str:
+        return json.dumps(
+            {
+                "kind": self.kind,
+                "size": self.size,
+                "slide": self.slide,
+                "gap": self.gap,
+                "keys": self.keys,
+                "aggregate": [[a.name, a.fn, a.column] for a in self.aggs],
+            },
+            sort_keys=True,
+        )
+
+    def snapshot(self) -> dict[str, pa.Table]:
+        """The complete state as Arrow tables: ``meta`` (version, configuration fingerprint,
+        watermark), ``partitions`` (partition name, newest event time), ``windows`` (open
+        windows' partial aggregates) and ``distinct:<aggregate>`` (count_distinct value sets)."""
+        names = sorted(self.part_max)
+        out: dict[str, pa.Table] = {
+            "meta": pa.table(
+                {
+                    "version": pa.array([STATE_VERSION], pa.int32()),
+                    "config": pa.array([self._fingerprint()], pa.string()),
+                    "watermark": pa.array([self._wm], pa.int64()),
+                }
+            ),
+            "partitions": pa.table(
+                {
+                    "partition": pa.array(names, pa.string()),
+                    "max_time": pa.array([self.part_max[n] for n in names], pa.int64()),
+                }
+            ),
+        }
+        if self.state is not None:
+            out["windows"] = self.state.to_arrow()
+        for name, vals in self.distinct.items():
+            out[f"distinct:{name}"] = vals.to_arrow()
+        return out
+
+    def restore(self, state: dict[str, pa.Table]) -> None:
+        """Load a :meth:`snapshot` (after ``open``, before the first ``process``). Restored
+        partitions count as heard of now, so ``idle_timeout`` starts afresh."""
+        meta = state.get("meta")
+        if meta is None or meta.num_rows != 1:
+            raise StepError(self.step_id, "the saved window state has no meta table")
+        row: dict[str, Any] = meta.to_pylist()[0]
+        if row.get("version") != STATE_VERSION or row.get("config") != self._fingerprint():
+            raise ConfigError(
+                "the checkpoint holds window state for a different window configuration "
+                "(kind, size, slide, gap, key or aggregates changed)",
+                step_id=self.step_id,
+                field="window",
+                fix="restore with the configuration the checkpoint was made with, or start "
+                "from a new checkpoint path",
+            )
+        now = self.clock()
+        self._wm = row.get("watermark")
+        parts = state.get("partitions")
+        self.part_max = {}
+        self.part_seen = {}
+        if parts is not None:
+            for name, newest in zip(
+                parts.column("partition").to_pylist(),
+                parts.column("max_time").to_pylist(),
+                strict=True,
+            ):
+                self.part_max[name] = newest
+                self.part_seen[name] = now
+        windows = state.get("windows")
+        self.state = _frame(windows) if windows is not None else None
+        self.distinct = {
+            key.removeprefix("distinct:"): _frame(tab)
+            for key, tab in state.items()
+            if key.startswith("distinct:")
+        }
+        self._last_early = None
+
+
+def _frame(table: pa.Table) -> pl.DataFrame:
+    df = pl.from_arrow(table)
+    assert isinstance(df, pl.DataFrame)
+    return df
 
 
 __all__ = ["Window"]

@@ -284,3 +284,39 @@ def test_sigterm_stops_gracefully_with_a_final_checkpoint(
     _run(pipeline)
     ids = pl.read_parquet(tmp_path / "out" / "*.parquet")["id"]
     assert sorted(ids.to_list()) == list(range(1500))
+
+
+def test_lost_newest_checkpoint_after_a_database_publish_is_a_clear_error(
+    tmp_path: Path, redis_url: str, redis_prefix: str, pg_dsn: str, pg_schema: str
+) -> None:
+    """A database cannot take back an epoch it committed: if the checkpoint that covered it is
+    damaged afterwards, restarting from the one before would write its records twice. The run
+    refuses with an error naming the sink instead of silently duplicating."""
+    from sluice.errors import SinkError
+
+    stream = f"{redis_prefix}:s"
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "pipeline": "stream_guard",
+                "source": {"kind": "redis_stream", "url": redis_url, "stream": stream},
+                "sinks": [{"id": "db", "kind": "postgres", "dsn": pg_dsn,
+                           "table": f"{pg_schema}.t"}],
+                "checkpoint": {"path": "state/cp.db", "every": "50ms"},
+            }
+        )
+    )
+    import psycopg
+
+    _produce(redis_url, stream, [{"id": i} for i in range(100)])
+    _run(path)
+    with psycopg.connect(pg_dsn) as conn:
+        (published,) = conn.execute(f'SELECT epoch FROM "{pg_schema}".sluice_epochs').fetchone()
+    with sqlite3.connect(tmp_path / "state" / "cp.db") as db:
+        # the checkpoint of the published epoch is damaged, later (empty) ones are gone
+        db.execute("DELETE FROM checkpoints WHERE epoch > ?", [published])
+        db.execute("UPDATE checkpoints SET body = x'00' WHERE epoch = ?", [published])
+    with pytest.raises(SinkError) as err:
+        _run(path)
+    assert "'db'" in str(err.value) and f"epoch {published}" in str(err.value)

@@ -36,7 +36,7 @@ import pyarrow.ipc as ipc
 
 from sluice.batch import concat, empty_dead_letters
 from sluice.config.models import FileSinkBase
-from sluice.errors import ConfigError
+from sluice.errors import ConfigError, SinkError
 from sluice.plugins import EpochPublisher, RunContext, Sink, lookup
 
 _PART = re.compile(r"^part-e(\d{9})-")
@@ -177,6 +177,19 @@ class StagedEpochSink:
 
     def recover(self, epoch: int, token: Any) -> None:
         self._open()
+        done = self.publisher.published_epoch()
+        if done is not None and done > epoch:
+            # only possible when a newer checkpoint was lost after its epoch was published
+            # (e.g. the checkpoint file was damaged or replaced by an older copy)
+            raise SinkError(
+                self.step_id,
+                f"the sink already holds epoch {done}, newer than the checkpoint being restored "
+                f"({epoch}; a newer checkpoint was damaged or lost): replaying would write the "
+                "records after it a second time",
+                fix="restore the checkpoint store from a copy that has that epoch, or delete "
+                "the sink's rows written after epoch "
+                f"{epoch} together with its epoch marker, then restart",
+            )
         for path in self.dir.glob("*"):
             m = re.match(r"^\.?epoch-(\d{9})", path.name)
             if m and int(m.group(1)) > epoch:

@@ -301,8 +301,9 @@ def test_lost_newest_checkpoint_after_a_database_publish_is_a_clear_error(
             {
                 "pipeline": "stream_guard",
                 "source": {"kind": "redis_stream", "url": redis_url, "stream": stream},
-                "sinks": [{"id": "db", "kind": "postgres", "dsn": pg_dsn,
-                           "table": f"{pg_schema}.t"}],
+                "sinks": [
+                    {"id": "db", "kind": "postgres", "dsn": pg_dsn, "table": f"{pg_schema}.t"}
+                ],
                 "checkpoint": {"path": "state/cp.db", "every": "50ms"},
             }
         )
@@ -320,3 +321,18 @@ def test_lost_newest_checkpoint_after_a_database_publish_is_a_clear_error(
     with pytest.raises(SinkError) as err:
         _run(path)
     assert "'db'" in str(err.value) and f"epoch {published}" in str(err.value)
+
+
+def test_deduplicate_state_survives_a_restart(tmp_path: Path) -> None:
+    """Keys seen before a restart are still known after it (the step's state is checkpointed)."""
+    tables = [pa.table({"id": [1, 2, 3]}), pa.table({"id": [3, 4]}), pa.table({"id": [1, 5]})]
+    cfg = _cfg(tmp_path, steps=[{"id": "once", "deduplicate": {"key": ["id"]}}])
+    StreamExecutor(
+        cfg, base_dir=tmp_path, source=MemoryStream(tables[:2]), handle_signals=False
+    ).run()
+    rep = StreamExecutor(
+        cfg, base_dir=tmp_path, source=MemoryStream(tables), handle_signals=False
+    ).run()
+    out = pl.concat([pl.read_ndjson(f) for f in sorted((tmp_path / "out").glob("*.jsonl"))])
+    assert sorted(out["id"].to_list()) == [1, 2, 3, 4, 5]
+    assert rep.step("once").filtered == 1  # the second 1, seen before the restart

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+from decimal import Decimal
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -46,3 +48,40 @@ def test_spill_bounds_the_in_memory_set() -> None:
         assert store.spilled and store.count == 5001
     finally:
         store.close()
+
+
+# ------------------------------------------------------------------ checkpoint round trips
+
+_scalar = st.one_of(
+    st.integers(-(2**63), 2**63 - 1),
+    st.text(max_size=8),
+    st.dates(),
+    st.decimals(allow_nan=False, allow_infinity=False, places=2),
+)
+_key = st.one_of(_scalar, st.tuples(_scalar, st.integers(0, 5)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(first=st.lists(_key, max_size=30), second=st.lists(_key, max_size=30))
+def test_snapshot_restore_answers_like_the_original(
+    first: list[object], second: list[object]
+) -> None:
+    original = SeenKeys()
+    original.seen_before(first)
+    restored = SeenKeys()
+    restored.restore(original.snapshot())
+    assert list(restored.seen_before(second)) == list(original.seen_before(second))
+
+
+def test_spilled_snapshot_restores_spilled(tmp_path: Path) -> None:
+    original = SeenKeys(max_in_memory=10, spill_dir=tmp_path)
+    original.seen_before([(i, "a") for i in range(50)])
+    original.seen_before([dt.date(2026, 1, 1), Decimal("1.50")])  # spills now
+    assert original.spilled
+    restored = SeenKeys(max_in_memory=10, spill_dir=tmp_path)
+    restored.restore(original.snapshot())
+    assert restored.spilled
+    probe = [(3, "a"), (99, "a"), dt.date(2026, 1, 1), Decimal("1.50"), "new"]
+    assert list(restored.seen_before(probe)) == [True, False, True, True, False]
+    original.close()
+    restored.close()

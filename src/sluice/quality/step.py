@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pyarrow as pa
+
 from sluice.batch import Frame, as_polars
 from sluice.config.models import ContractStep
 from sluice.plugins import RunContext, StepResult
@@ -70,6 +72,18 @@ class ContractCheck(BaseStep):
             "gates": [g.to_dict() for g in self.gates],
             "schema": self.checker.schema_notes,
         }
+
+    def snapshot(self) -> dict[str, pa.Table]:
+        """Stream checkpoints: the keys seen by each ``unique`` check."""
+        assert self.checker is not None
+        return {f"seen:{name}": seen.snapshot() for name, seen in self.checker.seen.items()}
+
+    def restore(self, state: dict[str, pa.Table]) -> None:
+        assert self.checker is not None, "open() first"
+        for name, seen in self.checker.seen.items():
+            table = state.get(f"seen:{name}")
+            if table is not None:
+                seen.restore(table)
 
     def close(self) -> None:
         if self.checker is not None:

@@ -53,7 +53,6 @@ import pyarrow as pa
 
 from sluice.batch import Frame, as_arrow, concat, frame_rows, rows_dead_letters
 from sluice.config.models import (
-    STEP_KEYS,
     FileSinkBase,
     JsonlSink,
     ParquetSink,
@@ -180,15 +179,6 @@ class StreamExecutor(Executor):
         self.dl_sink = _NoOpen(self.dl_epoch)  # type: ignore[assignment]
         self.dl_path = self.ctx.resolve(dl_dir)
         self._stateful = [s for s, _ in self.steps if hasattr(s, "snapshot")]
-        for step, _ in self.steps:
-            kind = next(k for k in STEP_KEYS if k in type(config.step(step.step_id)).model_fields)
-            if kind == "deduplicate":
-                raise ConfigError(
-                    "deduplicate keeps state that stream checkpoints cannot save yet, so results "
-                    "after a restart would not be exact",
-                    step_id=step.step_id,
-                    fix="run it in batch mode, or deduplicate in the sink (postgres mode: upsert)",
-                )
         self._stop_requested = threading.Event()
         self.epoch = 0
         self.checkpoints = 0

@@ -9,13 +9,67 @@ about 0.5-1 M keys/s on this machine).
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import json
 import sqlite3
 import tempfile
 from collections.abc import Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+
+
+def _encode(key: Any) -> str:
+    return json.dumps(_tag(key), separators=(",", ":"))
+
+
+def _tag(key: Any) -> Any:
+    if key is None or isinstance(key, (bool, int, float, str)):
+        return key
+    if isinstance(key, tuple):
+        return {"t": [_tag(x) for x in key]}
+    if isinstance(key, dt.datetime):
+        return {"dt": key.isoformat()}
+    if isinstance(key, dt.date):
+        return {"d": key.isoformat()}
+    if isinstance(key, Decimal):
+        return {"dec": str(key)}
+    if isinstance(key, bytes):
+        return {"b": key.hex()}
+    if isinstance(key, dt.time):
+        return {"tm": key.isoformat()}
+    if isinstance(key, dt.timedelta):
+        return {"td": key.total_seconds()}
+    return {"r": repr(key)}
+
+
+def _decode(text: str) -> Any:
+    return _untag(json.loads(text))
+
+
+def _untag(v: Any) -> Any:
+    if not isinstance(v, dict):
+        return v
+    ((tag, value),) = v.items()
+    if tag == "t":
+        return tuple(_untag(x) for x in value)
+    if tag == "dt":
+        return dt.datetime.fromisoformat(value)
+    if tag == "d":
+        return dt.date.fromisoformat(value)
+    if tag == "dec":
+        return Decimal(value)
+    if tag == "b":
+        return bytes.fromhex(value)
+    if tag == "tm":
+        return dt.time.fromisoformat(value)
+    if tag == "td":
+        return dt.timedelta(seconds=value)
+    return value  # "r": a repr, as the spilled table stores it
 
 
 def _sql_key(key: Any) -> Any:
@@ -81,6 +135,45 @@ class SeenKeys:
         if hits:
             before[np.fromiter((h[0] for h in hits), dtype=np.int64, count=len(hits))] = True
         return before
+
+    # --------------------------------------------------------------- checkpoints
+
+    def snapshot(self) -> pa.Table:
+        """Every key as an Arrow table (column ``k``), for a checkpoint. Keys that are all
+        integers or all strings are stored as such (vectorized); other keys (tuples of a
+        multi-column key, dates, decimals) as tagged JSON text. A spilled set stores its table."""
+        if self._mem is None:
+            assert self._db is not None
+            values = [r[0] for r in self._db.execute("SELECT k FROM seen")]
+            return pa.table(
+                {"k": pa.array([_encode(v) for v in values], pa.string())}
+            ).replace_schema_metadata({"spilled": "1"})
+        keys = list(self._mem)
+        kinds = {type(k) for k in keys}
+        if kinds == {int}:
+            with contextlib.suppress(OverflowError, pa.ArrowInvalid):
+                return pa.table({"k": pa.array(keys, pa.int64())})
+        if kinds == {str}:
+            return pa.table({"k": pa.array(keys, pa.string())})
+        return pa.table(
+            {"k": pa.array([_encode(k) for k in keys], pa.string())}
+        ).replace_schema_metadata({"tagged": "1"})
+
+    def restore(self, table: pa.Table) -> None:
+        """Put back the keys of :meth:`snapshot` (into a fresh instance)."""
+        meta = table.schema.metadata or {}
+        col = table.column("k").to_pylist()
+        if b"tagged" in meta or b"spilled" in meta:
+            col = [_decode(v) for v in col]
+        if b"spilled" in meta:
+            self._mem = set()
+            self._spill()
+            assert self._db is not None
+            self._db.executemany("INSERT OR IGNORE INTO seen VALUES (?)", ((k,) for k in col))
+            self.count = len(col)
+            return
+        self._mem = set(col)
+        self.count = len(self._mem)
 
     def close(self) -> None:
         if self._db is not None:

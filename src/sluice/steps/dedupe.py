@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 
 from sluice.batch import Frame
 from sluice.config.models import DeduplicateStep
@@ -48,6 +49,13 @@ class Deduplicate(BaseStep):
         fresh = ~self.seen.seen_before(keys)
         out = cand.filter(pl.Series(fresh))
         return StepResult(out, filtered=df.height - out.height)
+
+    def snapshot(self) -> dict[str, pa.Table]:
+        """Stream checkpoints: the keys seen so far."""
+        return {"seen": self.seen.snapshot()}
+
+    def restore(self, state: dict[str, pa.Table]) -> None:
+        self.seen.restore(state["seen"])
 
     def close(self) -> None:
         self.seen.close()

@@ -93,8 +93,9 @@ class XmlReader(FileReader):
         depth_in_record = 0
         last = 0
         with open(path, "rb") as f:
-            events = etree.iterparse(
-                f,
+            # a pull parser fed block by block: records before a syntax error are still read
+            # (lxml's iterparse may parse a whole small file before yielding anything)
+            parser = etree.XMLPullParser(
                 events=("start", "end"),
                 resolve_entities=False,
                 no_network=True,
@@ -103,6 +104,7 @@ class XmlReader(FileReader):
                 remove_comments=True,
                 remove_pis=True,
             )
+            events = _pull_events(parser, f)
             try:
                 for event, elem in events:
                     if not isinstance(elem.tag, str):
@@ -190,3 +192,23 @@ class XmlReader(FileReader):
             dead=dead if dead.num_rows else None,
             bytes_read=nbytes,
         )
+
+
+def _pull_events(parser: Any, f: Any, block: int = 1 << 20) -> Iterator[tuple[str, Any]]:
+    """Events of ``parser`` fed from ``f``; a syntax error is raised after the events parsed
+    before it were yielded."""
+    while True:
+        data = f.read(block)
+        error: etree.XMLSyntaxError | None = None
+        try:
+            if data:
+                parser.feed(data)
+            else:
+                parser.close()
+        except etree.XMLSyntaxError as exc:
+            error = exc
+        yield from parser.read_events()
+        if error is not None:
+            raise error
+        if not data:
+            return

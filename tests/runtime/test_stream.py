@@ -336,3 +336,30 @@ def test_deduplicate_state_survives_a_restart(tmp_path: Path) -> None:
     out = pl.concat([pl.read_ndjson(f) for f in sorted((tmp_path / "out").glob("*.jsonl"))])
     assert sorted(out["id"].to_list()) == [1, 2, 3, 4, 5]
     assert rep.step("once").filtered == 1  # the second 1, seen before the restart
+
+
+def test_a_slow_sink_pauses_the_reader(tmp_path: Path) -> None:
+    """Backpressure: the reader never runs more than the bounded queue ahead of the sink."""
+    source = MemoryStream(_tables(60, 10))
+    leads: list[int] = []
+
+    class SlowSink(MemorySink):
+        written = 0
+
+        def write(self, table: pa.Table) -> pa.Table:
+            time.sleep(0.01)
+            self.written += table.num_rows // 10
+            leads.append(source.next - self.written)  # tables read but not yet written
+            return super().write(table)
+
+    cfg = _cfg(tmp_path, settings={"queue_size": 2, "batch_rows": 10, "linger": "1ms"})
+    StreamExecutor(
+        cfg,
+        base_dir=tmp_path,
+        source=source,
+        sinks={"out": SlowSink("out")},
+        handle_signals=False,
+    ).run()
+    assert len(leads) >= 50
+    # queue (2) + one chunk the reader holds while waiting + one being cut into a batch
+    assert max(leads) <= 2 + 2

@@ -363,3 +363,63 @@ def test_a_slow_sink_pauses_the_reader(tmp_path: Path) -> None:
     assert len(leads) >= 50
     # queue (2) + one chunk the reader holds while waiting + one being cut into a batch
     assert max(leads) <= 2 + 2
+
+
+def test_idle_partition_does_not_stall_windows_while_input_is_quiet(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    """Partition b goes quiet at t=0; a reaches t=60 s. Once b has been idle for idle_timeout,
+    the windows a's watermark closed are emitted even though no record arrives any more
+    (the runtime ticks the window step), and without the end of input."""
+    import threading
+
+    a, b = f"{redis_prefix}:a", f"{redis_prefix}:b"
+    _produce(redis_url, b, [{"k": "b", "t": 0}])
+    _produce(redis_url, a, [{"k": "a", "t": s * 1000} for s in range(61)])
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "pipeline": "stream_idle",
+                "source": {
+                    "kind": "redis_stream",
+                    "url": redis_url,
+                    "stream": [a, b],
+                    "schema": {"k": "string", "t": "int64"},
+                },
+                "steps": [
+                    {
+                        "id": "w",
+                        "window": {"size": "10s", "time": "t", "key": "k", "idle_timeout": "300ms"},
+                        "aggregate": {"n": "count()"},
+                    }
+                ],
+                "sinks": [{"id": "out", "kind": "jsonl", "path": "out/"}],
+                "checkpoint": {"path": "state/cp.db", "every": "100ms"},
+            }
+        )
+    )
+    from sluice.config.loader import load_pipeline
+
+    ex = StreamExecutor(load_pipeline(path), base_dir=tmp_path, handle_signals=False)
+    runner = threading.Thread(target=ex.run)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 20
+        rows: list[dict[str, Any]] = []
+        while time.monotonic() < deadline and len(rows) < 7:
+            time.sleep(0.2)
+            rows = [
+                json.loads(x)
+                for f in (tmp_path / "out").glob("*.jsonl")
+                for x in f.read_text().splitlines()
+            ]
+    finally:
+        ex.request_stop()
+        runner.join(timeout=30)
+    assert ex.report.status == "stopped"  # not the end of input: nothing was flushed by finish
+    got = sorted((r["k"], r["window_start"][:19].replace(" ", "T"), r["n"]) for r in rows)
+    # b is idle, so the watermark is a's (60 s): a's windows [0,10) ... [50,60) and b's [0,10)
+    # are closed; a's [60,70) stays open
+    expected = [("a", f"1970-01-01T00:00:{10 * m:02d}", 10) for m in range(6)]
+    assert got == [*expected, ("b", "1970-01-01T00:00:00", 1)]

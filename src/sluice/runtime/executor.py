@@ -270,9 +270,12 @@ class Executor:
             return
         self._process({self.cfg.source.id: merged})
 
-    def _finish_steps(self) -> None:
+    def _finish_steps(self, method: str = "finish") -> None:
+        """Call ``finish`` (end of input) — or, in stream mode, ``tick`` (time passed without
+        input) on steps that have it — and send what they release down the pipeline."""
         for idx, (step, _) in enumerate(self.steps):
-            res = step.finish()
+            call = getattr(step, method, None)
+            res = call() if call is not None else None
             if res is None:
                 continue
             n_out = frame_rows(res.table) if res.table is not None else 0

@@ -403,6 +403,7 @@ class StreamExecutor(Executor):
             pending_rows = 0
             first_at = 0.0
             last_data = time.monotonic()
+            last_tick = last_data
             next_ckpt = time.monotonic() + self.every
             batch_rows = self.cfg.settings.batch_rows
             ended = False
@@ -451,6 +452,10 @@ class StreamExecutor(Executor):
                     pending, pending_rows = [], 0
                 if ended:
                     self._finish_steps()
+                elif item is None and not pending and now - last_tick >= self.linger:
+                    # quiet input: idle partitions and early updates still move on
+                    self._finish_steps("tick")
+                    last_tick = now
                 if checkpoint_due:
                     self._checkpoint(store)
                     next_ckpt = time.monotonic() + self.every

@@ -146,19 +146,44 @@ def dead_letters(
 
 
 def rows_as_json(table: pa.Table) -> pa.Array:
-    """Serialize each row (without position columns) to a JSON object string, vectorized."""
+    """Serialize each row (without position columns) to a JSON object string, vectorized.
+
+    Numbers, strings, booleans and lists/structs of them stay JSON values; decimals, dates and
+    times are rendered as text, binaries as base64. A table Polars cannot encode falls back to a
+    per-row Python encoding (``str`` for anything JSON has no type for): it never raises."""
     data = strip_positions(table)
     if data.num_columns == 0:
         return pa.array(["{}"] * table.num_rows, type=pa.string())
-    df = pl.from_arrow(data)
-    assert isinstance(df, pl.DataFrame)
-    # Types JSON cannot hold natively (decimals, dates, binaries) are rendered as strings.
-    safe = [
-        pl.col(c).cast(pl.String) if not _json_native(df.schema[c]) else pl.col(c)
-        for c in df.columns
-    ]
-    out = df.select(pl.struct(safe).struct.json_encode().alias("j"))["j"]
-    return out.to_arrow().cast(pa.string())
+    try:
+        df = pl.from_arrow(data)
+        assert isinstance(df, pl.DataFrame)
+        safe = [_json_expr(c, df.schema[c]) for c in df.columns]
+        out = df.select(pl.struct(safe).struct.json_encode().alias("j"))["j"]
+        return out.to_arrow().cast(pa.string())
+    except Exception:  # exotic or invalid values: slow, but a dead letter must never fail
+        import orjson
+
+        def text(value: object) -> object:
+            if isinstance(value, bytes):
+                import base64
+
+                return base64.b64encode(value).decode()
+            return str(value)
+
+        rows = data.to_pylist()
+        return pa.array(
+            [orjson.dumps(r, default=text, option=orjson.OPT_NON_STR_KEYS).decode() for r in rows],
+            pa.string(),
+        )
+
+
+def _json_expr(name: str, dtype: pl.DataType) -> pl.Expr:
+    col = pl.col(name)
+    if _json_native(dtype) or _json_nested(dtype):
+        return col
+    if dtype == pl.Binary:
+        return col.bin.encode("base64")
+    return col.cast(pl.String)
 
 
 def _json_native(dtype: pl.DataType) -> bool:
@@ -166,6 +191,18 @@ def _json_native(dtype: pl.DataType) -> bool:
         pl.String,
         pl.Boolean,
     )
+
+
+def _json_nested(dtype: pl.DataType) -> bool:
+    if isinstance(dtype, (pl.List, pl.Array)):
+        inner = dtype.inner
+        return isinstance(inner, pl.DataType) and (_json_native(inner) or _json_nested(inner))
+    if isinstance(dtype, pl.Struct):
+        return all(
+            isinstance(f.dtype, pl.DataType) and (_json_native(f.dtype) or _json_nested(f.dtype))
+            for f in dtype.fields
+        )
+    return False
 
 
 def rows_dead_letters(frame: Frame, *, step_id: str, reason: str, message: object) -> pa.Table:

@@ -30,6 +30,10 @@ from sluice.batch import ROW_COL, SOURCE_COL, concat, dead_letters, source_id
 from sluice.connectors.files._common import apply_schema, records_to_table
 
 
+def _parseable(t: pa.DataType) -> pa.DataType:
+    return pa.string() if pa.types.is_date(t) or pa.types.is_time(t) else t
+
+
 class MessageDecoder:
     """Decode batches of payloads of one source; keeps the pinned schema between batches."""
 
@@ -39,8 +43,12 @@ class MessageDecoder:
         self.step_id = step_id
         self.fmt = fmt
         self.types = dict(types or {})
+        # pyarrow's JSON reader cannot parse dates or times itself: read them as text, and let
+        # apply_schema cast them (a bad value is then a cast_error letter, not a slow batch)
         self.pinned: pa.Schema | None = (
-            pa.schema([pa.field(k, v) for k, v in self.types.items()]) if self.types else None
+            pa.schema([pa.field(k, _parseable(v)) for k, v in self.types.items()])
+            if self.types
+            else None
         )
 
     def decode(

@@ -18,12 +18,16 @@ interned partition name, ``__sluice_row`` the message's offset in it.
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.ipc as ipc
 import pyarrow.json as pajson
 
 from sluice.batch import ROW_COL, SOURCE_COL, concat, dead_letters, source_id
@@ -138,4 +142,63 @@ class MessageDecoder:
         return (table if table.num_rows else None), dead
 
 
-__all__ = ["MessageDecoder"]
+
+
+class Spool:
+    """A batch run's rows for a message sink, kept until ``commit`` in a temporary Arrow IPC
+    file (memory stays bounded), so an aborted run sends nothing. Tables must share a schema
+    (align them with :class:`~sluice.connectors.files.writers.SchemaAligner` first)."""
+
+    def __init__(self) -> None:
+        self._path: Path | None = None
+        self._fh: Any = None
+        self._writer: Any = None
+        self.rows = 0
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        if self._writer is None:
+            fd, name = tempfile.mkstemp(prefix="sluice-spool-", suffix=".arrow")
+            self._path = Path(name)
+            self._fh = os.fdopen(fd, "wb")
+            self._writer = ipc.new_stream(self._fh, table.schema)
+        self._writer.write_table(table)
+        self.rows += table.num_rows
+
+    def tables(self, rows: int = 50_000) -> Iterator[pa.Table]:
+        """The spooled rows in order, in tables of about ``rows`` rows; then the spool is empty."""
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._fh.close()
+        self._writer = None
+        assert self._path is not None
+        try:
+            with pa.memory_map(str(self._path)) as source:
+                reader = ipc.open_stream(source)
+                batches: list[pa.RecordBatch] = []
+                n = 0
+                for b in reader:
+                    batches.append(b)
+                    n += b.num_rows
+                    if n >= rows:
+                        yield pa.Table.from_batches(batches)
+                        batches, n = [], 0
+                if batches:
+                    yield pa.Table.from_batches(batches)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._fh.close()
+            self._writer = None
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
+            self._path = None
+        self.rows = 0
+
+
+__all__ = ["MessageDecoder", "Spool"]

@@ -19,8 +19,8 @@ Source guarantees (:class:`RedisStreamReader`, verified against the Redis server
 Sink (:class:`RedisStreamWriter`): every row becomes one message ``{field: <row as JSON>}``. In
 stream mode each checkpoint epoch is added in one ``MULTI``/``EXEC`` transaction together with
 the epoch marker key ``sluice:epoch:<pipeline>:<sink id>:<stream id>``; an epoch at or below the
-marker is skipped, so a replayed epoch never duplicates. In batch mode rows are buffered and
-added at ``commit()`` (``abort()`` adds nothing).
+marker is skipped, so a replayed epoch never duplicates. In batch mode rows are spooled to a
+temporary Arrow file and added at ``commit()`` (``abort()`` adds nothing).
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from sluice.batch import concat, dead_letters, empty_dead_letters, rows_as_json, strip_positions
+from sluice.batch import concat, dead_letters, rows_as_json, strip_positions
 from sluice.config.models import RedisStreamSink, RedisStreamSource
-from sluice.connectors._messages import MessageDecoder
+from sluice.connectors._messages import MessageDecoder, Spool
+from sluice.connectors.files.writers import SchemaAligner
 from sluice.errors import SinkError, SourceError, TransientError, require
 from sluice.plugins import Chunk, RunContext
 from sluice.types import parse_type
@@ -258,7 +259,8 @@ class RedisStreamWriter:
         self.config = config
         self.step_id = config.id
         self._client: Any = None
-        self._pending: list[pa.Table] = []
+        self._spool = Spool()
+        self._aligner = SchemaAligner(config.id)
         self._marker = ""
 
     def open(self, ctx: RunContext) -> None:
@@ -273,22 +275,25 @@ class RedisStreamWriter:
             raise TransientError(
                 self.step_id, f"cannot connect to Redis at {self.config.url}: {exc}"
             ) from exc
-        self._pending = []
+        self._spool.discard()
+        self._aligner = SchemaAligner(self.step_id)
 
-    # batch Sink protocol: buffered until commit, so abort leaves nothing behind
+    # batch Sink protocol: spooled until commit, so abort leaves nothing behind
     def write(self, table: pa.Table) -> pa.Table:
-        if table.num_rows:
-            self._pending.append(table)
-        return empty_dead_letters()
+        data, dead = self._aligner.prepare(table)
+        if data is not None:
+            self._spool.add(data)
+        return dead
 
     def commit(self) -> None:
-        tables, self._pending = self._pending, []
-        for t in tables:
-            self._add(t, None)
-        self.close()
+        try:
+            for t in self._spool.tables():
+                self._add(t)
+        finally:
+            self.close()
 
     def abort(self) -> None:
-        self._pending = []
+        self._spool.discard()
         self.close()
 
     # EpochPublisher protocol
@@ -299,12 +304,16 @@ class RedisStreamWriter:
     def publish(self, epoch: int, table: pa.Table) -> pa.Table:
         import redis
 
+        data, dead = self._aligner.prepare(table)
+        if data is None:
+            data = table.slice(0, 0)
+
         def txn(pipe: Any) -> None:
             raw = pipe.get(self._marker)
             if raw is not None and int(raw) >= epoch:
                 return
             pipe.multi()
-            self._queue(pipe, table)
+            self._queue(pipe, data)
             pipe.set(self._marker, epoch)
 
         try:
@@ -313,7 +322,7 @@ class RedisStreamWriter:
             raise TransientError(self.step_id, f"lost the connection to Redis: {exc}") from exc
         except redis.RedisError as exc:
             raise SinkError(self.step_id, f"adding epoch {epoch} failed: {exc}") from exc
-        return empty_dead_letters()
+        return dead
 
     def close(self) -> None:
         if self._client is not None:
@@ -330,7 +339,7 @@ class RedisStreamWriter:
         for v in values:
             pipe.xadd(self.config.stream, {field: v}, maxlen=maxlen, approximate=True)
 
-    def _add(self, table: pa.Table, epoch: int | None) -> None:
+    def _add(self, table: pa.Table) -> None:
         import redis
 
         try:

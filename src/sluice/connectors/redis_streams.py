@@ -18,8 +18,9 @@ Source guarantees (:class:`RedisStreamReader`, verified against the Redis server
 
 Sink (:class:`RedisStreamWriter`): every row becomes one message ``{field: <row as JSON>}``. In
 stream mode each checkpoint epoch is added in one ``MULTI``/``EXEC`` transaction together with
-the epoch marker key ``sluice:epoch:<pipeline>:<sink id>:<stream id>``; an epoch at or below the
-marker is skipped, so a replayed epoch never duplicates. In batch mode rows are spooled to a
+the epoch marker key ``<stream>:sluice-epoch:<pipeline>:<sink id>:<run id>`` (the run id names
+the checkpoint history); an epoch at or below the marker is skipped, so a replayed epoch never
+duplicates. In batch mode rows are spooled to a
 temporary Arrow file and added at ``commit()`` (``abort()`` adds nothing).
 """
 
@@ -267,7 +268,9 @@ class RedisStreamWriter:
         require("redis", "redis", "Redis Streams sink")
         import redis
 
-        self._marker = f"sluice:epoch:{ctx.pipeline}:{self.step_id}:{ctx.run_id}"
+        self._marker = (
+            f"{self.config.stream}:sluice-epoch:{ctx.pipeline}:{self.step_id}:{ctx.run_id}"
+        )
         try:
             self._client = redis.Redis.from_url(self.config.url)
             self._client.ping()

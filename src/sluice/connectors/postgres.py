@@ -279,12 +279,19 @@ class PostgresWriter:
             conn.commit()
             self._stage_ready = False
             return dead
+        except TransientError:
+            # a lock timeout or deadlock inside the epoch: start the retry from a clean slate
+            self._stage_ready = False
+            with contextlib.suppress(Exception):
+                conn.rollback()
+            raise
         except psycopg.OperationalError as exc:
             self._drop_connection()
             raise TransientError(
                 self.step_id, f"PostgreSQL connection lost while publishing epoch {epoch}: {exc}"
             ) from exc
         except psycopg.Error as exc:
+            self._stage_ready = False
             with contextlib.suppress(Exception):
                 conn.rollback()
             raise SinkError(

@@ -14,7 +14,7 @@ Source guarantees (:class:`RedisStreamReader`, verified against the Redis server
   group would each replay the others' unacknowledged messages after a restart (at-least-once);
   scale out with one stream key per process instead.
 * Each stream key is one partition (``__sluice_source`` = ``redis:<key>``; ``__sluice_row`` =
-  the message id as ``ms * 1_000_000 + seq``).
+  the message id as ``ms << 20 | seq``).
 
 Sink (:class:`RedisStreamWriter`): every row becomes one message ``{field: <row as JSON>}``. In
 stream mode each checkpoint epoch is added in one ``MULTI``/``EXEC`` transaction together with
@@ -26,6 +26,7 @@ temporary Arrow file and added at ``commit()`` (``abort()`` adds nothing).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from typing import Any
@@ -41,12 +42,20 @@ from sluice.plugins import Chunk, RunContext
 from sluice.types import parse_type
 
 _ADD_CHUNK = 2_000
+log = logging.getLogger(__name__)
 
 
 def _id(raw: bytes | str) -> tuple[int, int]:
     text = raw.decode() if isinstance(raw, bytes) else raw
     ms, _, seq = text.partition("-")
     return int(ms), int(seq or 0)
+
+
+def _offset(raw: bytes | str) -> int:
+    """The message id as one int64 for ``__sluice_row``: milliseconds << 20 | sequence
+    (both clamped, so explicit huge ids cannot overflow)."""
+    ms, seq = _id(raw)
+    return (min(ms, (1 << 43) - 1) << 20) | min(seq, (1 << 20) - 1)
 
 
 def _text(i: tuple[int, int]) -> str:
@@ -68,17 +77,21 @@ class RedisStreamReader:
         self._position: dict[str, str] = {}
         self._delivered: deque[tuple[str, tuple[int, int], list[bytes]]] = deque()
         self._lock = threading.Lock()
-        self._next = 0
+        self._needs_resync = False
 
     # ------------------------------------------------------------------ StreamSource protocol
 
     def open(self, ctx: RunContext, position: Any) -> None:
         require("redis", "redis", "Redis Streams source")
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
         cfg = self.config
         try:
-            self._client = redis.Redis.from_url(cfg.url)
+            # no silent retries inside redis-py: a re-sent XREADGROUP would skip the messages
+            # whose reply was lost; the reader re-reads from its position instead (poll)
+            self._client = redis.Redis.from_url(cfg.url, retry=Retry(NoBackoff(), 0))
             self._acker = redis.Redis.from_url(cfg.url)
             self._client.ping()
         except redis.RedisError as exc:
@@ -94,53 +107,66 @@ class RedisStreamReader:
             except redis.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise SourceError(self.step_id, f"cannot create group on {key}: {exc}") from exc
-            # reclaim everything pending in the group (a dead consumer's messages) for us
+            if key in saved:
+                self._position[key] = saved[key]
+            # reclaim everything pending in the group (a dead consumer's messages) for us;
+            # what the checkpoint already covers is acknowledged now
+            covered: list[bytes] = []
+            upto = _id(saved[key]) if key in saved else None
             start = "0-0"
             while True:
                 res = self._client.xautoclaim(
                     key, cfg.group, cfg.consumer, min_idle_time=0, start_id=start, count=1000
                 )
                 start = res[0].decode() if isinstance(res[0], bytes) else res[0]
+                if upto is not None:
+                    covered += [e[0] for e in res[1] if e and _id(e[0]) <= upto]
                 if start == "0-0":
                     break
-            last = self._last_delivered(key)
-            if key in saved:
-                begin = _id(saved[key])
-                self._position[key] = saved[key]
-            else:
-                pending = self._client.xpending(key, cfg.group)
-                lo = pending.get("min") if pending and pending.get("pending") else None
-                if lo is None:
-                    continue
-                first = _id(lo)
-                begin = (first[0], first[1] - 1) if first[1] else (first[0] - 1, 2**63 - 1)
-            if last > begin:
-                self._replay[key] = (begin, last)
+            for i in range(0, len(covered), 10_000):
+                self._acker.xack(key, cfg.group, *covered[i : i + 10_000])
+        self._resync()
 
     def poll(self, timeout: float) -> Chunk | None:
         import redis
 
         try:
+            if self._needs_resync:
+                self._resync()
             if self._replay:
                 return self._poll_replay()
             return self._poll_live(timeout)
         except redis.ConnectionError as exc:
+            # a reply may have been lost after Redis delivered messages: they are pending for
+            # us, so read again from our position before taking new ones
+            self._needs_resync = True
             raise TransientError(self.step_id, f"lost the connection to Redis: {exc}") from exc
 
     def commit(self, position: Any) -> None:
-        """Acknowledge every delivered message up to ``position`` (a checkpoint covers them)."""
-        todo: dict[str, list[bytes]] = {}
+        """Acknowledge every delivered message up to ``position`` (a checkpoint covers them).
+        A failed acknowledgement is retried at the next checkpoint: the messages stay pending,
+        and the checkpoint (already durable) decides what is re-read after a restart."""
+        import redis
+
+        todo: list[tuple[str, tuple[int, int], list[bytes]]] = []
         with self._lock:
-            while self._delivered:
-                key, last, ids = self._delivered[0]
+            for item in self._delivered:
+                key, last, _ = item
                 upto = position.get(key) if position else None
-                if upto is None or last > _id(upto):
-                    break
-                self._delivered.popleft()
-                todo.setdefault(key, []).extend(ids)
-        for key, ids in todo.items():
-            for i in range(0, len(ids), 10_000):
-                self._acker.xack(key, self.config.group, *ids[i : i + 10_000])
+                if upto is not None and last <= _id(upto):
+                    todo.append(item)
+        for item in todo:
+            key, _, ids = item
+            try:
+                for i in range(0, len(ids), 10_000):
+                    self._acker.xack(key, self.config.group, *ids[i : i + 10_000])
+            except redis.RedisError as exc:
+                log.warning(
+                    "%s: acknowledging on %s failed (retried later): %s", self.step_id, key, exc
+                )
+                return
+            with self._lock:
+                self._delivered.remove(item)
 
     def close(self) -> None:
         for c in (self._client, self._acker):
@@ -164,6 +190,28 @@ class RedisStreamReader:
         return total
 
     # ---------------------------------------------------------------------------- internals
+
+    def _resync(self) -> None:
+        """Plan the re-read: per key, every message after our position (or, without one,
+        from the oldest pending message) up to the group's last delivered id."""
+        self._needs_resync = False
+        self._replay = {}
+        for key in self.keys:
+            last = self._last_delivered(key)
+            if key in self._position:
+                begin = _id(self._position[key])
+                if last < begin:  # the group fell behind (e.g. Redis restored): move it on
+                    self._client.xgroup_setid(key, self.config.group, id=self._position[key])
+                    continue
+            else:
+                pending = self._client.xpending(key, self.config.group)
+                lo = pending.get("min") if pending and pending.get("pending") else None
+                if lo is None:
+                    continue
+                first = _id(lo)
+                begin = (first[0], first[1] - 1) if first[1] else (first[0] - 1, 2**63 - 1)
+            if last > begin:
+                self._replay[key] = (begin, last)
 
     def _last_delivered(self, key: str) -> tuple[int, int]:
         for g in self._client.xinfo_groups(key):
@@ -204,17 +252,26 @@ class RedisStreamReader:
         for key, entries in batches:
             if not entries:
                 continue
+            pos = self._position.get(key)
+            if pos is not None:  # never hand out what the position already covers
+                upto = _id(pos)
+                stale = [e[0] for e in entries if _id(e[0]) <= upto]
+                if stale:
+                    self._acker.xack(key, self.config.group, *stale)
+                    entries = [e for e in entries if _id(e[0]) > upto]
+                    if not entries:
+                        continue
             ids = [e[0] for e in entries]
             offsets: list[int] = []
             payloads: list[bytes] = []
             missing: list[int] = []
             for eid, fields in entries:
-                ms, seq = _id(eid)
+                offset = _offset(eid)
                 value = fields.get(field) if fields else None
                 if value is None:
-                    missing.append(ms * 1_000_000 + seq)
+                    missing.append(offset)
                     continue
-                offsets.append(ms * 1_000_000 + seq)
+                offsets.append(offset)
                 payloads.append(value)
             partition = f"redis:{key}"
             table, dead = self._decoder.decode(payloads, partition, offsets)

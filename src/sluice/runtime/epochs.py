@@ -32,12 +32,27 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
-from sluice.batch import concat, empty_dead_letters
+from sluice.batch import SOURCE_COL, concat, empty_dead_letters, source_id, source_names
 from sluice.config.models import FileSinkBase
 from sluice.errors import ConfigError, SinkError
 from sluice.plugins import EpochPublisher, RunContext, Sink, lookup
+
+
+def _intern_sources(table: pa.Table) -> pa.Table:
+    """Staged tables keep source names; turn them back into this process's interned ids."""
+    if SOURCE_COL not in table.column_names:
+        return table
+    names = table.column(SOURCE_COL)
+    if not pa.types.is_string(names.type) and not pa.types.is_large_string(names.type):
+        return table
+    encoded = pc.dictionary_encode(names).combine_chunks()
+    ids = pa.array([source_id(n) for n in encoded.dictionary.to_pylist()], pa.int32())
+    column = pc.take(ids, encoded.indices)
+    return table.set_column(table.column_names.index(SOURCE_COL), SOURCE_COL, column)
+
 
 _PART = re.compile(r"^part-e(\d{9})-")
 _TMP = re.compile(r"^\.part-e(\d{9})-.*\.tmp$")
@@ -96,14 +111,14 @@ class FileEpochSink:
             _fsync_dir(d)
         return empty_dead_letters()
 
-    def recover(self, epoch: int, token: Any) -> None:
+    def recover(self, epoch: int, token: Any) -> pa.Table:
         self.publish(epoch, token)
-        if not self.root.exists():
-            return
-        for path in self.root.rglob("*"):
-            m = _PART.match(path.name)
-            if (m and int(m.group(1)) > epoch) or _TMP.match(path.name):
-                path.unlink(missing_ok=True)
+        if self.root.exists():
+            for path in self.root.rglob("*"):
+                m = _PART.match(path.name)
+                if (m and int(m.group(1)) > epoch) or _TMP.match(path.name):
+                    path.unlink(missing_ok=True)
+        return empty_dead_letters()
 
     def close(self) -> None:
         if self._writer is not None:
@@ -148,6 +163,9 @@ class StagedEpochSink:
             return {"rows": 0}
         merged = concat(tables)
         assert isinstance(merged, pa.Table)
+        if SOURCE_COL in merged.column_names:  # interned ids are per process: store the names
+            i = merged.column_names.index(SOURCE_COL)
+            merged = merged.set_column(i, SOURCE_COL, source_names(merged.column(SOURCE_COL)))
         name = f"epoch-{self._epoch:09d}.arrow"
         tmp = self.dir / f".{name}.tmp"
         with open(tmp, "wb") as fh:
@@ -169,13 +187,13 @@ class StagedEpochSink:
             if (done is None or done < epoch) and path.exists():
                 with pa.memory_map(str(path)) as source:
                     table = ipc.open_file(source).read_all()
-                dead = self.publisher.publish(epoch, table)
+                dead = self.publisher.publish(epoch, _intern_sources(table))
         for old in self.dir.glob("epoch-*.arrow"):
             if old.name != name:
                 old.unlink(missing_ok=True)
         return dead
 
-    def recover(self, epoch: int, token: Any) -> None:
+    def recover(self, epoch: int, token: Any) -> pa.Table:
         self._open()
         done = self.publisher.published_epoch()
         if done is not None and done > epoch:
@@ -194,7 +212,7 @@ class StagedEpochSink:
             m = re.match(r"^\.?epoch-(\d{9})", path.name)
             if m and int(m.group(1)) > epoch:
                 path.unlink(missing_ok=True)
-        self.publish(epoch, token)
+        return self.publish(epoch, token)
 
     def close(self) -> None:
         if self._opened:
@@ -227,8 +245,8 @@ class PlainEpochSink:
             self._open = False
         return empty_dead_letters()
 
-    def recover(self, epoch: int, token: Any) -> None:
-        return None
+    def recover(self, epoch: int, token: Any) -> pa.Table:
+        return empty_dead_letters()
 
     def close(self) -> None:
         if self._open:

@@ -60,6 +60,7 @@ from sluice.config.models import (
 )
 from sluice.errors import ConfigError, TerminalError, TransientError
 from sluice.plugins import EpochPublisher, RunContext, Sink, Step, StepResult, StreamSource, lookup
+from sluice.quality.engine import ContractFailure
 from sluice.runtime.epochs import EpochSink, FileEpochSink, PlainEpochSink, StagedEpochSink
 from sluice.runtime.executor import Executor, _describe
 from sluice.runtime.faults import crash_point
@@ -233,9 +234,13 @@ class StreamExecutor(Executor):
     # ------------------------------------------------------------------ steps
 
     def _call_step(self, step: Step, table: Frame) -> StepResult:
-        """Poison isolation: a batch that makes a step raise is bisected until the records that
-        fail are found; they become dead letters ``step_error`` and the stream goes on. When both
-        halves fail entirely, the whole part is dead-lettered at once (a systematic error)."""
+        """Poison isolation: a batch that makes a stateless step raise is bisected until the
+        records that fail are found; they become dead letters ``step_error`` and the stream
+        goes on. Errors that mean "stop" (a contract's ``fail`` action, a configuration error)
+        and errors of stateful steps (whose state a failed call may have changed) stop the run;
+        the restart resumes from the last checkpoint."""
+        if hasattr(step, "snapshot"):
+            return step.process(table)
         res = self._try_step(step, table)
         if res is not None:
             return res
@@ -244,7 +249,7 @@ class StreamExecutor(Executor):
     def _try_step(self, step: Step, table: Frame) -> StepResult | None:
         try:
             return step.process(table)
-        except ConfigError:
+        except (ConfigError, ContractFailure, MemoryError):
             raise
         except Exception as exc:
             self._last_step_error = _describe(exc)
@@ -253,27 +258,36 @@ class StreamExecutor(Executor):
     def _bisect(self, step: Step, table: Frame) -> StepResult:
         n = frame_rows(table)
         message = self._last_step_error
-        if n > 1:
+        if n > 1 and not self._systematic(step, table):
             half = n // 2
             parts = [_slice(table, 0, half), _slice(table, half, n - half)]
-            results = [self._try_step(step, p) for p in parts]
-            if any(r is not None for r in results):
-                done = [
-                    r if r is not None else self._bisect(step, p)
-                    for r, p in zip(results, parts, strict=True)
-                ]
-                outs = [r.table for r in done if r.table is not None and frame_rows(r.table)]
-                return StepResult(
-                    concat(outs) if len(outs) > 1 else (outs[0] if outs else None),
-                    dead=pa.concat_tables([r.dead for r in done]),
-                    filtered=sum(r.filtered for r in done),
-                    aggregated=sum(r.aggregated for r in done),
-                )
+            done = []
+            for part in parts:
+                res = self._try_step(step, part)
+                done.append(res if res is not None else self._bisect(step, part))
+            outs = [r.table for r in done if r.table is not None and frame_rows(r.table)]
+            return StepResult(
+                concat(outs) if len(outs) > 1 else (outs[0] if outs else None),
+                dead=pa.concat_tables([r.dead for r in done]),
+                filtered=sum(r.filtered for r in done),
+                aggregated=sum(r.aggregated for r in done),
+            )
         return StepResult(
             None,
             dead=rows_dead_letters(
                 table, step_id=step.step_id, reason="step_error", message=message
             ),
+        )
+
+    def _systematic(self, step: Step, table: Frame) -> bool:
+        """A failing part whose first, middle and last rows each fail alone: every row is
+        taken to fail (a systematic error), so the part is dead-lettered without bisecting
+        it record by record."""
+        n = frame_rows(table)
+        if n < 64:
+            return False
+        return all(
+            self._try_step(step, _slice(table, i, 1)) is None for i in (0, n // 2, n - 1)
         )
 
     # ------------------------------------------------------------------ checkpoints
@@ -313,10 +327,25 @@ class StreamExecutor(Executor):
         self.warnings.extend(warnings)
         for w in warnings:
             print(f"sluice: {w}", file=sys.stderr)
+        if cp is None and warnings:
+            raise ConfigError(
+                f"no intact checkpoint in {self.store_path}: every kept checkpoint is damaged, "
+                "and starting a new history would replace the outputs written so far",
+                field="checkpoint.path",
+                fix="restore the checkpoint file from a copy, or move it away to start over "
+                "(file outputs of the old history are then replaced)",
+            )
         epoch = cp.epoch if cp is not None else 0
         tokens = cp.sinks if cp is not None else {}
-        for s in self.epoch_sinks:
-            s.recover(epoch, tokens.get(s.step_id))
+        attempts, backoff = self._retry
+        refused = [
+            retry(
+                lambda s=s: s.recover(epoch, tokens.get(s.step_id)),  # type: ignore[misc]
+                attempts=attempts,
+                backoff=max(backoff, 0.5),
+            )
+            for s in self.epoch_sinks
+        ]
         self.dl_epoch.recover(epoch, tokens.get("dead_letter"))
         if cp is not None:
             self.restored_from = cp.epoch
@@ -329,8 +358,13 @@ class StreamExecutor(Executor):
         for s in self.epoch_sinks:
             s.begin(self.epoch)
         self.dl_epoch.begin(self.epoch)
+        for dead in refused:  # rows a database refused while the restored epoch was published
+            self._dead(dead)
 
     # ------------------------------------------------------------------ reading
+
+    def _sleep(self, seconds: float) -> None:
+        self.stop.wait(seconds)
 
     def _read_stream(self, q: queue.Queue[Any]) -> None:
         attempts, backoff = self._retry
@@ -340,6 +374,7 @@ class StreamExecutor(Executor):
                     lambda: self.stream_source.poll(self.linger),
                     attempts=attempts,
                     backoff=backoff,
+                    sleep=self._sleep,  # a stop interrupts the backoff
                 )
                 if chunk is None:
                     continue
@@ -352,7 +387,12 @@ class StreamExecutor(Executor):
                 if chunk.end:
                     return
         except BaseException as exc:
-            q.put(_Failed(exc))
+            while not self.stop.is_set():
+                try:
+                    q.put(_Failed(exc), timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
 
     # ------------------------------------------------------------------ run
 
@@ -367,20 +407,23 @@ class StreamExecutor(Executor):
         ]
         self._dl_worker = _Feed(self._write_dead)  # type: ignore[assignment]
         old_handlers: dict[signal.Signals, Any] = {}
-        if self.handle_signals and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                old_handlers[sig] = signal.signal(sig, lambda *_: self.request_stop())
-        store = CheckpointStore(self.store_path, self.cfg.checkpoint.keep)
-        sink_ctx = RunContext(self.cfg.pipeline, f"stream-{store.stream_id}", self.ctx.base_dir)
-        for es in self.epoch_sinks:
-            if isinstance(es, StagedEpochSink):
-                es.ctx = sink_ctx
         opened: list[Any] = []
         error: BaseException | None = None
         src_stats = self.stats[self.cfg.source.id]
         reader: threading.Thread | None = None
         status = _Status(self)
+        store: CheckpointStore | None = None
         try:
+            if self.handle_signals and threading.current_thread() is threading.main_thread():
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    old_handlers[sig] = signal.signal(sig, lambda *_: self.request_stop())
+            store = CheckpointStore(self.store_path, self.cfg.checkpoint.keep)
+            sink_ctx = RunContext(
+                self.cfg.pipeline, f"stream-{store.stream_id}", self.ctx.base_dir
+            )
+            for es in self.epoch_sinks:
+                if isinstance(es, StagedEpochSink):
+                    es.ctx = sink_ctx
             for step, _ in self.steps:
                 step.open(self.ctx)
                 opened.append(step)
@@ -471,7 +514,9 @@ class StreamExecutor(Executor):
             self.stop.set()
             status.close()
             if reader is not None:
-                reader.join(timeout=10)
+                reader.join(timeout=30)
+                if reader.is_alive():  # stuck in a source call: do not close under its feet
+                    opened = [o for o in opened if o is not self.stream_source]
             for s in self.epoch_sinks:
                 with contextlib.suppress(Exception):
                     s.close()
@@ -480,7 +525,8 @@ class StreamExecutor(Executor):
             for obj in reversed(opened):
                 with contextlib.suppress(Exception):
                     obj.close()
-            store.close()
+            if store is not None:
+                store.close()
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
             rep.seconds = time.perf_counter() - started

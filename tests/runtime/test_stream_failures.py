@@ -269,3 +269,24 @@ def test_contract_fail_action_stops_the_stream(tmp_path: Path) -> None:
             sinks={"out": MemorySink("out")},
             handle_signals=False,
         ).run()
+
+
+def test_a_bug_in_a_step_stops_the_run_instead_of_dead_lettering_everything(
+    tmp_path: Path,
+) -> None:
+    ex = StreamExecutor(
+        _cfg(tmp_path, [{"id": "num", "derive": {"n": "CAST(s AS INTEGER)"}}]),
+        base_dir=tmp_path,
+        source=MemoryStream([pa.table({"s": ["1", "2"]})]),
+        sinks={"out": MemorySink("out")},
+        handle_signals=False,
+    )
+    step = ex.steps[0][0]
+
+    def broken(table: Any) -> Any:
+        raise AttributeError("'Derive' object has no attribute 'oops'")
+
+    step.process = broken  # type: ignore[method-assign]
+    with pytest.raises(AttributeError):
+        ex.run()
+    assert ex.report.status == "failed" and ex.report.dead_letters == 0

@@ -17,7 +17,8 @@ thread, so a slow sink pauses the reader: memory stays flat.
 2. the checkpoint — epoch, source position, every stateful step's snapshot, every sink's token —
    is saved in one SQLite transaction (:mod:`sluice.state.checkpoints`). This is the commit point;
 3. every sink *publishes* the epoch (rename / one transaction with an epoch marker);
-4. the source is told the position is durable (Redis ``XACK``, Kafka offset commit).
+4. the source is told the position is durable (Redis ``XACK``, Kafka offset commit), on a
+   separate thread so the main thread does not wait for it.
 
 A crash anywhere restarts from the newest complete checkpoint: state restored, the checkpointed
 epoch's outputs rolled forward, anything newer discarded, the source re-read right after the
@@ -26,9 +27,10 @@ checkpoint falls back to the previous one.
 
 **Failures.** A sink write that fails transiently is retried with exponential backoff and jitter;
 a batch a sink refuses for good is bisected so that exactly the refused rows become dead letters
-(``sink_rejected``) and the stream keeps flowing. A step that raises on a batch is bisected the
-same way: the poison record becomes a dead letter ``step_error`` instead of crashing the process
-into a restart loop. A source error is retried; the stream stops only if retries run out.
+(``sink_rejected``) and the stream keeps flowing. A stateless step that fails on a record's values
+is bisected the same way: the poison record becomes a dead letter ``step_error`` instead of
+crashing the process into a restart loop (see :meth:`StreamExecutor._call_step` for what stops
+the run instead). A source error is retried; the stream stops only if retries run out.
 
 **Stopping.** SIGINT/SIGTERM (or :meth:`StreamExecutor.request_stop`) stop reading, process what
 was read, write a final checkpoint and exit. With ``until_idle`` the run also ends after no record
@@ -49,6 +51,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import duckdb
+import polars as pl
 import pyarrow as pa
 
 from sluice.batch import Frame, as_arrow, concat, frame_rows, rows_dead_letters
@@ -58,7 +62,7 @@ from sluice.config.models import (
     ParquetSink,
     PipelineConfig,
 )
-from sluice.errors import ConfigError, TerminalError, TransientError
+from sluice.errors import ConfigError, StepError, TerminalError, TransientError
 from sluice.plugins import EpochPublisher, RunContext, Sink, Step, StepResult, StreamSource, lookup
 from sluice.quality.engine import ContractFailure
 from sluice.runtime.epochs import EpochSink, FileEpochSink, PlainEpochSink, StagedEpochSink
@@ -93,6 +97,39 @@ class _Feed:
         return False
 
 
+class _Acker(threading.Thread):
+    """Tells the source which positions are durable, off the main thread (an XACK of a second
+    of messages takes tens of milliseconds). Only the newest waiting position is sent."""
+
+    def __init__(self, source: StreamSource) -> None:
+        super().__init__(name="sluice-acker", daemon=True)
+        self.source = source
+        self.q: queue.Queue[Any] = queue.Queue()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while True:
+            item = self.q.get()
+            done = item is _END
+            while not done:  # coalesce: a newer position covers the older ones
+                try:
+                    nxt = self.q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _END:
+                    done = True
+                else:
+                    item = nxt
+            if item is not _END:
+                try:
+                    self.source.commit(item)
+                except Exception as exc:  # the checkpoint is durable; acking again is safe
+                    self.error = exc
+                    print(f"sluice: acknowledging the source failed: {exc}", file=sys.stderr)
+            if done:
+                return
+
+
 class _NoOpen:
     """The dead-letter epoch sink seen through the batch executor's lazy ``open``."""
 
@@ -105,6 +142,20 @@ class _NoOpen:
 
     def write(self, table: pa.Table) -> pa.Table:
         return self.inner.write(table)
+
+
+# Errors a record's values can cause in a step (a cast that fails, a division, bad JSON, a
+# DuckDB conversion). Anything else (AttributeError, TypeError, ...) is a bug or an outage and
+# stops the run instead of turning every record into a dead letter.
+_DATA_ERRORS: tuple[type[Exception], ...] = (
+    pl.exceptions.PolarsError,
+    duckdb.Error,
+    pa.ArrowException,
+    ValueError,
+    ArithmeticError,
+    UnicodeError,
+    StepError,
+)
 
 
 def _make_source(config: PipelineConfig) -> StreamSource:
@@ -164,6 +215,7 @@ class StreamExecutor(Executor):
         self.until_idle = until_idle
         self.handle_signals = handle_signals
         self.stream_source: StreamSource = stream_source
+        self._acker = _Acker(stream_source)
         self._last_step_error = ""
         self.store_path = self.ctx.resolve(config.checkpoint.path.format(**fmt))
         self.staging = self.store_path.with_name(self.store_path.name + ".staging")
@@ -249,9 +301,9 @@ class StreamExecutor(Executor):
     def _try_step(self, step: Step, table: Frame) -> StepResult | None:
         try:
             return step.process(table)
-        except (ConfigError, ContractFailure, MemoryError):
+        except (ConfigError, ContractFailure):
             raise
-        except Exception as exc:
+        except _DATA_ERRORS as exc:  # what a record's value can cause: isolate the record
             self._last_step_error = _describe(exc)
             return None
 
@@ -308,7 +360,7 @@ class StreamExecutor(Executor):
         self.dl_epoch.publish(epoch, tokens["dead_letter"])
         crash_point("before_ack")
         if self.position is not None:
-            self.stream_source.commit(self.position)
+            self._acker.q.put(self.position)
         self.epoch = epoch + 1
         for s in self.epoch_sinks:
             s.begin(self.epoch)
@@ -435,8 +487,9 @@ class StreamExecutor(Executor):
             self._dl_open = True
             self.stream_source.open(self.ctx, self.position)
             opened.append(self.stream_source)
+            self._acker.start()
             if self.position is not None:
-                self.stream_source.commit(self.position)
+                self._acker.q.put(self.position)
             q: queue.Queue[Any] = queue.Queue(maxsize=self.cfg.settings.queue_size)
             reader = threading.Thread(
                 target=self._read_stream, args=(q,), name="sluice-stream-reader", daemon=True
@@ -513,6 +566,9 @@ class StreamExecutor(Executor):
         finally:
             self.stop.set()
             status.close()
+            if self._acker.is_alive():
+                self._acker.q.put(_END)
+                self._acker.join(timeout=30)
             if reader is not None:
                 reader.join(timeout=30)
                 if reader.is_alive():  # stuck in a source call: do not close under its feet

@@ -323,10 +323,16 @@ def test_lost_newest_checkpoint_after_a_database_publish_is_a_clear_error(
     assert "'db'" in str(err.value) and f"epoch {published}" in str(err.value)
 
 
-def test_deduplicate_state_survives_a_restart(tmp_path: Path) -> None:
-    """Keys seen before a restart are still known after it (the step's state is checkpointed)."""
+@pytest.mark.parametrize("backend", ["memory", "rocksdb"])
+def test_deduplicate_state_survives_a_restart(tmp_path: Path, backend: str) -> None:
+    """Keys seen before a restart are still known after it (the step's state is checkpointed:
+    copied into the SQLite checkpoint, or as a RocksDB checkpoint of the on-disk key store)."""
     tables = [pa.table({"id": [1, 2, 3]}), pa.table({"id": [3, 4]}), pa.table({"id": [1, 5]})]
-    cfg = _cfg(tmp_path, steps=[{"id": "once", "deduplicate": {"key": ["id"]}}])
+    cfg = _cfg(
+        tmp_path,
+        steps=[{"id": "once", "deduplicate": {"key": ["id"]}}],
+        checkpoint={"path": str(tmp_path / "state" / "cp.db"), "every": "10ms", "backend": backend},
+    )
     StreamExecutor(
         cfg, base_dir=tmp_path, source=MemoryStream(tables[:2]), handle_signals=False
     ).run()

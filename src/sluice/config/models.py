@@ -471,8 +471,12 @@ class CheckpointConfig(Model):
     )
     every: str | float = Field("1s", description="Checkpoint interval.")
     keep: int = Field(3, ge=2, description="Checkpoints kept (older ones are the fallback).")
-    backend: Literal["memory"] = Field(
-        "memory", description="State store: operator state in memory, snapshotted to SQLite."
+    backend: Literal["memory", "rocksdb"] = Field(
+        "memory",
+        description="State store: 'memory' keeps operator state in memory, snapshotted into "
+        "the SQLite checkpoints; 'rocksdb' (extra rocksdb) keeps the keys of deduplicate and "
+        "unique checks in RocksDB on disk (larger than memory; checkpoints hard-link its files). "
+        "Window state stays in memory.",
     )
 
 

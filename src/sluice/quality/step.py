@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -72,6 +73,13 @@ class ContractCheck(BaseStep):
             "gates": [g.to_dict() for g in self.gates],
             "schema": self.checker.schema_notes,
         }
+
+    def use_key_store(self, make: Callable[[str], Any]) -> None:
+        """Stream mode with ``checkpoint.backend: rocksdb``: keep ``unique`` keys in that store."""
+        assert self.checker is not None, "open() first"
+        for name in list(self.checker.seen):
+            self.checker.seen[name].close()
+            self.checker.seen[name] = make(f"seen-{name}")
 
     def snapshot(self) -> dict[str, pa.Table]:
         """Stream checkpoints: the keys seen by each ``unique`` check."""

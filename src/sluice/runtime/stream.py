@@ -251,6 +251,15 @@ class StreamExecutor(Executor):
             return StagedEpochSink(sink, self.staging, self.ctx)
         return PlainEpochSink(sink, self.ctx)
 
+    def _use_backend(self, step: Step) -> None:
+        if self.cfg.checkpoint.backend != "rocksdb" or not hasattr(step, "use_key_store"):
+            return
+        from sluice.state.rocks import RocksKeys
+
+        root = self.store_path.with_name(self.store_path.name + ".rocksdb") / step.step_id
+        keep = self.cfg.checkpoint.keep + 1
+        step.use_key_store(lambda name: RocksKeys(root / name, keep=keep))
+
     def request_stop(self) -> None:
         """Stop gracefully: finish the current batch, write a final checkpoint, return."""
         self._stop_requested.set()
@@ -479,6 +488,7 @@ class StreamExecutor(Executor):
             for step, _ in self.steps:
                 step.open(self.ctx)
                 opened.append(step)
+                self._use_backend(step)
                 fields = getattr(step, "pii_fields", None)
                 if fields:
                     self._pii |= set(fields)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import polars as pl
@@ -49,6 +50,11 @@ class Deduplicate(BaseStep):
         fresh = ~self.seen.seen_before(keys)
         out = cand.filter(pl.Series(fresh))
         return StepResult(out, filtered=df.height - out.height)
+
+    def use_key_store(self, make: Callable[[str], Any]) -> None:
+        """Stream mode with ``checkpoint.backend: rocksdb``: keep the keys in that store."""
+        self.seen.close()
+        self.seen = make("seen")
 
     def snapshot(self) -> dict[str, pa.Table]:
         """Stream checkpoints: the keys seen so far."""

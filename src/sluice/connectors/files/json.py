@@ -23,6 +23,7 @@ from sluice.connectors.files._common import (
 from sluice.plugins import Chunk
 
 _BOM = b"\xef\xbb\xbf"
+_PIECE = 1 << 20  # parallel parse piece of a JSON-lines block
 
 
 def _is_utf8(data: bytes) -> bool:
@@ -187,18 +188,25 @@ class JsonlReader(FileReader):
 
     @staticmethod
     def _fast(block: bytes, pinned: pa.Schema | None) -> pa.Table | None:
-        try:
-            return pajson.read_json(
-                io.BytesIO(block),
-                read_options=pajson.ReadOptions(block_size=len(block) + 1),
-                parse_options=pajson.ParseOptions(
-                    explicit_schema=pinned,
-                    unexpected_field_behavior="infer",
-                    newlines_in_values=False,
-                ),
-            )
-        except (pa.ArrowException, ValueError):
-            return None
+        """Parse a block with pyarrow: in 1 MiB pieces on its thread pool when the schema is
+        pinned (the pieces cannot disagree on types then), else — or when that fails — in one
+        piece; ``None`` when the block has a bad line (the caller parses it line by line)."""
+        opts = pajson.ParseOptions(
+            explicit_schema=pinned, unexpected_field_behavior="infer", newlines_in_values=False
+        )
+        sizes = [len(block) + 1]
+        if pinned is not None and len(block) > 2 * _PIECE:
+            sizes.insert(0, _PIECE)
+        for size in sizes:
+            try:
+                return pajson.read_json(
+                    io.BytesIO(block),
+                    read_options=pajson.ReadOptions(block_size=size, use_threads=True),
+                    parse_options=opts,
+                )
+            except (pa.ArrowException, ValueError):
+                continue
+        return None
 
     def _slow(
         self, block: bytes, state: FileState, line_no: int, record: int, pinned: pa.Schema | None

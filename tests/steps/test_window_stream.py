@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluice.batch import ROW_COL, SOURCE_COL, as_arrow, source_id
+from sluice.batch import ROW_COL, SOURCE_COL, as_arrow, frame_rows, source_id, with_positions
 from sluice.config import parse_pipeline
 from sluice.config.models import WindowStep
 from sluice.errors import ConfigError
@@ -74,7 +74,9 @@ def make(
     ):
         if value is not None:
             spec[name] = value
-    return Window(WindowStep.model_validate({"id": "w", "window": spec, "aggregate": aggs or AGGS}))
+    step = Window(WindowStep.model_validate({"id": "w", "window": spec, "aggregate": aggs or AGGS}))
+    step.per_partition = True  # as the stream runtime sets it for broker sources
+    return step
 
 
 def table(events: list[Event], first_pos: int) -> pa.Table:
@@ -814,3 +816,22 @@ def test_a_batch_that_fails_leaves_the_state_unchanged(monkeypatch: pytest.Monke
     after = step.snapshot()
     assert before.keys() == after.keys()
     assert all(before[k].equals(after[k]) for k in before)
+
+
+def test_files_are_one_partition_unless_the_runtime_says_otherwise() -> None:
+    """Batch runs and watched folders: a file read to its end must not hold the watermark back,
+    so windows close as the newest time passes them, not only at the end of input."""
+    step = Window(
+        WindowStep.model_validate(
+            {
+                "id": "w",
+                "window": {"size": 10, "time": "ts", "time_unit": "s", "key": "k"},
+                "aggregate": {"n": "count()"},
+            }
+        )
+    )
+    first = with_positions(pa.table({"k": ["a"], "ts": [1]}), "file-1.jsonl", 0)
+    second = with_positions(pa.table({"k": ["a"], "ts": [25]}), "file-2.jsonl", 0)
+    step.process(first)
+    out = step.process(second).table
+    assert out is not None and frame_rows(out) == 1  # [0, 10) closed by file 2's time

@@ -57,6 +57,7 @@ import pyarrow as pa
 
 from sluice.batch import Frame, as_arrow, concat, frame_rows, rows_dead_letters
 from sluice.config.models import (
+    STREAM_SOURCE_KINDS,
     FileSinkBase,
     JsonlSink,
     ParquetSink,
@@ -252,6 +253,8 @@ class StreamExecutor(Executor):
         return PlainEpochSink(sink, self.ctx)
 
     def _use_backend(self, step: Step) -> None:
+        if hasattr(step, "per_partition") and self.cfg.source.kind in STREAM_SOURCE_KINDS:
+            step.per_partition = True  # broker partitions: one watermark each
         if self.cfg.checkpoint.backend != "rocksdb" or not hasattr(step, "use_key_store"):
             return
         from sluice.state.rocks import RocksKeys

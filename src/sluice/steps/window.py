@@ -104,6 +104,11 @@ class Window(BaseStep):
 
     config: WindowStep
     creates_rows = True
+    #: Watermarks per source partition (``__sluice_source``). The stream runtime turns this on
+    #: for broker sources (Redis stream keys, Kafka partitions), whose partitions all stay live.
+    #: Off for files (batch runs and watched folders): a file that was read to its end would
+    #: otherwise hold the watermark back, and windows would only close at the end of input.
+    per_partition = False
 
     def __init__(self, config: WindowStep) -> None:
         super().__init__(config)
@@ -583,7 +588,7 @@ class Window(BaseStep):
         self._check(df)  # before any state changes: a failing batch leaves the state as it was
         part = (
             pl.col(SOURCE_COL).cast(pl.Int64).fill_null(-1)
-            if SOURCE_COL in df.columns
+            if self.per_partition and SOURCE_COL in df.columns
             else pl.lit(-1, pl.Int64)
         )
         df = df.with_columns(self._event_time(df).alias(_T), part.alias(_P))

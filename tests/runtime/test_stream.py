@@ -429,3 +429,13 @@ def test_idle_partition_does_not_stall_windows_while_input_is_quiet(
     # are closed; a's [60,70) stays open
     expected = [("a", f"1970-01-01T00:00:{10 * m:02d}", 10) for m in range(6)]
     assert got == [*expected, ("b", "1970-01-01T00:00:00", 1)]
+
+
+def test_a_store_that_is_not_a_database_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "cp.db").write_bytes(b"this is not SQLite" * 100)
+    with pytest.raises(ConfigError) as err:
+        StreamExecutor(
+            _cfg(tmp_path), base_dir=tmp_path, source=MemoryStream([]), handle_signals=False
+        ).run()
+    assert "cp.db" in str(err.value) and "checkpoint.path" in str(err.value)

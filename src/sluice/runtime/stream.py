@@ -71,7 +71,7 @@ from sluice.runtime.executor import Executor, _describe
 from sluice.runtime.faults import crash_point
 from sluice.runtime.report import RunReport
 from sluice.runtime.retry import retry
-from sluice.state.checkpoints import Checkpoint, CheckpointStore
+from sluice.state.checkpoints import Checkpoint, CheckpointStore, CorruptCheckpoint
 from sluice.time.durations import parse_duration
 
 _END: Any = object()
@@ -481,7 +481,15 @@ class StreamExecutor(Executor):
             if self.handle_signals and threading.current_thread() is threading.main_thread():
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     old_handlers[sig] = signal.signal(sig, lambda *_: self.request_stop())
-            store = CheckpointStore(self.store_path, self.cfg.checkpoint.keep)
+            try:
+                store = CheckpointStore(self.store_path, self.cfg.checkpoint.keep)
+            except CorruptCheckpoint as exc:
+                raise ConfigError(
+                    str(exc),
+                    field="checkpoint.path",
+                    fix="restore the file from a copy, or move it away to start over (file "
+                    "outputs of the old history are then replaced)",
+                ) from exc
             sink_ctx = RunContext(
                 self.cfg.pipeline, f"stream-{store.stream_id}", self.ctx.base_dir
             )

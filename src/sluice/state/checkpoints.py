@@ -105,16 +105,20 @@ class CheckpointStore:
         self.keep = keep
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS checkpoints (epoch INTEGER PRIMARY KEY, "
-            "created TEXT NOT NULL, sha256 TEXT NOT NULL, body BLOB NOT NULL)"
-        )
-        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-        self._db.execute(
-            "INSERT OR IGNORE INTO meta VALUES ('stream_id', ?)", (uuid.uuid4().hex[:16],)
-        )
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS checkpoints (epoch INTEGER PRIMARY KEY, "
+                "created TEXT NOT NULL, sha256 TEXT NOT NULL, body BLOB NOT NULL)"
+            )
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('stream_id', ?)", (uuid.uuid4().hex[:16],)
+            )
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise CorruptCheckpoint(f"the checkpoint store {path} cannot be opened: {exc}") from exc
         row = self._db.execute("SELECT value FROM meta WHERE key = 'stream_id'").fetchone()
         #: identifies this checkpoint history: sinks key their epoch markers with it, so a new
         #: store (state deleted: start over) never mistakes old markers for its own epochs

@@ -58,6 +58,13 @@ class _Failed:
     exc: BaseException
 
 
+def dead_letter_sink(config: PipelineConfig, path: str) -> JsonlSink | ParquetSink:
+    """The file sink config of the dead-letter output at ``path`` (a file, or a folder)."""
+    if config.dead_letter.kind == "jsonl":
+        return JsonlSink(id="dead_letter", kind="jsonl", path=path)
+    return ParquetSink(id="dead_letter", kind="parquet", path=path)
+
+
 def new_run_id() -> str:
     now = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     return f"{now}-{uuid.uuid4().hex[:6]}"
@@ -146,11 +153,7 @@ class Executor:
         ]
         dl_dir = config.dead_letter.path.format(**fmt)
         dl_path = f"{dl_dir}/{self.run_id}.{config.dead_letter.kind}"
-        dl_cfg: JsonlSink | ParquetSink = (
-            JsonlSink(id="dead_letter", kind="jsonl", path=dl_path)
-            if config.dead_letter.kind == "jsonl"
-            else ParquetSink(id="dead_letter", kind="parquet", path=dl_path)
-        )
+        dl_cfg = dead_letter_sink(config, dl_path)
         self.dl_sink: Sink = lookup("sink", dl_cfg.kind)(dl_cfg)
         self.dl_path = self.ctx.resolve(dl_path)
 

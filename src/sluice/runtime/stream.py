@@ -59,15 +59,13 @@ from sluice.batch import Frame, as_arrow, concat, frame_rows, rows_dead_letters
 from sluice.config.models import (
     STREAM_SOURCE_KINDS,
     FileSinkBase,
-    JsonlSink,
-    ParquetSink,
     PipelineConfig,
 )
 from sluice.errors import ConfigError, StepError, TerminalError, TransientError
 from sluice.plugins import EpochPublisher, RunContext, Sink, Step, StepResult, StreamSource, lookup
 from sluice.quality.engine import ContractFailure
 from sluice.runtime.epochs import EpochSink, FileEpochSink, PlainEpochSink, StagedEpochSink
-from sluice.runtime.executor import Executor, _describe
+from sluice.runtime.executor import Executor, _describe, dead_letter_sink
 from sluice.runtime.faults import crash_point
 from sluice.runtime.report import RunReport
 from sluice.runtime.retry import retry
@@ -224,12 +222,7 @@ class StreamExecutor(Executor):
         for (sink, _), sk in zip(self.sinks, config.sinks, strict=True):
             self.epoch_sinks.append(self._epoch_sink(sink, sk))
         dl_dir = config.dead_letter.path.format(**fmt)
-        dl_cfg: JsonlSink | ParquetSink = (
-            JsonlSink(id="dead_letter", kind="jsonl", path=dl_dir)
-            if config.dead_letter.kind == "jsonl"
-            else ParquetSink(id="dead_letter", kind="parquet", path=dl_dir)
-        )
-        self.dl_epoch = FileEpochSink(dl_cfg, self.ctx)
+        self.dl_epoch = FileEpochSink(dead_letter_sink(config, dl_dir), self.ctx)
         self.dl_sink = _NoOpen(self.dl_epoch)  # type: ignore[assignment]
         self.dl_path = self.ctx.resolve(dl_dir)
         self._stateful = [s for s, _ in self.steps if hasattr(s, "snapshot")]

@@ -61,7 +61,7 @@ from sluice.config.models import (
     FileSinkBase,
     PipelineConfig,
 )
-from sluice.errors import ConfigError, StepError, TerminalError, TransientError
+from sluice.errors import ConfigError, StepError, TerminalError
 from sluice.plugins import EpochPublisher, RunContext, Sink, Step, StepResult, StreamSource, lookup
 from sluice.quality.engine import ContractFailure
 from sluice.runtime.epochs import EpochSink, FileEpochSink, PlainEpochSink, StagedEpochSink
@@ -245,7 +245,7 @@ class StreamExecutor(Executor):
             return StagedEpochSink(sink, self.staging, self.ctx)
         return PlainEpochSink(sink, self.ctx)
 
-    def _use_backend(self, step: Step) -> None:
+    def _configure_step(self, step: Step) -> None:
         if hasattr(step, "per_partition") and self.cfg.source.kind in STREAM_SOURCE_KINDS:
             step.per_partition = True  # broker partitions: one watermark each
         if self.cfg.checkpoint.backend != "rocksdb" or not hasattr(step, "use_key_store"):
@@ -269,7 +269,9 @@ class StreamExecutor(Executor):
         def write(table: pa.Table) -> pa.Table:
             try:
                 return retry(lambda: esink.write(table), attempts=attempts, backoff=backoff)
-            except (TransientError, TerminalError) as exc:
+            except TerminalError as exc:
+                # refused for good (an outage that outlasts the retries raises instead: the run
+                # stops and resumes from its checkpoint, nothing is dead-lettered for it)
                 if table.num_rows > 1:  # isolate exactly the refused rows
                     half = table.num_rows // 2
                     parts = [write(table.slice(0, half)), write(table.slice(half))]
@@ -492,7 +494,7 @@ class StreamExecutor(Executor):
             for step, _ in self.steps:
                 step.open(self.ctx)
                 opened.append(step)
-                self._use_backend(step)
+                self._configure_step(step)
                 fields = getattr(step, "pii_fields", None)
                 if fields:
                     self._pii |= set(fields)

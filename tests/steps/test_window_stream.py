@@ -835,3 +835,19 @@ def test_files_are_one_partition_unless_the_runtime_says_otherwise() -> None:
     step.process(first)
     out = step.process(second).table
     assert out is not None and frame_rows(out) == 1  # [0, 10) closed by file 2's time
+
+
+def test_batches_in_time_order_still_find_their_late_records() -> None:
+    """Times that never decrease within a batch: records behind the partition's newest time
+    (from earlier batches) and a new partition's records behind the watermark are late."""
+    step = make(size=10, aggs={"n": "count()"})
+    batches: list[list[Event]] = [
+        [(1, "a", 1.0, "p"), (25, "a", 1.0, "p")],
+        [(3, "a", 1.0, "p"), (5, "a", 1.0, "p"), (21, "a", 1.0, "p")],
+        [(12, "a", 1.0, "q"), (30, "a", 1.0, "q")],
+    ]
+    out, late = feed(step, batches)
+    assert late == {2, 3, 5}
+    assert late == multi_ref_late(batches, 10, 0)
+    rows = out + finish(step)
+    assert [(r["window_start"], r["n"]) for r in rows] == [(0, 1), (20, 2), (30, 1)]

@@ -70,6 +70,7 @@ _V = "__v"  # a distinct value
 _F = "__f"  # a float value summed exactly
 _LIMB = "__limb"  # exact float sums: block j, worth 2**(32 * j - 1074) (see _limbs)
 _DIGITS = ("__d0", "__d1", "__d2")  # exact float sums: integer digit sums of a block
+_LATE = "__late"  # behind the watermark (see _late_mask)
 _DIRTY = "__dirty"  # changed since its last (early) emission
 _WS = "window_start"
 _WE = "window_end"
@@ -348,12 +349,16 @@ class Window(BaseStep):
         windows (nothing is changed: the caller commits)."""
         per_row = self.size // self.slide
         base = (pl.col(_T) // self.slide) * self.slide
+        lf = df.lazy()
         if per_row == 1:
-            df = df.with_columns(base.alias(_WS))
+            lf = lf.with_columns(base.alias(_WS))
         else:
-            df = df.with_columns((base - pl.int_ranges(0, per_row) * self.slide).alias(_WS))
-            df = df.explode(_WS)
-        df = df.with_columns((pl.col(_WS) + self.size).alias(_WE))
+            lf = lf.with_columns((base - pl.int_ranges(0, per_row) * self.slide).alias(_WS))
+            lf = lf.explode(_WS)
+        floats = self._float_columns(df)
+        if self._distinct_aggs() or floats:  # side tables need the records' windows
+            df = lf.collect()
+            lf = df.lazy()
         group = [*self.keys, _WS]
         distinct = dict(self.distinct)
         for a in self._distinct_aggs():
@@ -363,19 +368,23 @@ class Window(BaseStep):
             distinct[a.name] = (
                 vals if old is None else pl.concat([old, vals], how="vertical_relaxed").unique()
             )
-        floats = self._float_columns(df)
         fsums = dict(self.fsums)
         for col in floats:
             old = self.fsums.get(col)
             fsums[col] = _sum_limbs([*([old] if old is not None else []), _limbs(df, group, col)])
-        recs = df.select(
-            *self.keys, _WS, _WE, *self._record_partials(floats), pl.lit(True).alias(_DIRTY)
+        # one query: a window's end is its start + size, so it is set after the group-by
+        recs = lf.select(*group, *self._record_partials(floats), pl.lit(True).alias(_DIRTY))
+        both = (
+            recs
+            if self.state is None
+            else pl.concat([self.state.lazy().drop(_WE), recs], how="diagonal_relaxed")
         )
-        both = recs if self.state is None else pl.concat([self.state, recs], how="diagonal_relaxed")
-        state = both.group_by(group, maintain_order=True).agg(
-            pl.col(_WE).first(), *self._combine(), pl.col(_DIRTY).any()
+        state = (
+            both.group_by(group, maintain_order=True)
+            .agg(*self._combine(), pl.col(_DIRTY).any())
+            .select(*group, (pl.col(_WS) + self.size).alias(_WE), pl.exclude(group))
         )
-        return state, distinct, fsums
+        return state.collect(), distinct, fsums
 
     def _fold_session(self, df: pl.DataFrame) -> _Folded:
         """New open sessions and side tables with on-time records folded in (nothing is
@@ -502,11 +511,15 @@ class Window(BaseStep):
                 rows = rows.with_columns(
                     pl.when(n > 0).then(pl.col(f"{a.name}__sum") / n).alias(a.name)
                 )
-        out = rows.with_columns(
+        # window starts are never null; without null keys the nulls_last sort (a slower one)
+        # gives the same order
+        nulls = any(rows.get_column(k).null_count() for k in self.keys)
+        return rows.sort([_WS, *self.keys], nulls_last=nulls).select(
+            *self.keys,
             pl.col(_WS).cast(pl.Datetime("us", "UTC")),
             pl.col(_WE).cast(pl.Datetime("us", "UTC")),
-        ).sort([_WS, *self.keys], nulls_last=True)
-        return out.select([*self.keys, _WS, _WE, *(a.name for a in self.aggs)])
+            *(a.name for a in self.aggs),
+        )
 
     def _take_closed(self, upto: int | None, *, everything: bool = False) -> pl.DataFrame | None:
         """Remove and return the windows the watermark ``upto`` has closed (all: everything)."""
@@ -586,17 +599,16 @@ class Window(BaseStep):
         if df.height == 0:
             return StepResult(self._advance(now))
         self._check(df)  # before any state changes: a failing batch leaves the state as it was
+        partitioned = self.per_partition and SOURCE_COL in df.columns
         part = (
-            pl.col(SOURCE_COL).cast(pl.Int64).fill_null(-1)
-            if self.per_partition and SOURCE_COL in df.columns
-            else pl.lit(-1, pl.Int64)
+            pl.col(SOURCE_COL).cast(pl.Int64).fill_null(-1) if partitioned else pl.lit(-1, pl.Int64)
         )
         df = df.with_columns(self._event_time(df).alias(_T), part.alias(_P))
-        ids: list[int] = df[_P].unique().to_list()
+        ids: list[int] = df[_P].unique().to_list() if partitioned else [-1]
         names = self._partition_names(ids)
         dead = empty_dead_letters()
-        bad_time = df.filter(pl.col(_T).is_null())
-        if bad_time.height:
+        if df.get_column(_T).null_count():
+            bad_time = df.filter(pl.col(_T).is_null())
             dead = rows_dead_letters(
                 bad_time.drop(_T, _P),
                 step_id=self.step_id,
@@ -607,9 +619,14 @@ class Window(BaseStep):
         late_mask = self._late_mask(df, ids, names, now)
         # partitions' progress counts every record with a time, late ones too (with several
         # partitions a late record can still be its own partition's newest)
-        newest = df.group_by(_P).agg(pl.col(_T).max())
-        late = df.filter(late_mask)
-        if late.height:
+        newest: list[tuple[int, int]]
+        if len(ids) == 1:
+            t_max = df.get_column(_T).max()
+            newest = [] if t_max is None else [(ids[0], int(t_max))]  # type: ignore[arg-type]
+        else:
+            newest = list(df.group_by(_P).agg(pl.col(_T).max()).iter_rows())
+        if late_mask is not None and late_mask.any():
+            late = df.filter(late_mask)
             dead = concat(
                 [
                     dead,
@@ -626,10 +643,10 @@ class Window(BaseStep):
         if df.height:
             fold = self._fold_session if self.kind == "session" else self._fold_fixed
             self.state, self.distinct, self.fsums = fold(df)  # computed first, then committed
-        for pid, t_max in newest.iter_rows():
+        for pid, newest_t in newest:
             name = names[pid]
             old = self.part_max.get(name)
-            self.part_max[name] = t_max if old is None else max(old, t_max)
+            self.part_max[name] = newest_t if old is None else max(old, newest_t)
         for pid in ids:
             self.part_seen[names[pid]] = now
         emitted = self._advance(now)
@@ -638,10 +655,39 @@ class Window(BaseStep):
 
     def _late_mask(
         self, df: pl.DataFrame, ids: list[int], names: dict[int, str], now: float
-    ) -> pl.Series:
-        """Per record: is the end of its earliest window at or before its watermark?"""
-        if df.height == 0:
-            return pl.Series("late", [], dtype=pl.Boolean)
+    ) -> pl.Series | None:
+        """Per record: is the end of its earliest window at or before its watermark? (None:
+        no record is)"""
+        if df.height == 0 or (len(ids) == 1 and self._in_order(df, names[ids[0]])):
+            return None
+        return df.select(self._late_expr(ids, names, now)).get_column(_LATE)
+
+    def _in_order(self, df: pl.DataFrame, name: str) -> bool:
+        """True when the batch (records with a time, of the one partition ``name``) can hold no
+        late record because its times never decrease and start at or after the partition's
+        newest time: then each record's watermark is at most ``max(W, t - lateness)`` with
+        ``t`` its own time or an earlier one, below the end of any window holding ``t``, so
+        only ``W`` could make a record late, and the first record has the earliest end. (The
+        first record of a new partition is checked against the other partitions alone: that
+        case is left to the full check.)"""
+        t = df.get_column(_T)
+        if not t.is_sorted():
+            return False
+        first = t[0]
+        newest = self.part_max.get(name)
+        if newest is None:
+            if self.part_max:
+                return False
+        elif first < newest:
+            return False
+        if self.kind == "session":
+            end = first + self.gap
+        else:
+            end = (first // self.slide) * self.slide + self.slide
+        return self._wm is None or end > self._wm
+
+    def _late_expr(self, ids: list[int], names: dict[int, str], now: float) -> pl.Expr:
+        """The expression of :meth:`_late_mask` (column ``_LATE``), for partitions ``ids``."""
         batch_names = {names[i] for i in ids}
         active = self._active(now) | (batch_names & set(self.part_max))
         ranked = sorted((self.part_max[n], n) for n in active)
@@ -652,15 +698,19 @@ class Window(BaseStep):
             m0.append(self.part_max.get(name))
             rest = [m for m, n in ranked[:2] if n != name]
             others.append(rest[0] if rest else None)
-        own = pl.max_horizontal(
-            pl.col(_P).replace_strict(ids, m0, default=None, return_dtype=pl.Int64),
-            pl.col(_T).cum_max().shift(1).over(_P),
-        )
-        bound = pl.min_horizontal(
-            pl.col(_P).replace_strict(ids, others, default=None, return_dtype=pl.Int64), own
-        )
+        if len(ids) == 1:  # one partition in the batch: plain values, a running max overall
+            own = pl.max_horizontal(pl.lit(m0[0], pl.Int64), pl.col(_T).cum_max().shift(1))
+            bound = pl.min_horizontal(pl.lit(others[0], pl.Int64), own)
+        else:
+            own = pl.max_horizontal(
+                pl.col(_P).replace_strict(ids, m0, default=None, return_dtype=pl.Int64),
+                pl.col(_T).cum_max().shift(1).over(_P),
+            )
+            bound = pl.min_horizontal(
+                pl.col(_P).replace_strict(ids, others, default=None, return_dtype=pl.Int64), own
+            )
         wm = pl.max_horizontal(pl.lit(self._wm, pl.Int64), bound - self.lateness)
-        return df.select((self._threshold() <= wm).fill_null(False).alias("late"))["late"]
+        return (self._threshold() <= wm).fill_null(False).alias(_LATE)
 
     def tick(self) -> StepResult | None:
         """Without input: re-evaluate idle partitions, emit windows the watermark closed and

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from redis_helpers import produce
 
 from sluice.config.loader import parse_pipeline
 from sluice.errors import ConfigError
@@ -175,19 +176,6 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path: Path) 
 # ------------------------------------------------------------------------- with Redis
 
 
-def _produce(url: str, stream: str, rows: list[dict[str, Any]]) -> None:
-    import redis
-
-    client = redis.Redis.from_url(url)
-    try:
-        pipe = client.pipeline(transaction=False)
-        for r in rows:
-            pipe.xadd(stream, {"data": json.dumps(r)})
-        pipe.execute()
-    finally:
-        client.close()
-
-
 def _redis_pipeline(tmp: Path, stream: str, url: str) -> Path:
     path = tmp / "p.yaml"
     path.write_text(
@@ -221,12 +209,12 @@ def test_corrupt_newest_checkpoint_restart_is_still_exact(
 ) -> None:
     stream = f"{redis_prefix}:s"
     pipeline = _redis_pipeline(tmp_path, stream, redis_url)
-    _produce(redis_url, stream, [{"id": i} for i in range(5000)])
+    produce(redis_url, stream, [{"id": i} for i in range(5000)])
     _run(pipeline)
     with sqlite3.connect(tmp_path / "state" / "cp.db") as db:
         newest = db.execute("SELECT max(epoch) FROM checkpoints").fetchone()[0]
         db.execute("UPDATE checkpoints SET body = substr(body, 1, 20) WHERE epoch = ?", [newest])
-    _produce(redis_url, stream, [{"id": i} for i in range(5000, 8000)])
+    produce(redis_url, stream, [{"id": i} for i in range(5000, 8000)])
     rep = _run(pipeline)
     assert rep.stream["restored_from"] == newest - 1
     assert any("corrupt" in w for w in rep.stream["warnings"])
@@ -240,7 +228,7 @@ def test_dead_consumers_pending_messages_are_reclaimed_and_acked_after_checkpoin
     import redis
 
     stream = f"{redis_prefix}:s"
-    _produce(redis_url, stream, [{"id": i} for i in range(300)])
+    produce(redis_url, stream, [{"id": i} for i in range(300)])
     client = redis.Redis.from_url(redis_url)
     try:
         client.xgroup_create(stream, "sluice", id="0")
@@ -260,7 +248,7 @@ def test_sigterm_stops_gracefully_with_a_final_checkpoint(
 ) -> None:
     stream = f"{redis_prefix}:s"
     pipeline = _redis_pipeline(tmp_path, stream, redis_url)
-    _produce(redis_url, stream, [{"id": i} for i in range(1000)])
+    produce(redis_url, stream, [{"id": i} for i in range(1000)])
     with open(tmp_path / "err.log", "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "sluice.cli", "run", str(pipeline), "--no-progress", "--json"],
@@ -280,7 +268,7 @@ def test_sigterm_stops_gracefully_with_a_final_checkpoint(
     assert proc.returncode == 0, (tmp_path / "err.log").read_text()
     report = json.loads(out)
     assert report["status"] == "stopped" and report["stream"]["checkpoints"] >= 1
-    _produce(redis_url, stream, [{"id": i} for i in range(1000, 1500)])
+    produce(redis_url, stream, [{"id": i} for i in range(1000, 1500)])
     _run(pipeline)
     ids = pl.read_parquet(tmp_path / "out" / "*.parquet")["id"]
     assert sorted(ids.to_list()) == list(range(1500))
@@ -310,7 +298,7 @@ def test_lost_newest_checkpoint_after_a_database_publish_is_a_clear_error(
     )
     import psycopg
 
-    _produce(redis_url, stream, [{"id": i} for i in range(100)])
+    produce(redis_url, stream, [{"id": i} for i in range(100)])
     _run(path)
     with psycopg.connect(pg_dsn) as conn:
         (published,) = conn.execute(f'SELECT epoch FROM "{pg_schema}".sluice_epochs').fetchone()
@@ -380,8 +368,8 @@ def test_idle_partition_does_not_stall_windows_while_input_is_quiet(
     import threading
 
     a, b = f"{redis_prefix}:a", f"{redis_prefix}:b"
-    _produce(redis_url, b, [{"k": "b", "t": 0}])
-    _produce(redis_url, a, [{"k": "a", "t": s * 1000} for s in range(61)])
+    produce(redis_url, b, [{"k": "b", "t": 0}])
+    produce(redis_url, a, [{"k": "a", "t": s * 1000} for s in range(61)])
     path = tmp_path / "p.yaml"
     path.write_text(
         json.dumps(

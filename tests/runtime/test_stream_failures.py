@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,23 +11,13 @@ import polars as pl
 import pyarrow as pa
 import pytest
 import redis
+from redis_helpers import produce, run_until_crash
 
 from sluice.config.loader import load_pipeline, parse_pipeline
 from sluice.connectors.redis_streams import RedisStreamReader
 from sluice.errors import ConfigError, StepError
 from sluice.runtime.stream import StreamExecutor
 from sluice.testing import MemorySink, MemoryStream
-
-
-def _produce(url: str, stream: str, rows: list[dict[str, Any]]) -> None:
-    client = redis.Redis.from_url(url)
-    try:
-        pipe = client.pipeline(transaction=False)
-        for r in rows:
-            pipe.xadd(stream, {"data": json.dumps(r)})
-        pipe.execute()
-    finally:
-        client.close()
 
 
 def _pipeline(tmp: Path, url: str, stream: str, **extra: Any) -> Path:
@@ -67,7 +54,7 @@ def test_a_lost_read_reply_loses_nothing(tmp_path: Path, redis_url: str, redis_p
     """Redis delivered messages but the reply never arrived (connection dropped): the reader
     re-reads from its position instead of skipping what is now pending."""
     stream = f"{redis_prefix}:s"
-    _produce(redis_url, stream, [{"id": i} for i in range(1000)])
+    produce(redis_url, stream, [{"id": i} for i in range(1000)])
     path = _pipeline(tmp_path, redis_url, stream)
     cfg = load_pipeline(path)
     reader = RedisStreamReader(cfg.source)  # type: ignore[arg-type]
@@ -100,7 +87,7 @@ def test_group_behind_the_checkpoint_gives_no_duplicates(
 ) -> None:
     """Redis restored from an older snapshot: the group's cursor is behind the checkpoint."""
     stream = f"{redis_prefix}:s"
-    _produce(redis_url, stream, [{"id": i} for i in range(1000)])
+    produce(redis_url, stream, [{"id": i} for i in range(1000)])
     path = _pipeline(tmp_path, redis_url, stream)
     _run(path)
     client = redis.Redis.from_url(redis_url)
@@ -109,7 +96,7 @@ def test_group_behind_the_checkpoint_gives_no_duplicates(
         client.xgroup_setid(stream, "sluice", id=middle)
     finally:
         client.close()
-    _produce(redis_url, stream, [{"id": i} for i in range(1000, 1200)])
+    produce(redis_url, stream, [{"id": i} for i in range(1000, 1200)])
     _run(path)
     assert _ids(tmp_path) == list(range(1200))
 
@@ -118,26 +105,9 @@ def test_pending_messages_covered_by_the_checkpoint_are_acknowledged_on_restart(
     tmp_path: Path, redis_url: str, redis_prefix: str
 ) -> None:
     stream = f"{redis_prefix}:s"
-    _produce(redis_url, stream, [{"id": i} for i in range(500)])
+    produce(redis_url, stream, [{"id": i} for i in range(500)])
     path = _pipeline(tmp_path, redis_url, stream)
-    env = {**os.environ, "SLUICE_TEST_CRASH": "before_ack:1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sluice.cli",
-            "run",
-            str(path),
-            "--no-progress",
-            "--until-idle",
-            "5s",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        check=False,
-    )
-    assert proc.returncode == -9
+    assert run_until_crash(path, "before_ack:1") == -9
     client = redis.Redis.from_url(redis_url)
     try:
         assert client.xpending(stream, "sluice")["pending"] > 0
@@ -158,31 +128,14 @@ def test_rows_refused_while_rolling_an_epoch_forward_are_dead_letters(
     with psycopg.connect(pg_dsn) as conn:
         conn.execute(f'CREATE TABLE "{pg_schema}".t (id bigint CHECK (id <> 5))')
     stream = f"{redis_prefix}:s"
-    _produce(redis_url, stream, [{"id": i} for i in range(20)])
+    produce(redis_url, stream, [{"id": i} for i in range(20)])
     path = _pipeline(
         tmp_path,
         redis_url,
         stream,
         sinks=[{"id": "db", "kind": "postgres", "dsn": pg_dsn, "table": f"{pg_schema}.t"}],
     )
-    env = {**os.environ, "SLUICE_TEST_CRASH": "after_checkpoint:1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sluice.cli",
-            "run",
-            str(path),
-            "--no-progress",
-            "--until-idle",
-            "5s",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        check=False,
-    )
-    assert proc.returncode == -9
+    assert run_until_crash(path, "after_checkpoint:1") == -9
     rep = _run(path)
     assert rep.status == "succeeded"
     with psycopg.connect(pg_dsn) as conn:
@@ -203,7 +156,7 @@ def test_every_checkpoint_damaged_is_an_error_not_a_new_history(
     tmp_path: Path, redis_url: str, redis_prefix: str
 ) -> None:
     stream = f"{redis_prefix}:s"
-    _produce(redis_url, stream, [{"id": i} for i in range(300)])
+    produce(redis_url, stream, [{"id": i} for i in range(300)])
     path = _pipeline(tmp_path, redis_url, stream)
     _run(path)
     with sqlite3.connect(tmp_path / "state" / "cp.db") as db:

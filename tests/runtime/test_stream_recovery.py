@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+from redis_helpers import produce
 
 ROOT = Path(__file__).resolve().parents[2]
 N = 200_000
@@ -279,16 +280,7 @@ def test_late_records_are_counted_exactly_and_nothing_is_lost(
     _write_pipeline(
         pipeline, stream, sinks=[{"id": "files", "kind": "parquet", "path": "out/"}], steps=[WINDOW]
     )
-    import redis
-
-    client = redis.Redis.from_url(redis_url)
-    try:
-        pipe = client.pipeline(transaction=False)
-        for r in records:
-            pipe.xadd(stream, {"data": json.dumps(r)})
-        pipe.execute()
-    finally:
-        client.close()
+    produce(redis_url, stream, records)
     rep = StreamExecutor(
         load_pipeline(pipeline), base_dir=tmp_path, until_idle=0.5, handle_signals=False
     ).run()

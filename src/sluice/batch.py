@@ -44,10 +44,20 @@ REASONS: Final = {
     "encoding": "bytes that are not valid in the declared encoding",
     "cast_error": "a value cannot be converted to the declared type",
     "corrupt_file": "a whole file could not be read (corrupt or truncated)",
+    "file_unreadable": "a file matched the path but could not be opened or read (vanished, no "
+    "permission, not a regular file)",
+    "too_large": "a record (or a file, or its decompressed bytes) is larger than the configured "
+    "limit; the reader went on with the next record",
+    "line_too_long": "a CSV line is longer than max_line_bytes",
+    "unquoted_value": "a quote character inside an unquoted CSV field (strict quotes)",
+    "truncated": "the input ended inside a record (an unterminated quoted field or object)",
     "expression_error": "an expression failed on this record",
     "join_unmatched": "no matching row in the reference table",
     "contract_violation": "the record failed data-contract checks (the message lists each one)",
     "sink_rejected": "the sink refused the record after retries",
+    "step_error": "a step failed on this record's values (stream mode isolates the record)",
+    "late": "the record's event time is behind the watermark: its window was already closed",
+    "missing_file": "a watched file vanished before it could be read",
     "replay_error": "a replayed dead letter could not be parsed back",
 }
 

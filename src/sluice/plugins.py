@@ -81,11 +81,16 @@ class RunContext:
 
 @dataclass
 class Chunk:
-    """One item from a source: rows, dead letters, or both; ``bytes_read`` drives progress."""
+    """One item from a source: rows, dead letters, or both; ``bytes_read`` drives progress.
+
+    ``skipped`` counts records of the input skipped on purpose and not turned into rows (blank
+    lines, comment lines, ``skip_rows``): they appear in the run report, so that for every input
+    ``records = rows + dead letters + skipped``."""
 
     table: pa.Table | None = None
     dead: pa.Table | None = None
     bytes_read: int = 0
+    skipped: int = 0
     position: Any = None  # stream sources: JSON-serializable position just after this chunk
     end: bool = False  # stream sources: the (bounded) input is exhausted
 

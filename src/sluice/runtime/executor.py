@@ -378,6 +378,9 @@ class Executor:
             ) as progress:
                 for chunk in self._chunks():
                     rep.bytes_read += chunk.bytes_read
+                    if chunk.skipped:
+                        src_stats.rows_in += chunk.skipped
+                        src_stats.skipped += chunk.skipped
                     if chunk.dead is not None and chunk.dead.num_rows:
                         src_stats.dead += chunk.dead.num_rows
                         src_stats.rows_in += chunk.dead.num_rows

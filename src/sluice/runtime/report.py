@@ -14,7 +14,8 @@ class StepStats:
 
     ``created`` is non-zero only for steps that make rows (SQL with UNNEST, window results);
     ``filtered`` counts rows removed on purpose (filter, deduplicate, SQL WHERE);
-    ``aggregated`` counts rows folded into window aggregates.
+    ``aggregated`` counts rows folded into window aggregates;
+    ``skipped`` (sources only) counts input records skipped on purpose (blank or comment lines).
     """
 
     step_id: str
@@ -25,6 +26,7 @@ class StepStats:
     filtered: int = 0
     aggregated: int = 0
     created: int = 0
+    skipped: int = 0
     seconds: float = 0.0
     batches: int = 0
 
@@ -54,7 +56,7 @@ class StepStats:
     def balanced(self) -> bool:
         return (
             self.rows_in + self.created
-            == self.rows_out + self.dead + self.filtered + self.aggregated
+            == self.rows_out + self.dead + self.filtered + self.aggregated + self.skipped
         )
 
     def to_dict(self) -> dict[str, Any]:

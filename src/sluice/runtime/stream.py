@@ -534,6 +534,9 @@ class StreamExecutor(Executor):
                     rep.bytes_read += item.bytes_read
                     if item.position is not None:
                         self.position = item.position
+                    if item.skipped:
+                        src_stats.rows_in += item.skipped
+                        src_stats.skipped += item.skipped
                     if item.dead is not None and item.dead.num_rows:
                         src_stats.dead += item.dead.num_rows
                         src_stats.rows_in += item.dead.num_rows

@@ -14,8 +14,9 @@ Call contracts (the executor keeps them; implementations may rely on them):
     ``open(ctx)`` once; ``process(frame)`` for each batch in order — a ``pyarrow.Table`` or a
     ``polars.DataFrame`` (see :mod:`sluice.batch`: ``as_polars`` / ``as_arrow``), returning a
     :class:`StepResult` (with either kind of frame) whose counts satisfy
-    ``in = out + dead + filtered + aggregated``; ``finish()`` once at end of input (may emit a
-    last result);
+    ``in = out + dead + filtered + aggregated``; ``finish()`` once at end of input: ``None``, a
+    last result, or an iterator of results (a large output, consumed one result at a time so
+    that memory stays bounded);
     ``close()`` exactly once.
 
 ``Sink``
@@ -54,7 +55,7 @@ Stream mode (:mod:`sluice.runtime.stream`) adds two interfaces:
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -121,7 +122,7 @@ class Step(Protocol):
 
     def open(self, ctx: RunContext) -> None: ...
     def process(self, table: Frame) -> StepResult: ...
-    def finish(self) -> StepResult | None: ...
+    def finish(self) -> StepResult | Iterable[StepResult] | None: ...
     def close(self) -> None: ...
 
 

@@ -278,15 +278,19 @@ class Executor:
         input) on steps that have it — and send what they release down the pipeline."""
         for idx, (step, _) in enumerate(self.steps):
             call = getattr(step, method, None)
-            res = call() if call is not None else None
-            if res is None:
+            released = call() if call is not None else None
+            if released is None:
                 continue
-            n_out = frame_rows(res.table) if res.table is not None else 0
-            # rows released at the end count as created by this call (nothing came in with it)
-            self.stats[step.step_id].add(0, n_out, res.dead.num_rows, 0, 0.0)
-            self._dead(res.dead)
-            if n_out:
-                self._process({step.step_id: res.table}, start=idx + 1)
+            # a step with a large output (whole-input SQL) returns an iterator of results,
+            # consumed one at a time so that memory stays bounded
+            results = [released] if isinstance(released, StepResult) else released
+            for res in results:
+                n_out = frame_rows(res.table) if res.table is not None else 0
+                # rows released at the end count as created by this call (nothing came in)
+                self.stats[step.step_id].add(0, n_out, res.dead.num_rows, 0, 0.0)
+                self._dead(res.dead)
+                if n_out:
+                    self._process({step.step_id: res.table}, start=idx + 1)
 
     # ------------------------------------------------------------------ run
 

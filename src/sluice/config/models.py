@@ -48,10 +48,44 @@ class FileSourceBase(Model):
         "1s", description="With watch: how often the folder is listed for new files."
     )
 
+    on_unreadable: Literal["dead_letter", "fail"] = Field(
+        "dead_letter",
+        description="A matched file that vanished or cannot be read: a file_unreadable dead "
+        "letter (the run goes on), or fail the run.",
+    )
+
     _types = field_validator("columns")(classmethod(lambda cls, v: _check_types(v)))
 
 
-class CsvSource(FileSourceBase):
+class TextSourceBase(FileSourceBase):
+    """Settings of the text formats (CSV, JSON, JSON lines, XML): compression and limits."""
+
+    compression: Literal["auto", "none", "gzip", "bz2", "zstd", "xz", "lz4"] = Field(
+        "auto",
+        description="auto: recognise gzip, bzip2, zstd, xz and LZ4 files by their first bytes.",
+    )
+    max_record_bytes: int = Field(
+        64 << 20,
+        ge=1 << 10,
+        le=1 << 31,
+        description="A longer record (line, row, document) is a too_large dead letter and "
+        "reading goes on with the next one; memory stays bounded.",
+    )
+    max_file_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="Refuse (too_large dead letter) a file whose (decompressed) content is "
+        "larger; none by default.",
+    )
+    max_compression_ratio: float | None = Field(
+        1000.0,
+        ge=1,
+        description="A compressed file may expand to at most this many times its size (past the "
+        "first 64 MiB): a decompression bomb becomes a too_large dead letter.",
+    )
+
+
+class CsvSource(TextSourceBase):
     """CSV files. Rows with a wrong field count, bad encoding or uncastable values: dead letters."""
 
     kind: Literal["csv"]
@@ -70,14 +104,14 @@ class CsvSource(FileSourceBase):
     block_size: int = Field(8 << 20, ge=1 << 12, description="Bytes parsed per batch.")
 
 
-class JsonSource(FileSourceBase):
+class JsonSource(TextSourceBase):
     """A JSON document per file: an array of objects (one row each) or a single object."""
 
     kind: Literal["json"]
     max_bytes: int = Field(1 << 30, description="Files larger than this are refused (dead letter).")
 
 
-class JsonlSource(FileSourceBase):
+class JsonlSource(TextSourceBase):
     """JSON lines: one object per line. A bad line is a dead letter; the rest is still read."""
 
     kind: Literal["jsonl"]
@@ -91,7 +125,7 @@ class ParquetSource(FileSourceBase):
     select: list[str] | None = Field(None, description="Read only these columns.")
 
 
-class XmlSource(FileSourceBase):
+class XmlSource(TextSourceBase):
     """XML files; ``record_path`` names the repeating element that becomes a row."""
 
     kind: Literal["xml"]

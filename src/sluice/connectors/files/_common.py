@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 import pyarrow as pa
@@ -33,6 +33,13 @@ from sluice.batch import (
     rows_as_json,
     source_names,
 )
+from sluice.connectors.files._bytes import (
+    ByteLimits,
+    FileUnreadable,
+    InputError,
+    Oversize,
+    open_input,
+)
 from sluice.errors import SourceError
 from sluice.plugins import Chunk, RunContext
 from sluice.types import parse_type
@@ -45,6 +52,16 @@ MAX_PAYLOAD = 64 * 1024
 
 
 # --------------------------------------------------------------------------------------- paths
+
+
+def unreadable(exc: OSError) -> FileUnreadable:
+    """An OSError met while opening or reading a file, as a ``file_unreadable`` problem."""
+    if isinstance(exc, FileUnreadable):
+        return exc
+    where = f" {exc.filename}" if exc.filename else ""
+    problem = FileUnreadable(f"cannot read{where}: {exc.strerror or exc}")
+    problem.__cause__ = exc
+    return problem
 
 
 def expand_paths(pattern: str, *, ctx: RunContext | None, step_id: str) -> list[Path]:
@@ -141,14 +158,20 @@ class FileReader:
     def _read_one(self, path: Path) -> Iterator[Chunk]:
         try:
             size = path.stat().st_size
-        except OSError:
-            size = 0
+        except OSError as exc:  # vanished between the glob and now: never "zero rows"
+            yield Chunk(dead=self._input_error(FileState(path=path, size=0), unreadable(exc)))
+            return
         state = FileState(path=path, size=size)
         reported = 0
         pending: Chunk | None = None  # held back one step so the last chunk can carry the rest
         try:
             for chunk in self._read_file(path, state):
-                if chunk.table is None and chunk.dead is None and not chunk.bytes_read:
+                if (
+                    chunk.table is None
+                    and chunk.dead is None
+                    and not chunk.bytes_read
+                    and not chunk.skipped
+                ):
                     continue
                 if pending is not None:
                     reported += pending.bytes_read
@@ -158,13 +181,32 @@ class FileReader:
             if pending is not None:
                 reported += pending.bytes_read
                 yield pending
-            pending = Chunk(dead=self.corrupt_file(state, exc))
+            pending = Chunk(dead=self._input_error(state, exc))
         rest = size - reported - (pending.bytes_read if pending is not None else 0)
         if pending is not None:
             pending.bytes_read = max(0, pending.bytes_read + rest)
             yield pending
         elif rest > 0:
             yield Chunk(bytes_read=rest)
+
+    def _input_error(self, state: FileState, exc: BaseException) -> pa.Table:
+        """The dead letter for a file that failed: ``file_unreadable``, ``too_large`` or
+        ``corrupt_file`` (with ``on_unreadable: fail``, an unreadable file stops the run)."""
+        if isinstance(exc, OSError) and exc.errno is not None:  # the OS refused, not the format
+            exc = unreadable(exc)
+        reason = exc.reason if isinstance(exc, InputError) else "corrupt_file"
+        if reason == "file_unreadable" and getattr(self.config, "on_unreadable", "") == "fail":
+            raise SourceError(
+                self.step_id,
+                f"{exc}",
+                fix="restore the file, or set on_unreadable: dead_letter to record it and go on",
+            ) from exc
+        message = str(exc) or type(exc).__name__
+        if state.rows:
+            message += f" ({state.rows} rows of this file were emitted before the error)"
+        return dead_letters(
+            step_id=self.step_id, reason=reason, message=message, payload=None, source=state.source
+        )
 
     def corrupt_file(self, state: FileState, exc: BaseException) -> pa.Table:
         message = str(exc) or type(exc).__name__
@@ -176,6 +218,34 @@ class FileReader:
             message=message,
             payload=None,
             source=state.source,
+        )
+
+    def open_bytes(self, path: Path, *, encoding: str | None = "utf-8") -> IO[bytes]:
+        """The file's content through the byte layer (:mod:`._bytes`): decompressed, within the
+        configured limits, as UTF-8 without a byte-order mark (``encoding`` = the declared
+        encoding of a text format; ``None`` for the raw bytes)."""
+        cfg = self.config
+        limits = ByteLimits(
+            max_file_bytes=getattr(cfg, "max_file_bytes", None),
+            max_compression_ratio=getattr(cfg, "max_compression_ratio", 1000.0),
+            max_record_bytes=getattr(cfg, "max_record_bytes", ByteLimits.max_record_bytes),
+        )
+        return open_input(
+            path, limits=limits, compression=getattr(cfg, "compression", "auto"), encoding=encoding
+        )
+
+    def oversize_dead(self, state: FileState, item: Oversize, position: int | None) -> pa.Table:
+        """The ``too_large`` dead letter for a record the byte layer skipped."""
+        limit = getattr(self.config, "max_record_bytes", ByteLimits.max_record_bytes)
+        return self.dead(
+            state,
+            "too_large",
+            f"the record at line {item.line} is {item.length} bytes, more than max_record_bytes="
+            f"{limit}; it was skipped and reading went on with the next record (payload: its "
+            f"first {len(item.head)} bytes)",
+            item.head.decode("utf-8", "replace"),
+            line=item.line,
+            position=position,
         )
 
     def _read_file(self, path: Path, state: FileState) -> Iterator[Chunk]:

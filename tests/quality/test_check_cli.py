@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from sluice.cli import app
 from sluice.errors import ConfigError
 from sluice.quality.contract import Contract, RowCount, load_contract
-from sluice.quality.odcs import dump_contract, import_odcs
+from sluice.quality.odcs import dump_contract
 
 runner = CliRunner()
 ODCS_DIR = EXAMPLES_DIR.parent
@@ -192,9 +192,13 @@ def _spoil(table: pa.Table, contract: Contract) -> pl.DataFrame:
         return frame
     frame = pl.concat([frame.head(1), frame.slice(0, 1), frame.slice(2)], how="vertical")
     nullable = [f.name for f in contract.fields if f.type is not None][:3]
-    return frame.with_row_index("__i").with_columns(
-        pl.when(pl.col("__i") == 2).then(None).otherwise(pl.col(c)).alias(c) for c in nullable
-    ).drop("__i")
+    return (
+        frame.with_row_index("__i")
+        .with_columns(
+            pl.when(pl.col("__i") == 2).then(None).otherwise(pl.col(c)).alias(c) for c in nullable
+        )
+        .drop("__i")
+    )
 
 
 @pytest.mark.parametrize(("file", "name"), _odcs_cases(), ids=lambda x: str(x))

@@ -224,6 +224,7 @@ def test_i8_03_unique_counts_survive_a_stream_restart(tmp_path: Path, backend: s
             "settings": {"linger": "1ms"},
         }
     )
+
     def unique(source: MemoryStream) -> dict[str, int]:
         # the stream report has no quality section yet: read the step's results
         ex = StreamExecutor(cfg, base_dir=tmp_path, source=source, handle_signals=False)

@@ -354,9 +354,7 @@ def test_i8_03_unique_counts_a_duplicate_whatever_the_other_checks_say() -> None
             (0, "email: bad does not match .+@.+"),
             (1, "id: 2 was seen before"),
         ]
-    assert evaluate(c, pa.table({"id": ["2", "2"], "email": ["bad", "ok@x.org"]}))[
-        "id.unique"
-    ] == 1
+    assert evaluate(c, pa.table({"id": ["2", "2"], "email": ["bad", "ok@x.org"]}))["id.unique"] == 1
 
 
 unique_rows = st.lists(

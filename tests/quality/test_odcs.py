@@ -660,7 +660,13 @@ def test_unsupported_rules_are_listed_not_dropped() -> None:
     ]
 
 
-VALID_TOP = {"apiVersion": "v3.1.0", "kind": "DataContract", "id": "x", "version": "1", "status": "ok"}
+VALID_TOP = {
+    "apiVersion": "v3.1.0",
+    "kind": "DataContract",
+    "id": "x",
+    "version": "1",
+    "status": "ok",
+}
 
 
 @pytest.mark.parametrize(

@@ -242,8 +242,21 @@ _KINDS = {
     ".xml": "xml",
 }
 
+# exit codes of `sluice check` (listed in its --help)
+CHECK_PASSED, CHECK_FAILED, CHECK_USAGE, CHECK_NOTHING_READ = 0, 1, 2, 3
 
-@app.command()
+
+_CHECK_EXIT_CODES = (
+    "Exit codes:\n\n"
+    "0  every record was read and every check and gate passed\n\n"
+    "1  a check or gate failed (whatever its action), some records could not be read, "
+    "or the run failed\n\n"
+    "2  usage or configuration error (contract file, options, format)\n\n"
+    "3  nothing was read (an empty input, or every record a dead letter)"
+)
+
+
+@app.command(epilog=_CHECK_EXIT_CODES)
 def check(
     data: Annotated[str, typer.Argument(help="A file or glob (csv, json, jsonl, parquet).")],
     contract: Annotated[Path, typer.Option("--contract", "-c", help="Contract YAML file.")],
@@ -252,62 +265,168 @@ def check(
     ] = None,
     json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress")] = None,
+    dead_letters: Annotated[
+        Path | None,
+        typer.Option(
+            "--dead-letters",
+            help="Keep the records that failed a check or could not be read, in this folder "
+            "(one JSON-lines file per run). Default: none are written.",
+        ),
+    ] = None,
 ) -> None:
-    """Check data against a contract, without a pipeline; exit 1 if a check or gate with
-    action 'fail' failed."""
+    """Check data against a contract, without a pipeline. Every check and gate is counted and
+    reported, and any failure makes the exit code non-zero, whatever its action (actions decide
+    what happens to rows inside a pipeline)."""
     from sluice.config.loader import parse_pipeline
+    from sluice.quality.contract import load_contract
+    from sluice.quality.step import ContractCheck
 
     suffix = Path(data.replace("*", "x")).suffix.lower()
     source_kind = kind or _KINDS.get(suffix)
     if source_kind is None:
-        err.print(
-            f"[red]error:[/red] cannot tell the format of {data!r}; pass --kind csv|json|"
-            "jsonl|parquet|xml"
+        _error(
+            "error", f"cannot tell the format of {data!r}; pass --kind csv|json|jsonl|parquet|xml"
         )
-        raise typer.Exit(2)
+        raise typer.Exit(CHECK_USAGE)
+    try:
+        spec = load_contract(contract)
+    except SluiceError as exc:
+        _error("error", exc)
+        raise typer.Exit(CHECK_USAGE) from None
     import tempfile
 
-    raw = {
-        "pipeline": "check",
-        "source": {"kind": source_kind, "path": str(Path(data).absolute())}
-        | ({"infer_types": False} if source_kind == "csv" else {}),
-        "steps": [{"id": "contract", "contract": str(contract.absolute())}],
-        "dead_letter": {"kind": "jsonl", "path": "dead_letters/check"},
-    }
     failed_run: str | None = None
     with tempfile.TemporaryDirectory(prefix="sluice-check-") as tmp:
+        letters = dead_letters.absolute() if dead_letters else Path(tmp) / "dead_letters"
+        raw = {
+            "pipeline": "check",
+            "source": {"kind": source_kind, "path": str(Path(data).absolute())}
+            | ({"infer_types": False} if source_kind == "csv" else {}),
+            "steps": [{"id": "contract", "contract": spec}],
+            "dead_letter": {"kind": "jsonl", "path": str(letters)},
+        }
         try:
             ex = Executor(
                 parse_pipeline(raw), progress=progress, report_path=Path(tmp) / "report.json"
             )
-        except SluiceError as exc:
+        except (SluiceError, ValueError) as exc:
             _error("error", exc)
-            raise typer.Exit(2) from None
+            raise typer.Exit(CHECK_USAGE) from None
+        for step, _ in ex.steps:
+            if isinstance(step, ContractCheck):
+                step.report_only = True  # count every check, stop for none
         try:
             rep = ex.run()
         except SluiceError as exc:
             failed_run = str(exc)
             rep = ex.report
         except Exception as exc:
-            failed_run = f"unexpected error: {type(exc).__name__}: {exc}"
+            failed_run = f"unexpected error: {type(exc).__name__}: {exc} (please report it)"
             rep = ex.report
+        first_letter = _first_dead_letter(rep.dead_letter_path)
     quality = rep.quality.get("contract", {})
+    source = rep.step(ex.cfg.source.id)
+    checks = [*quality.get("checks", []), *quality.get("gates", [])]
+    failing = [c["check"] for c in checks if c["failed"]]
+    reasons = ", ".join(f"{k}: {v:,}" for k, v in sorted(rep.dead_letters_by_reason.items()))
+    why: str | None = None
+    if failed_run:
+        code, verdict = CHECK_FAILED, "error"
+    elif rep.rows_read == 0:
+        code, verdict = CHECK_NOTHING_READ, "nothing_read"
+        why = _nothing_read(data, source_kind, source.dead, reasons, first_letter)
+    elif failing or source.dead:
+        code, verdict = CHECK_FAILED, "failed"
+    else:
+        code, verdict = CHECK_PASSED, "passed"
     if json:
         out.print_json(
             data={
+                "verdict": verdict,
+                "exit_code": code,
                 "status": rep.status,
                 "error": failed_run,
+                "message": why,
                 "rows": rep.rows_read,
+                "unread": source.dead,
                 "dead_letters": rep.dead_letters,
+                "dead_letters_by_reason": rep.dead_letters_by_reason,
+                "dead_letter_path": rep.dead_letter_path if dead_letters else None,
+                "failed_checks": failing,
                 **quality,
             }
         )
     else:
-        print_quality(quality, rep)
+        if quality and rep.rows_read:
+            print_quality(quality, rep)
+        if rep.dead_letters:
+            where = (
+                f"→ {_rel(rep.dead_letter_path)}"
+                if dead_letters
+                else "(not kept: pass --dead-letters PATH to keep them)"
+            )
+            out.print(f"{rep.dead_letters:,} dead letters ({reasons}) {where}")
         if failed_run:
             _error("failed", failed_run)
-    if failed_run or rep.status != "succeeded":
-        raise typer.Exit(1)
+        elif why:
+            _error("nothing was read", why)
+        elif code == CHECK_FAILED:
+            parts = [f"{len(failing)} check(s) failed: {', '.join(failing)}"] if failing else []
+            if source.dead:
+                parts.append(f"{source.dead:,} record(s) could not be read and were not checked")
+            _error("check failed", "; ".join(parts))
+        else:
+            out.print(f"[green]passed[/green]: {rep.rows_read:,} rows, {len(checks)} checks")
+    raise typer.Exit(code)
+
+
+def _first_dead_letter(path: str | None) -> dict[str, object] | None:
+    """The first dead letter written by a run (to say why nothing was read)."""
+    if not path or not Path(path).is_file():
+        return None
+    with Path(path).open(encoding="utf-8") as f:
+        line = f.readline()
+    try:
+        letter = jsonlib.loads(line)
+    except ValueError:
+        return None
+    return letter if isinstance(letter, dict) else None
+
+
+def _nothing_read(
+    data: str, kind: str, unread: int, reasons: str, first: dict[str, object] | None
+) -> str:
+    """Why a check read no row, and what to do."""
+    if not unread:
+        return f"{data} holds no records (an empty file, or a header only)"
+    text = f"every record of {data} was a dead letter ({reasons})"
+    if first is not None and first.get("message"):
+        at = f" at line {first['line']}" if first.get("line") is not None else ""
+        text += f"; the first{at}: {first['message']}"
+    if kind == "json" and _looks_like_json_lines(data):
+        text += "; the file looks like JSON lines (one document per line): pass --kind jsonl"
+    return text
+
+
+def _looks_like_json_lines(data: str) -> bool:
+    """The first file of ``data`` starts with two lines that are each a JSON document."""
+    import glob
+
+    import orjson
+
+    files = sorted(glob.glob(data)) or [data]
+    try:
+        with Path(files[0]).open("rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    lines = [x for x in head.removeprefix(b"\xef\xbb\xbf").splitlines() if x.strip()][:2]
+    if len(lines) < 2:
+        return False
+    try:
+        return all(isinstance(orjson.loads(x), (dict, list)) for x in lines)
+    except orjson.JSONDecodeError:
+        return False
 
 
 def print_quality(quality: dict[str, object], rep: RunReport) -> None:
@@ -331,14 +450,18 @@ def print_quality(quality: dict[str, object], rep: RunReport) -> None:
             f"{r['checked']:,}",
             f"[red]{failed:,}[/red]" if failed else "0",
             f"{r['failure_rate']:.2%}",
-            ", ".join(map(str, r["samples"]))[:60]
-            + (f" ({r['detail']})" if r.get("detail") else ""),
+            " ".join(
+                x
+                for x in (
+                    ", ".join(map(str, r["samples"]))[:60],
+                    f"({r['detail']})" if r.get("detail") else "",
+                )
+                if x
+            ),
         )
     out.print(t)
     for note in quality.get("schema", []):  # type: ignore[attr-defined]
         out.print(f"schema: {note}")
-    if rep.dead_letters:
-        out.print(f"{rep.dead_letters:,} dead letters → {_rel(rep.dead_letter_path)}")
 
 
 contract_app = typer.Typer(

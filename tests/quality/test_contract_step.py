@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from sluice.cli import app
 from sluice.config import parse_pipeline
 from sluice.quality.engine import ContractFailure
+from sluice.quality.step import ContractCheck
 from sluice.runtime.executor import Executor
 
 runner = CliRunner()
@@ -135,7 +136,7 @@ def test_sluice_check_prints_a_report_and_json(tmp_path: Path) -> None:
     text = runner.invoke(
         app, ["check", str(tmp_path / "in.csv"), "-c", str(tmp_path / "contract.yaml")]
     )
-    assert text.exit_code == 0, text.output
+    assert text.exit_code == 1, text.output  # checks failed (whatever their action)
     assert "contract customers v1.2.0" in text.output and "id.unique" in text.output
     as_json = runner.invoke(
         app, ["check", str(tmp_path / "in.csv"), "-c", str(tmp_path / "contract.yaml"), "--json"]
@@ -144,7 +145,7 @@ def test_sluice_check_prints_a_report_and_json(tmp_path: Path) -> None:
     assert data["contract"] == "customers" and data["rows"] == 5
     assert {c["check"]: c["failed"] for c in data["checks"]}["age.max"] == 1
     bad = runner.invoke(app, ["check", str(tmp_path / "in.csv"), "-c", str(tmp_path / "nope.yaml")])
-    assert bad.exit_code == 1 and "cannot read contract" in bad.output
+    assert bad.exit_code == 2 and "cannot read contract" in bad.output
 
 
 def test_inline_contract_and_odcs_file_is_refused_with_the_fix(tmp_path: Path) -> None:
@@ -177,6 +178,7 @@ def test_contract_import_cli_writes_a_contract_that_checks_data(tmp_path: Path) 
     result = runner.invoke(app, ["check", str(tmp_path / "aq.csv"), "-c", str(out), "--json"])
     checks = {c["check"]: c["failed"] for c in json.loads(result.stdout)["checks"]}
     assert checks == {
+        "air_quality_status.present": 0,
         "air_quality_status.type": 0,
         "air_quality_status.required": 0,
         "air_quality_status.unique": 1,
@@ -186,3 +188,54 @@ def test_contract_import_cli_writes_a_contract_that_checks_data(tmp_path: Path) 
         ["contract", "import", str(shared / "roles" / "service-and-operational-roles.odcs.yaml")],
     )
     assert refused.exit_code == 1 and "empty 'schema' list" in refused.output
+
+
+@pytest.mark.parametrize("backend", ["memory", "rocksdb"])
+def test_i8_03_unique_counts_survive_a_stream_restart(tmp_path: Path, backend: str) -> None:
+    """The values seen, and the values seen more than once, are checkpointed (in the SQLite
+    checkpoint, or as RocksDB checkpoints): after a restart a repeat of a value from before it
+    is still a duplicate, and a value already counted as repeated is not counted again."""
+    import pyarrow as pa
+
+    from sluice.runtime.stream import StreamExecutor
+    from sluice.testing import MemoryStream
+
+    tables = [
+        pa.table({"id": [1, 2, 2]}),
+        pa.table({"id": [3, 1]}),
+        pa.table({"id": [2, 4, 4]}),  # after the restart
+    ]
+    contract = {
+        "name": "t",
+        "schema": [{"name": "id", "type": "int", "unique": True, "action": "warn"}],
+    }
+    cfg = parse_pipeline(
+        {
+            "pipeline": "unique_stream",
+            "source": {"kind": "redis_stream", "stream": "unused"},
+            "steps": [{"id": "validate", "contract": contract}],
+            "sinks": [{"id": "out", "kind": "jsonl", "path": "out/"}],
+            "checkpoint": {
+                "path": str(tmp_path / "state" / "cp.db"),
+                "every": "10ms",
+                "backend": backend,
+            },
+            "dead_letter": {"path": str(tmp_path / "dead")},
+            "settings": {"linger": "1ms"},
+        }
+    )
+
+    def unique(source: MemoryStream) -> dict[str, int]:
+        # the stream report has no quality section yet: read the step's results
+        ex = StreamExecutor(cfg, base_dir=tmp_path, source=source, handle_signals=False)
+        ex.run()
+        step = ex.steps[0][0]
+        assert isinstance(step, ContractCheck) and step.checker is not None
+        return step.checker.results["id.unique"].to_dict()
+
+    before = unique(MemoryStream(tables[:2]))
+    assert (before["failed"], before["duplicated_values"]) == (2, 2)  # 2 again, 1 again
+    after = unique(MemoryStream(tables))
+    # this run checked the third table only: 2 (seen before the restart) and the second 4 are
+    # duplicates; the distinct values seen more than once are {1, 2} from before, and 4
+    assert (after["checked"], after["failed"], after["duplicated_values"]) == (3, 2, 3)

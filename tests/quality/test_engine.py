@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -167,7 +168,7 @@ def test_schema_policies_and_version_bump() -> None:
     bumped = {**base, "schema": [{"name": "a"}, {"name": "b", "required": True}]}
     with pytest.raises(
         ContractFailure,
-        match=r"contract 't' version 2.0.0 requires field\(s\) "
+        match=r"contract 't' version 2.0.0 declares field\(s\) "
         r"\['b'\] that the input does not have \(input columns: a, extra\)",
     ):
         ContractChecker(parse_contract(bumped)).check(t)
@@ -210,7 +211,7 @@ def test_dataset_rules() -> None:
 
 def test_evaluate_counts_fail_actions_without_raising() -> None:
     c = parse_contract({"name": "t", "schema": [{"name": "a", "required": True, "action": "fail"}]})
-    assert evaluate(c, pa.table({"a": ["x", None]})) == {"a.required": 1}
+    assert evaluate(c, pa.table({"a": ["x", None]})) == {"a.present": 0, "a.required": 1}
 
 
 def _python_calls(fn: Any) -> int:
@@ -308,7 +309,7 @@ def test_references_a_real_postgresql_table(pg_dsn: str, pg_schema: str) -> None
         }
     )
     table = pa.table({"cust": ["1", "50", "101", None, "100", "0"]})
-    assert evaluate(contract, table) == {"cust.type": 0, "cust.references": 2}
+    assert evaluate(contract, table) == {"cust.present": 0, "cust.type": 0, "cust.references": 2}
     bad = parse_contract(
         {
             "name": "t",
@@ -324,22 +325,169 @@ def test_references_a_real_postgresql_table(pg_dsn: str, pg_schema: str) -> None
         evaluate(bad, table)
 
 
-def test_unique_ignores_keys_of_rows_rejected_by_other_checks() -> None:
+def test_i8_03_unique_counts_a_duplicate_whatever_the_other_checks_say() -> None:
+    """`id,email / 2,bad / 2,ok@x.org`: the second row repeats id 2, although the first row is
+    dead-lettered by its pattern check. Both rows become dead letters, each with its reason."""
     c = parse_contract(
         {
             "name": "t",
-            "schema": [{"name": "k", "unique": True}, {"name": "v", "type": "int", "min": 0}],
+            "schema": [
+                {"name": "id", "type": "int", "unique": True},
+                {"name": "email", "pattern": ".+@.+"},
+            ],
         }
     )
-    for batches in ([["k1", "k1"]], [["k1"], ["k1"]]):  # one batch or two: same answer
+    for cuts in ([2], [1, 1]):  # one batch or two: same answer
         checker = ContractChecker(c)
-        values = iter(["-5", "7"])  # the first k1 row is invalid, the second is valid
-        kept = []
-        for keys in batches:
-            t = pa.table({"k": keys, "v": [next(values) for _ in keys]})
-            kept += checker.check(with_positions(t, "mem", 0)).table["v"].to_list()
-        assert kept == [7], batches
-        assert checker.results["k.unique"].failed == 0
+        table = pa.table({"id": ["2", "2"], "email": ["bad", "ok@x.org"]})
+        dead = []
+        start = 0
+        for size in cuts:
+            out = checker.check(with_positions(table.slice(start, size), "mem", start))
+            dead += out.dead.to_pylist()
+            assert out.table.height == 0
+            start += size
+        res = checker.results["id.unique"]
+        assert (res.failed, res.duplicated_values) == (1, 1), cuts
+        assert checker.results["email.pattern"].failed == 1
+        assert [(d["position"], d["message"]) for d in dead] == [
+            (0, "email: bad does not match .+@.+"),
+            (1, "id: 2 was seen before"),
+        ]
+    assert evaluate(c, pa.table({"id": ["2", "2"], "email": ["bad", "ok@x.org"]}))["id.unique"] == 1
+
+
+unique_rows = st.lists(
+    st.tuples(
+        st.sampled_from(["1", "2", "3", "01", " 2 ", "x", "", "  ", None]),
+        st.sampled_from(["a@b.c", "nope", None]),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=unique_rows, cuts=st.lists(st.integers(1, 30), min_size=1, max_size=10))
+def test_i8_03_unique_counts_are_independent_of_batch_cuts(
+    data: list[tuple[str | None, str | None]], cuts: list[int]
+) -> None:
+    """One batch, the same rows cut anywhere (also with keys spilled to disk), and a plain
+    Python count agree: ``failed`` = non-missing values - distinct values (pandas
+    ``duplicated(keep='first')``, SQL ``count(k) - count(DISTINCT k)``), ``duplicated_values`` =
+    distinct values occurring more than once (Soda's duplicate_count), whatever the pattern
+    check on the other column decides (action fail / dead_letter / drop / warn)."""
+    c = parse_contract(
+        {
+            "name": "t",
+            "schema": [
+                {"name": "id", "type": "int", "unique": True},
+                {"name": "email", "pattern": "[^@]+@[^@]+", "action": "drop"},
+            ],
+        }
+    )
+    table = pa.table(
+        {
+            "id": pa.array([r[0] for r in data], pa.string()),
+            "email": pa.array([r[1] for r in data], pa.string()),
+        }
+    )
+
+    def run(sizes: list[int], keys_in_memory: int = 10**9) -> tuple[int, int, list[int]]:
+        checker = ContractChecker(c)
+        for store in [*checker.seen.values(), *checker.repeated.values()]:
+            store.max_in_memory = keys_in_memory
+        flagged: list[int] = []
+        start = batch = 0
+        try:
+            while start < table.num_rows:
+                size = sizes[batch % len(sizes)]
+                part = with_positions(table.slice(start, size), "mem", start)
+                out = checker.check(part)
+                flagged += [
+                    d["position"] for d in out.dead.to_pylist() if "was seen before" in d["message"]
+                ]
+                start += size
+                batch += 1
+            res = checker.results["id.unique"]
+            return res.failed, res.duplicated_values or 0, flagged
+        finally:
+            checker.close()
+
+    whole = run([max(table.num_rows, 1)])
+    assert run(cuts) == whole
+    assert run(cuts, keys_in_memory=1) == whole
+    values = [int(x) for x in (r[0] for r in data) if x is not None and x.strip().isdigit()]
+    counts = {v: values.count(v) for v in values}
+    assert whole[0] == len(values) - len(counts)
+    assert whole[1] == sum(1 for n in counts.values() if n > 1)
+    # every flagged row repeats an earlier value (the first occurrence is never flagged)
+    seen: set[int] = set()
+    expected = []
+    for i, r in enumerate(data):
+        if r[0] is not None and r[0].strip().isdigit():
+            if int(r[0]) in seen:
+                expected.append(i)
+            seen.add(int(r[0]))
+    assert whole[2] == expected
+
+
+def test_i8_06_a_missing_column_fails_its_presence_check() -> None:
+    c = {"name": "t", "version": "3.0.0", "schema": [{"name": "a"}, {"name": "note"}]}
+    t = with_positions(pa.table({"a": ["1", "2"]}), "mem", 0)
+    with pytest.raises(ContractFailure, match=r"declares field\(s\) \['note'\].*fill_nulls"):
+        ContractChecker(parse_contract(c)).check(t)
+    assert evaluate(parse_contract(c), t) == {"a.present": 0, "note.present": 2}
+    filled = ContractChecker(
+        parse_contract({**c, "schema_policy": {"missing_columns": "fill_nulls"}})
+    )
+    out = filled.check(t)
+    assert out.table["note"].to_list() == [None, None]
+    assert "note.present" not in filled.results
+    assert filled.schema_notes == ["missing columns read as nulls: note"]
+
+
+def test_i8_06_a_missing_value_is_the_same_in_every_format() -> None:
+    """Null (CSV's empty field), an empty or blank string (JSON's ""), NaN (Parquet) are all
+    missing: `required` fails, completeness counts them, no other check looks at them."""
+    c = parse_contract(
+        {
+            "name": "t",
+            "schema": [
+                {"name": "s", "required": True, "unique": True, "min_length": 2},
+                {"name": "x", "type": "double", "required": True, "unique": True, "max": 1},
+            ],
+            "quality": [{"completeness": "50%", "columns": ["s", "x"]}],
+        }
+    )
+    table = pa.table(
+        {
+            "s": ["ab", None, "", "  ", "ab"],
+            "x": [0.5, None, float("nan"), float("nan"), 0.5],
+        }
+    )
+    got = evaluate(c, table)
+    assert got["s.required"] == 3 and got["x.required"] == 3
+    assert got["s.unique"] == 1 and got["x.unique"] == 1
+    assert got["s.min_length"] == 0 and got["x.max"] == 0
+    assert got["completeness(s) >= 50.00%"] == 3 and got["completeness(x) >= 50.00%"] == 3
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"name": "a", "min": 0}, "min needs a type to compare in"),
+        ({"name": "a", "type": "int", "max": "10"}, "max '10' is not a number"),
+        ({"name": "a", "type": "date", "min": "2024-13-01"}, "is not an ISO date"),
+        ({"name": "a", "type": "bool", "min": 0}, "type bool has no order for min"),
+    ],
+)
+def test_i8_06_bounds_need_a_type_they_can_be_read_in(spec: dict[str, Any], message: str) -> None:
+    """A bound compared with text in CSV and with numbers in Parquet gave different verdicts
+    (or a crash): a bound now needs a type, and must be readable in it."""
+    from sluice.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_contract({"name": "t", "schema": [spec]})
 
 
 def test_contract_sql_cannot_touch_files(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@
 
     name: orders
     version: 1.0.0
-    schema_policy: evolve            # freeze | evolve | discard_columns
+    schema_policy: evolve            # freeze | evolve | discard_columns, or a mapping (below)
     schema:
       - {name: order_id, type: string, required: true, unique: true}
       - {name: amount, type: "decimal(12,2)", required: true, min: 0}
@@ -24,13 +24,20 @@ act per row with the field's ``action`` (or a per-check override in ``actions``)
 letters found so far are written). Dataset rules (freshness, completeness, row_count, sql) are
 gates evaluated at the end of the input; ``action: fail`` (default) makes the run exit non-zero
 naming the rule, ``warn`` only reports.
+
+A value is *missing* when it is null or text that is empty or only blanks, whatever the file
+format: ``required`` fails on it, ``completeness`` counts it, and no other check looks at it.
+A field whose column the input lacks fails its ``present`` check (the run stops) unless
+``schema_policy: {missing_columns: fill_nulls}`` reads it as a column of nulls.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -40,12 +47,17 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    WithJsonSchema,
     field_validator,
+    model_validator,
 )
 
 from sluice.errors import ConfigError
 from sluice.time.durations import parse_duration
 from sluice.types import parse_type
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
 
 Action = Literal["dead_letter", "drop", "warn", "fail"]
 RowCheck = Literal[
@@ -136,8 +148,75 @@ class FieldSpec(_Model):
                 raise ValueError(f"invalid regular expression {v!r}: {exc}") from None
         return v
 
+    @field_validator("min", "max", mode="before")
+    @classmethod
+    def _bound_text(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("a bound is a number or an ISO date, not true/false")
+        if isinstance(v, (dt.date, dt.datetime)):  # YAML reads 2024-01-01 as a date
+            return v.isoformat()
+        return v
+
+    @model_validator(mode="after")
+    def _bounds_fit_the_type(self) -> FieldSpec:
+        """``min``/``max`` compare values in the field's type, so that a CSV column (text) and
+        a Parquet column (numbers) of the same data give the same verdict: a bound needs a
+        type, and must be readable in it."""
+        for key in ("min", "max"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if self.type is None:
+                raise ValueError(
+                    f"{key} needs a type to compare in (the same column "
+                    "is text in a CSV file and numbers in Parquet); add type: int, double, "
+                    "decimal(P,S), date, timestamp or string"
+                )
+            kind = bound_kind(self.type)
+            if kind == "number" and not isinstance(value, (int, float)):
+                raise ValueError(f"{key} {value!r} is not a number (type {self.type})")
+            if kind in ("date", "timestamp"):
+                if not isinstance(value, str):
+                    raise ValueError(
+                        f"{key} {value!r} must be an ISO {kind} "
+                        f"(type {self.type}), e.g. '2024-01-31'"
+                    )
+                try:
+                    parsed = dt.datetime.fromisoformat(value)
+                except ValueError:
+                    raise ValueError(
+                        f"{key} {value!r} is not an ISO {kind}, "
+                        "e.g. '2024-01-31' or '2024-01-31T12:00:00'"
+                    ) from None
+                if kind == "date" and parsed.time() != dt.time():
+                    raise ValueError(f"{key} {value!r} has a time of day; the field is a date")
+            if kind == "string" and not isinstance(value, str):
+                raise ValueError(
+                    f"{key} {value!r} must be text (type {self.type}); "
+                    "quote it, or give the field a numeric type"
+                )
+            if kind is None:
+                raise ValueError(f"type {self.type} has no order for {key}")
+        return self
+
     def action_for(self, check: RowCheck) -> Action:
         return self.actions.get(check, self.action)
+
+
+def bound_kind(type_name: str) -> Literal["number", "date", "timestamp", "string"] | None:
+    """How ``min``/``max`` of a field of this type are written and compared."""
+    import pyarrow as pa
+
+    t = parse_type(type_name)
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
+        return "number"
+    if pa.types.is_date(t):
+        return "date"
+    if pa.types.is_timestamp(t):
+        return "timestamp"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    return None
 
 
 class Freshness(_Model):
@@ -215,14 +294,48 @@ DatasetRule = Annotated[
 ]
 
 
+class SchemaPolicy(_Model):
+    """What happens to the columns of the input that do not match the contract's fields."""
+
+    extra_columns: Literal["pass", "discard", "fail"] = Field(
+        "pass",
+        description="Columns the contract does not name: pass = they go through and are "
+        "reported, discard = they are dropped and reported, fail = the schema check fails.",
+    )
+    missing_columns: Literal["fail", "fill_nulls"] = Field(
+        "fail",
+        description="Fields whose column the input lacks: fail = their 'present' check fails "
+        "(the run stops), fill_nulls = they are read as columns of nulls (then 'required' "
+        "fails on every row).",
+    )
+
+
+# the names of common policies (schema_policy: evolve)
+SCHEMA_POLICIES: dict[str, SchemaPolicy] = {
+    "evolve": SchemaPolicy(),
+    "discard_columns": SchemaPolicy(extra_columns="discard"),
+    "freeze": SchemaPolicy(extra_columns="fail"),
+}
+
+
+# in files, schema_policy is a name or a mapping
+_POLICY_JSON_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "enum": list(SCHEMA_POLICIES)},
+        SchemaPolicy.model_json_schema(),
+    ]
+}
+
+
 class Contract(_Model):
     name: str
     version: str = "1.0.0"
     description: str | None = None
-    schema_policy: Literal["freeze", "evolve", "discard_columns"] = Field(
-        "evolve",
-        description="Columns the contract does not name: freeze = the run fails, evolve = they "
-        "pass through and are reported, discard_columns = they are dropped and reported.",
+    schema_policy: Annotated[SchemaPolicy, WithJsonSchema(_POLICY_JSON_SCHEMA)] = Field(
+        default_factory=SchemaPolicy,
+        description="evolve (default: extra columns pass through, missing columns fail), "
+        "discard_columns (extra columns dropped), freeze (extra columns fail), or a mapping "
+        "{extra_columns: pass | discard | fail, missing_columns: fail | fill_nulls}.",
     )
     fields: list[FieldSpec] = Field(alias="schema", min_length=1)
     quality: list[DatasetRule] = Field(default_factory=list)
@@ -233,11 +346,26 @@ class Contract(_Model):
     def _version(cls, v: Any) -> str:
         return str(v)
 
-    def model_post_init(self, _: Any) -> None:
-        names = [f.name for f in self.fields]
+    @field_validator("schema_policy", mode="before")
+    @classmethod
+    def _policy(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            if v not in SCHEMA_POLICIES:
+                raise ValueError(
+                    f"unknown schema_policy {v!r}: use {', '.join(SCHEMA_POLICIES)} or a mapping "
+                    "{extra_columns: pass | discard | fail, missing_columns: fail | fill_nulls}"
+                )
+            return SCHEMA_POLICIES[v]
+        return v
+
+    @field_validator("fields")
+    @classmethod
+    def _distinct_names(cls, v: list[FieldSpec]) -> list[FieldSpec]:
+        names = [f.name for f in v]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"fields named more than once: {dup}")
+        return v
 
     @property
     def pii(self) -> set[str]:
@@ -245,7 +373,8 @@ class Contract(_Model):
 
 
 def load_contract(path: str | Path, *, step_id: str | None = None) -> Contract:
-    """Read and validate a contract file; mistakes become a ConfigError naming the fix."""
+    """Read and validate a contract file; every mistake becomes a ConfigError that names the
+    file, the key and the fix."""
     p = Path(path)
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
@@ -256,28 +385,133 @@ def load_contract(path: str | Path, *, step_id: str | None = None) -> Contract:
             field="contract",
             fix="check the path (relative to the pipeline file)",
         ) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"contract {p} is not UTF-8 text (byte {exc.start})",
+            step_id=step_id,
+            field="contract",
+            fix="save the contract as UTF-8 YAML",
+        ) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"contract {p} is not valid YAML: {exc}", step_id=step_id) from exc
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(
+            f"contract {p} is not valid YAML: {problem}{at}",
+            step_id=step_id,
+            field="contract",
+            fix=f"correct the YAML syntax{at} (quote values that hold ': ' or start with "
+            "'{', '[', '*', '&' or '#')",
+        ) from None
     if isinstance(raw, dict) and raw.get("kind") == "DataContract" and "apiVersion" in raw:
         raise ConfigError(
             f"{p} is an Open Data Contract Standard file",
             step_id=step_id,
+            field="contract",
             fix=f"convert it first: sluice contract import {p} -o contract.yaml",
         )
-    return parse_contract(raw, step_id=step_id, where=str(p))
+    return parse_contract(raw, step_id=step_id, where=f"contract {p}")
+
+
+_TOP_KEYS = "name, version, description, schema_policy, schema, quality, samples"
 
 
 def parse_contract(raw: Any, *, step_id: str | None = None, where: str = "contract") -> Contract:
+    """Validate a parsed contract (a mapping); mistakes become one ConfigError listing each
+    problem by its place (``schema[2].patern``), with the fix (``did you mean 'pattern'?``)."""
+    if not isinstance(raw, dict):
+        got = "an empty document" if raw is None else f"a {type(raw).__name__}"
+        raise ConfigError(
+            f"{where} must be a mapping with the keys {_TOP_KEYS}; it holds {got}",
+            step_id=step_id,
+            field="contract",
+            fix="start the file with 'name: ...' and list the fields under 'schema:' "
+            "(see docs/contracts.md)",
+        )
     try:
         return Contract.model_validate(raw)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors(include_url=False):
-            loc = ".".join(str(x) for x in err["loc"])
-            problems.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
-        raise ConfigError(
-            f"{where} is not a valid contract: " + "; ".join(problems),
-            step_id=step_id,
-            field="contract",
-            fix="see docs/contracts.md for the contract format",
-        ) from None
+        problems: list[tuple[str, str, str | None]] = [
+            _problem(err, raw) for err in exc.errors(include_url=False)
+        ]
+    first_path, _, first_fix = problems[0]
+    text = "; ".join(msg for _, msg, _ in problems)
+    fixes = [f for _, _, f in problems if f]
+    raise ConfigError(
+        f"{where} is not a valid contract: {text}",
+        step_id=step_id,
+        field=first_path,
+        fix=first_fix
+        if len(problems) == 1 and first_fix
+        else "; ".join([*dict.fromkeys(fixes), "see docs/contracts.md for the contract format"]),
+    ) from None
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The model that holds the key at ``loc`` (for 'unknown key' messages)."""
+    rules: dict[str, type[BaseModel]] = {
+        "freshness": Freshness,
+        "completeness": Completeness,
+        "row_count": RowCount,
+        "sql": SqlRule,
+    }
+    parent = loc[:-1]
+    if parent == ():
+        return Contract
+    if parent == ("schema_policy",):
+        return SchemaPolicy
+    if len(parent) == 2 and parent[0] == "schema":
+        return FieldSpec
+    if len(parent) == 3 and parent[0] == "schema" and parent[2] == "references":
+        return Reference
+    if len(parent) == 3 and parent[0] == "quality":
+        return rules.get(str(parent[2]))
+    if len(parent) == 4 and parent[0] == "quality" and parent[3] == "row_count":
+        return Bounds
+    return None
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for i, x in enumerate(loc):
+        if isinstance(x, int) and parts:
+            parts[-1] += f"[{x}]"
+        elif i == 2 and loc[0] == "quality":
+            continue  # the rule kind pydantic puts in the location
+        else:
+            parts.append(str(x))
+    return ".".join(parts) or "(top level)"
+
+
+def _problem(err: ErrorDetails, raw: dict[str, Any]) -> tuple[str, str, str | None]:
+    """(path, message, fix) of one validation error."""
+    loc = tuple(err["loc"])
+    path = _path(loc)
+    where = path
+    if len(loc) >= 2 and loc[0] == "schema" and isinstance(loc[1], int):
+        fields = raw.get("schema")
+        spec = fields[loc[1]] if isinstance(fields, list) and loc[1] < len(fields) else None
+        if isinstance(spec, dict) and isinstance(spec.get("name"), str):
+            where = f"{path} (field '{spec['name']}')"
+    if err["type"] == "extra_forbidden":
+        key = str(loc[-1])
+        model = _model_at(loc)
+        known = [f.alias or n for n, f in model.model_fields.items()] if model is not None else []
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        if close:
+            return (
+                path,
+                f"unknown key {key!r} at {where}: did you mean {close[0]!r}?",
+                f"rename {key!r} to {close[0]!r}",
+            )
+        return (
+            path,
+            f"unknown key {key!r} at {where}",
+            f"remove {key!r}; the keys allowed there are: {', '.join(known)}"
+            if known
+            else f"remove {key!r}",
+        )
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "missing":
+        return path, f"{where}: a required key is missing", f"add {str(loc[-1])!r}"
+    return path, f"{where}: {msg}", None

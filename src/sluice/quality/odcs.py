@@ -24,17 +24,28 @@ Mapping (ODCS -> Sluice):
   ``${object}``/``${property}`` placeholders replaced by ``input`` and the column. Everything else
   (text, custom, percent units that cannot be summed per batch...) is listed in ``unsupported``.
 
+Before any mapping, the document is validated against the ODCS JSON Schema (v3.1.0, shipped in
+``sluice/quality/schemas``): every violation (a missing ``status``, an unknown top-level key,
+``required: "yes"``...) is reported with its JSON path, and the document is refused. A value the
+schema allows but Sluice cannot read (a pattern Python cannot compile, a date bound that is not
+a date, a SQL placeholder where there is no column) is an error too, never a check dropped
+silently; what Sluice does not enforce by design (text rules, custom engines, percent units...)
+is listed in ``unsupported``.
+
 YAML is read with dates kept as strings, as the ODCS JSON Schema expects.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import re
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import ValidationError
@@ -48,7 +59,18 @@ from sluice.quality.contract import (
     SqlRule,
 )
 
-__all__ = ["ImportResult", "dump_contract", "import_odcs"]
+if TYPE_CHECKING:
+    from jsonschema.exceptions import ValidationError as SchemaViolation
+    from jsonschema.protocols import Validator
+
+__all__ = ["ODCS_SCHEMA", "ImportResult", "dump_contract", "import_odcs", "schema_problems"]
+
+# The ODCS JSON Schema, shipped as package data (sluice/quality/schemas): v3.1.0, copied
+# unchanged from bitol-io/open-data-contract-standard, schema/odcs-json-schema-v3.1.0.json
+# (commit e6a1c66ffc08, Apache License 2.0; see schemas/README.md). ODCS v3.0.x documents
+# validate against it too (3.1.0 only adds optional keys).
+ODCS_SCHEMA = "odcs-json-schema-v3.1.0.json"
+_SPEC_URL = "https://bitol-io.github.io/open-data-contract-standard/"
 
 
 @dataclass(frozen=True)
@@ -60,8 +82,9 @@ class ImportResult:
     notes: list[str] = field(default_factory=list)
 
 
-class _DateAsStringLoader(yaml.SafeLoader):
-    """A safe loader that keeps ``2022-10-03`` as the string it is (the ODCS schema says so)."""
+class _DateAsStringLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """A safe loader (libyaml's when installed) that keeps ``2022-10-03`` as the string it is
+    (the ODCS schema says so)."""
 
 
 _DateAsStringLoader.yaml_implicit_resolvers = {
@@ -313,22 +336,27 @@ class _Ctx:
         self.notes: list[str] = []
         self.meta_keys: set[str] = set()
 
+    def refuse(self, loc: str, problem: str, fix: str) -> ConfigError:
+        """A value Sluice cannot map: an error naming its JSON path, never a dropped check."""
+        return _refuse(self.where, loc, problem, fix)
+
     # -- rules shared by property-level and object-level quality ---------------------------
     def sql_rule(self, rule: dict[str, Any], loc: str, col: str | None, name: str) -> None:
         query = str(rule.get("query") or "").strip()
         if not query:
-            self.unsupported.append(f"{loc}: sql rule without a query is not enforced")
-            return
+            raise self.refuse(loc, "a sql rule without a query", "give the rule its 'query'")
         for ph in ("${object}", "${table}", "{object}", "{table}"):
             query = query.replace(ph, "input")
         if col is not None:
             for ph in ("${property}", "${column}", "{property}", "{column}"):
                 query = query.replace(ph, _quote_ident(col))
         elif re.search(r"\$?\{(property|column)\}", query):
-            self.unsupported.append(
-                f"{loc}: sql rule uses a property placeholder at object level; not enforced"
+            raise self.refuse(
+                loc,
+                "the sql rule uses a ${property} placeholder at object level, where there is "
+                "no property to put in",
+                "move the rule under the property it checks, or write the column name",
             )
-            return
         names = {str(n) for n in (self.obj.get("name"), self.obj.get("physicalName")) if n}
         for n in sorted(names, key=len, reverse=True):
             rx = re.compile(r"(?i)\b(from|join)\s+(\"?)" + re.escape(n) + r"\2(?![\w.])")
@@ -500,13 +528,15 @@ class _Ctx:
 
     def quality(self, rules: Any, loc: str, col: str | None) -> None:
         if not isinstance(rules, list):
-            self.unsupported.append(f"{loc}.quality: not a list; ignored")
-            return
+            raise self.refuse(f"{loc}.quality", "not a list", "make 'quality' a list of rules")
         for k, rule in enumerate(rules):
             rloc = f"{loc}.quality[{k}]"
             if not isinstance(rule, dict):
-                self.unsupported.append(f"{rloc}: not a mapping; ignored")
-                continue
+                raise self.refuse(
+                    rloc,
+                    "a quality rule that is not a mapping",
+                    "write the rule as a mapping (type, metric, mustBe...)",
+                )
             kind = str(rule.get("type") or "library").lower()
             if kind == "library" or (kind not in ("sql", "text", "custom") and "metric" in rule):
                 self.library(rule, rloc, col)
@@ -662,8 +692,9 @@ def _options(prop: dict[str, Any], spec: dict[str, Any], loc: str, name: str, ct
     if opts is None:
         opts = {}
     if not isinstance(opts, dict):
-        ctx.unsupported.append(f"{loc} {name!r}: logicalTypeOptions is not a mapping; ignored")
-        return
+        raise ctx.refuse(
+            f"{loc}.logicalTypeOptions", "not a mapping", "write the options as a mapping"
+        )
     stype = spec.get("type")
     oloc = f"{loc}.logicalTypeOptions"
     if stype is None:
@@ -685,18 +716,19 @@ def _options(prop: dict[str, Any], spec: dict[str, Any], loc: str, name: str, ct
         if is_time:
             ctx.unsupported.append(f"{where} = {value!r} on a time of day is not enforced")
         elif key in ("minLength", "maxLength") and stype == "string":
-            if isinstance(value, int) and value >= 0:
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                 spec["min_length" if key == "minLength" else "max_length"] = value
             else:
-                ctx.unsupported.append(f"{where} = {value!r} is not a length; not enforced")
+                raise ctx.refuse(where, f"{value!r} is not a length", "give a whole number >= 0")
         elif key == "pattern" and stype == "string":
-            try:
-                re.compile(str(value))
-            except re.error:
-                ctx.unsupported.append(
-                    f"{where} {value!r} is not a valid Python regular expression; not enforced"
+            problem = _pattern_problem(str(value))
+            if problem:
+                raise ctx.refuse(
+                    where,
+                    f"pattern {value!r} cannot be used by Sluice's regular expression engine "
+                    f"({problem})",
+                    "rewrite the pattern without look-around or back-references",
                 )
-                continue
             spec["pattern"] = str(value)
             ctx.notes.append(
                 f"{where}: pattern {value!r} kept as written; Sluice requires the "
@@ -714,11 +746,6 @@ def _options(prop: dict[str, Any], spec: dict[str, Any], loc: str, name: str, ct
             ctx.notes.append(f"{where} {value!r} -> type {stype}")
         elif key == "timezone" and is_ts:
             continue  # read by _map_type
-        elif key == "enum":
-            if isinstance(value, list) and value:
-                spec["enum"] = [v for v in value if v is not None]
-            else:
-                ctx.unsupported.append(f"{where} = {value!r} is not a list; not enforced")
         elif key in ("minimum", "maximum") and (is_num or is_date or is_ts):
             target = "min" if key == "minimum" else "max"
             if is_num and _is_number(value):
@@ -730,26 +757,52 @@ def _options(prop: dict[str, Any], spec: dict[str, Any], loc: str, name: str, ct
                 if spec[target] != value:
                     ctx.notes.append(f"{where} {value!r} -> {spec[target]!r} (ISO 8601)")
             else:
-                ctx.unsupported.append(
-                    f"{where} = {value!r} cannot be read as a {stype}; not enforced"
+                raise ctx.refuse(
+                    where,
+                    f"{value!r} cannot be read as a {stype}",
+                    "write a number, or an ISO date / timestamp ('2024-01-31', "
+                    "'2024-01-31T12:00:00')",
                 )
         elif key in ("exclusiveMinimum", "exclusiveMaximum") and (is_int or is_date):
             target, step = ("min", 1) if key == "exclusiveMinimum" else ("max", -1)
-            if is_int and _is_number(value) and float(value).is_integer():
-                spec[target] = int(value) + step
+            if is_int and _is_number(value):
+                # the next whole number inside the bound: exact for integers
+                spec[target] = math.floor(value) + 1 if step > 0 else math.ceil(value) - 1
             elif is_date and _iso_date(value) is not None:
                 d = _iso_date(value)
                 assert d is not None
                 spec[target] = str(d + timedelta(days=step))
             else:
-                ctx.unsupported.append(f"{where} = {value!r} is not enforced")
-                continue
+                raise ctx.refuse(
+                    where,
+                    f"{value!r} cannot be read as a {'number' if is_int else 'date'}",
+                    "write a number, or an ISO date ('2024-01-31')",
+                )
             ctx.notes.append(
                 f"{where} {value!r} -> {target} {spec[target]!r} (exact for "
                 f"{'whole numbers' if is_int else 'dates'})"
             )
         else:
             ctx.unsupported.append(f"{where} = {value!r} is not enforced")
+
+
+def _pattern_problem(pattern: str) -> str | None:
+    """Why the contract engine (Python's re to validate, Polars' Rust regex to run) cannot use
+    a pattern, or None."""
+    from sluice.quality.engine import regex_problem
+
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return str(exc)
+    return regex_problem(pattern)
+
+
+def _refuse(where: str, loc: str, problem: str, fix: str) -> ConfigError:
+    path = f"$.{loc}" if not loc.startswith("$") else loc
+    return ConfigError(
+        f"{where}: {path}: {problem}; Sluice cannot map it to a check", field=path, fix=fix
+    )
 
 
 def _pii(prop: dict[str, Any]) -> str | None:
@@ -798,8 +851,7 @@ def _import_object(obj: dict[str, Any], idx: int, doc_where: str, version: str) 
         loc = f"{ctx.obj_loc}.properties[{j}]"
         name = str(prop.get("name") or "").strip()
         if not name:
-            ctx.unsupported.append(f"{loc}: property without a name; skipped")
-            continue
+            raise ctx.refuse(f"{loc}.name", "a property without a name", "name the property")
         if name in ctx.fields:
             raise ConfigError(
                 f"{doc_where}: {loc}: fields named more than once in {ctx.obj_name!r}: {name!r}",
@@ -869,6 +921,136 @@ def _import_object(obj: dict[str, Any], idx: int, doc_where: str, version: str) 
     return ctx
 
 
+@functools.cache
+def _validator() -> Validator:
+    from jsonschema import Draft201909Validator
+
+    text = resources.files("sluice.quality").joinpath("schemas", ODCS_SCHEMA).read_text("utf-8")
+    schema = json.loads(text)
+    Draft201909Validator.check_schema(schema)
+    validator: Validator = Draft201909Validator(schema)
+    return validator
+
+
+@functools.cache
+def _declared_keys() -> frozenset[str]:
+    """Every property name the ODCS schema declares somewhere."""
+    keys: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            props = node.get("properties")
+            if isinstance(props, dict):
+                keys.update(props)
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(_validator().schema)
+    return frozenset(keys)
+
+
+def _json_path(path: Any) -> str:
+    out = "$"
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _unexpected(err: SchemaViolation) -> list[str]:
+    """The keys named by an additionalProperties / unevaluatedProperties error."""
+    m = re.search(r"\((.*) (?:was|were) unexpected\)", err.message)
+    return re.findall(r"'((?:[^'\\]|\\.)*)'", m.group(1)) if m else []
+
+
+def _render(err: SchemaViolation) -> list[tuple[str, str]]:
+    """(JSON path, message) for one schema violation (the branches of oneOf/anyOf are
+    summarised: which keys are missing, or which ones clash)."""
+    path = _json_path(err.absolute_path)
+    kind = err.validator
+    if kind == "required":
+        m = re.match(r"'(.*)' is a required property", err.message)
+        key = m.group(1) if m else "?"
+        return [(f"{path}.{key}" if path != "$" else f"$.{key}", "required key missing")]
+    if kind in ("additionalProperties", "unevaluatedProperties"):
+        return [(f"{path}.{k}", "unknown key (not in ODCS v3.1.0)") for k in _unexpected(err)]
+    if kind in ("oneOf", "anyOf"):
+        ctx = list(err.context or [])
+        if "is valid under each of" in err.message:
+            inst = err.instance
+            keys = sorted(set(inst) & set(_OPERATORS)) if isinstance(inst, dict) else []
+            what = f" ({', '.join(keys)})" if keys else ""
+            return [(path, f"matches more than one of the allowed forms{what}: give only one")]
+        if ctx and all(c.validator == "required" for c in ctx):
+            missing = []
+            for c in ctx:
+                m = re.match(r"'(.*)' is a required property", c.message)
+                if m:
+                    missing.append(m.group(1))
+            return [(path, f"needs one of: {', '.join(dict.fromkeys(missing))}")]
+        if ctx:
+            from jsonschema.exceptions import best_match
+
+            best = best_match(ctx)
+            if best is not None:
+                return _render(best)
+    if kind == "type" and err.validator_value == "string" and _is_number(err.instance):
+        return [(path, f"{_short(err.instance)} is not text: quote it ('{err.instance}')")]
+    message = err.message
+    if len(message) > 200:
+        message = message[:197] + "..."
+    return [(path, message)]
+
+
+def schema_problems(doc: Any) -> list[str]:
+    """Every violation of the ODCS JSON Schema in ``doc``, as ``"$.path: message"`` lines,
+    sorted by path (empty when the document is valid)."""
+    errors = list(_validator().iter_errors(doc))
+    paths = [_json_path(e.absolute_path) for e in errors]
+    found: dict[tuple[str, str], None] = {}
+    for err, path in zip(errors, paths, strict=True):
+        rendered = _render(err)
+        if err.validator == "unevaluatedProperties":
+            # after another failure at or under this object, its valid keys are reported as
+            # "unevaluated" too: keep only keys the standard does not know at all
+            others = any(
+                p == path or p.startswith((path + ".", path + "["))
+                for e, p in zip(errors, paths, strict=True)
+                if e is not err and e.validator != "unevaluatedProperties"
+            )
+            if others:
+                known = _declared_keys()
+                rendered = [(p, m) for p, m in rendered if p.rsplit(".", 1)[-1] not in known]
+        for item in rendered:
+            found[item] = None
+
+    def order(item: tuple[str, str]) -> list[Any]:
+        return [int(x) if x.isdigit() else x for x in re.split(r"\[(\d+)\]", item[0])]
+
+    return [f"{p}: {m}" for p, m in sorted(found, key=order)]
+
+
+def _validate(doc: dict[str, Any], where: str) -> None:
+    problems = schema_problems(doc)
+    if not problems:
+        return
+    shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+    raise ConfigError(
+        f"{where} is not a valid ODCS v3 document ({len(problems)} problem(s)): "
+        + "; ".join(shown),
+        field=problems[0].split(":", 1)[0],
+        fix="correct the document against the Open Data Contract Standard v3.1.0 "
+        f"({_SPEC_URL}); Sluice validates it with the ODCS JSON Schema {ODCS_SCHEMA}",
+    )
+
+
 def _load(source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
     if isinstance(source, dict):
         return source, "ODCS document"
@@ -886,7 +1068,7 @@ def _load(source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
                 fix="check the path",
             ) from exc
     try:
-        raw = yaml.load(text, Loader=_DateAsStringLoader)  # a SafeLoader subclass
+        raw = yaml.load(text, Loader=_DateAsStringLoader)  # a safe loader
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where} is not valid YAML: {exc}", field="contract") from exc
     if not isinstance(raw, dict):
@@ -901,27 +1083,27 @@ def _load(source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
 def import_odcs(source: str | Path | dict[str, Any]) -> ImportResult:
     """Convert an ODCS v3 document (path, YAML text or parsed dict) into Sluice contracts.
 
-    Raises :class:`ConfigError` when the document is not ODCS v3 or describes no table with
-    properties (the message names what the document holds instead)."""
+    Raises :class:`ConfigError` when the document is not ODCS v3, violates the ODCS JSON Schema
+    (every violation listed with its JSON path), holds a value Sluice cannot map, or describes
+    no table with properties (the message names what the document holds instead)."""
     doc, where = _load(source)
-    if doc.get("kind", "DataContract") != "DataContract":
+    if "kind" in doc and doc["kind"] != "DataContract":
         raise ConfigError(
-            f"{where}: kind {doc.get('kind')!r} is not an ODCS DataContract",
-            field="kind",
+            f"{where}: $.kind {doc.get('kind')!r} is not an ODCS DataContract",
+            field="$.kind",
             fix="pass an Open Data Contract Standard v3 file",
         )
     api = str(doc.get("apiVersion", "v3"))
     if not api.lstrip("v").startswith("3"):
         raise ConfigError(
-            f"{where}: apiVersion {api!r} is not supported (ODCS v3 only)",
-            field="apiVersion",
+            f"{where}: $.apiVersion {api!r} is not supported (ODCS v3 only)",
+            field="$.apiVersion",
             fix="upgrade the contract to ODCS v3",
         )
-    version = str(doc.get("version") or "1.0.0")
+    _validate(doc, where)
+    version = str(doc["version"])
     unsupported: list[str] = []
     notes: list[str] = []
-    if "version" not in doc:
-        notes.append("version: missing; contracts get version 1.0.0")
     doc_only = [k for k in _DOC_SECTIONS if doc.get(k)]
     if doc_only:
         unsupported.append(f"{', '.join(doc_only)}: documentation only, not enforced")
@@ -934,11 +1116,11 @@ def import_odcs(source: str | Path | dict[str, Any]) -> ImportResult:
     schema = doc.get("schema")
     if not isinstance(schema, list) or not schema:
         holds = ", ".join(k for k in doc if k not in _META_TOP) or "identification only"
-        what = "has no 'schema' section" if schema is None else "has an empty 'schema' list"
+        what = "no 'schema' section" if schema is None else "an empty 'schema' list"
         raise ConfigError(
-            f"{where}: the ODCS document {what}, so there is no table to import "
-            f"(it describes: {holds})",
-            field="schema",
+            f"{where}: $.schema: the document is valid ODCS but has {what}, so there is no "
+            f"table to import (it describes: {holds})",
+            field="$.schema",
             fix="add a schema object with properties (name, logicalType, ...) to "
             "the ODCS document, or write the Sluice contract by hand",
         )
@@ -947,8 +1129,7 @@ def import_odcs(source: str | Path | dict[str, Any]) -> ImportResult:
     skipped: list[str] = []
     for i, obj in enumerate(schema):
         if not isinstance(obj, dict):
-            unsupported.append(f"schema[{i}]: not a mapping; skipped")
-            continue
+            raise _refuse(where, f"schema[{i}]", "not a mapping", "describe it as a mapping")
         name = obj.get("name") or obj.get("physicalName")
         if not [p for p in obj.get("properties") or [] if isinstance(p, dict) and p.get("name")]:
             refs = [
@@ -956,7 +1137,7 @@ def import_odcs(source: str | Path | dict[str, Any]) -> ImportResult:
                 for a in obj.get("authoritativeDefinitions") or []
                 if isinstance(a, dict) and a.get("url")
             ]
-            reason = f"schema[{i}] {name!r} has no properties" + (
+            reason = f"$.schema[{i}] {name!r} has no properties" + (
                 f" (its schema is defined elsewhere: {', '.join(refs)})" if refs else ""
             )
             skipped.append(reason)
@@ -998,7 +1179,7 @@ def import_odcs(source: str | Path | dict[str, Any]) -> ImportResult:
         raise ConfigError(
             f"{where}: no schema object with properties to import: "
             + "; ".join(skipped or ["schema holds no objects"]),
-            field="schema",
+            field="$.schema",
             fix="describe the table's properties (name, logicalType, ...) in the "
             "ODCS document, or write the Sluice contract by hand",
         )

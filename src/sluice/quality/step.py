@@ -23,15 +23,31 @@ class ContractCheck(BaseStep):
 
     config: ContractStep
 
-    def __init__(self, config: ContractStep) -> None:
+    def __init__(self, config: ContractStep, *, report_only: bool = False) -> None:
+        """``report_only``: count every check and stop for none (``sluice check``): see
+        :class:`ContractChecker`."""
         super().__init__(config)
+        self._report_only = report_only
         self.checker: ContractChecker | None = None
         self.gates: list[CheckResult] = []
         if isinstance(config.contract, Contract):
             self.contract: Contract | None = config.contract
-            self.checker = ContractChecker(config.contract, step_id=config.id)
+            self.checker = ContractChecker(
+                config.contract, step_id=config.id, report_only=report_only
+            )
         else:
             self.contract = None
+
+    @property
+    def report_only(self) -> bool:
+        """Count every check and stop for none (``sluice check``)."""
+        return self._report_only
+
+    @report_only.setter
+    def report_only(self, value: bool) -> None:
+        self._report_only = value
+        if self.checker is not None:
+            self.checker.report_only = value
 
     @property
     def pii_fields(self) -> set[str]:
@@ -42,7 +58,9 @@ class ContractCheck(BaseStep):
         if self.checker is None:
             path = ctx.resolve(str(self.config.contract))
             self.contract = load_contract(path, step_id=self.step_id)
-            self.checker = ContractChecker(self.contract, step_id=self.step_id)
+            self.checker = ContractChecker(
+                self.contract, step_id=self.step_id, report_only=self._report_only
+            )
         self.checker.open(ctx)
 
     def process(self, table: Frame) -> StepResult:
@@ -54,7 +72,7 @@ class ContractCheck(BaseStep):
         assert self.checker is not None and self.contract is not None
         self.gates = self.checker.finish()
         failed = [g for g in self.gates if g.failed and g.action == "fail"]
-        if failed:
+        if failed and not self._report_only:
             detail = "; ".join(f"{g.name} ({g.detail})" for g in failed)
             raise ContractFailure(
                 self.step_id,
@@ -74,24 +92,34 @@ class ContractCheck(BaseStep):
             "schema": self.checker.schema_notes,
         }
 
+    def _key_stores(self) -> dict[str, dict[str, Any]]:
+        assert self.checker is not None, "open() first"
+        return {"seen": self.checker.seen, "repeated": self.checker.repeated}
+
     def use_key_store(self, make: Callable[[str], Any]) -> None:
         """Stream mode with ``checkpoint.backend: rocksdb``: keep ``unique`` keys in that store."""
-        assert self.checker is not None, "open() first"
-        for name in list(self.checker.seen):
-            self.checker.seen[name].close()
-            self.checker.seen[name] = make(f"seen-{name}")
+        for kind, stores in self._key_stores().items():
+            for name in list(stores):
+                stores[name].close()
+                stores[name] = make(f"{kind}-{name}")
 
     def snapshot(self) -> dict[str, pa.Table]:
-        """Stream checkpoints: the keys seen by each ``unique`` check."""
-        assert self.checker is not None
-        return {f"seen:{name}": seen.snapshot() for name, seen in self.checker.seen.items()}
+        """Stream checkpoints: the keys seen by each ``unique`` check, and those seen twice."""
+        return {
+            f"{kind}:{name}": store.snapshot()
+            for kind, stores in self._key_stores().items()
+            for name, store in stores.items()
+        }
 
     def restore(self, state: dict[str, pa.Table]) -> None:
-        assert self.checker is not None, "open() first"
-        for name, seen in self.checker.seen.items():
-            table = state.get(f"seen:{name}")
-            if table is not None:
-                seen.restore(table)
+        assert self.checker is not None
+        for kind, stores in self._key_stores().items():
+            for name, store in stores.items():
+                table = state.get(f"{kind}:{name}")
+                if table is not None:
+                    store.restore(table)
+        for name, repeated in self.checker.repeated.items():
+            self.checker.results[f"{name}.unique"].duplicated_values = repeated.count
 
     def close(self) -> None:
         if self.checker is not None:

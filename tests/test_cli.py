@@ -72,7 +72,7 @@ def test_validate_lists_every_problem_and_exits_2(tmp_path: Path) -> None:
     assert "3 problem(s)" in result.output
     assert "step 'types', field 'cast'" in result.output and "money" in result.output
     assert "did you mean 'types'?" in result.output
-    assert "step 'lake'" in result.output and "parket" in result.output
+    assert "sink 'lake'" in result.output and "parket" in result.output
 
 
 def test_validate_ok(tmp_path: Path) -> None:

@@ -184,8 +184,9 @@ def run(
 ) -> None:
     """Run a pipeline and print a per-step summary.
 
-    A batch pipeline runs to the end of its input; a stream pipeline (kafka / redis_stream source, or watch: true) runs until SIGINT or
-    SIGTERM (final checkpoint, then exit 0) or --until-idle."""
+    A batch pipeline runs to the end of its input; a stream pipeline (kafka / redis_stream
+    source, or watch: true) runs until SIGINT or SIGTERM (final checkpoint, then exit 0) or
+    --until-idle."""
     cfg = _load(pipeline)
     try:
         if cfg.streaming:

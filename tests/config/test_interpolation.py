@@ -10,6 +10,7 @@ import pytest
 
 from sluice.config import parse_pipeline
 from sluice.config.loader import SQL_FIELDS, interpolate
+from sluice.config.validate import validate_pipeline
 from sluice.errors import ConfigError, ConfigErrors
 from sluice.runtime.executor import Executor
 
@@ -91,6 +92,10 @@ def test_i8_22_expression_fields_are_listed_and_inline_contract_rules_are_litera
     assert rule.sql == "SELECT count(*) FROM input WHERE status = 'nothing'' OR ''1''=''1'"
     assert cfg.steps[1].aggregate == {"n": "sum('amount')"}  # a literal, not a column: refused
     assert cfg.sinks[0].path == "out/x"  # outside expressions: raw text
+    problems = validate_pipeline(cfg)
+    assert len(problems) == 1 and "field 'aggregate.n': sum() takes a column name" in str(
+        problems[0]
+    )
 
 
 def test_i8_22_quotes_identifiers_escapes_and_comments() -> None:
@@ -104,7 +109,7 @@ def test_i8_22_quotes_identifiers_escapes_and_comments() -> None:
 
     env = {"V": INJECTION, "N": "-5", "T": "true", "B": "a\\' OR 1=1 --"}
     assert filt("x = 'it''s ${V}'", env) == "x = 'it''s nothing'' OR ''1''=''1'"
-    assert filt('"${V}" > 1', env) == '"nothing\' OR \'1\'=\'1" > 1'  # one identifier
+    assert filt('"${V}" > 1', env) == "\"nothing' OR '1'='1\" > 1"  # one identifier
     assert filt("x -${N}", env) == "x -(-5)"  # no `--` comment
     assert filt("flag = ${T}", env) == "flag = TRUE"
     assert filt("x = E'${B}'", env) == "x = E'a\\\\'' OR 1=1 --'"

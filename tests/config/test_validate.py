@@ -37,7 +37,9 @@ def config_error_sites() -> list[str]:
             continue
         counts: dict[str, int] = {}
 
-        def visit(node: ast.AST, scope: list[str], rel: str = rel) -> None:
+        def visit(
+            node: ast.AST, scope: list[str], rel: str = rel, counts: dict[str, int] = counts
+        ) -> None:
             for child in ast.iter_child_nodes(node):
                 if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
                     visit(child, [*scope, child.name])

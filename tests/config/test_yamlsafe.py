@@ -39,7 +39,7 @@ def _bounded(fn: Callable[[], Any]) -> tuple[BaseException, float, int]:
     t0 = time.perf_counter()
     try:
         fn()
-    except BaseException as exc:  # noqa: BLE001 - returned to the test
+    except BaseException as exc:  # returned to the test
         caught: BaseException = exc
     else:
         raise AssertionError("no error raised")

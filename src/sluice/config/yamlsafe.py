@@ -161,7 +161,6 @@ def _loader_class(base: type) -> type:
         attrs["__init__"] = c_init
         bases: tuple[type, ...] = (_LimitedComposer, Composer, parser, SafeConstructor, Resolver)
     else:
-
         python_loader: Any = base
 
         def py_init(self: Any, stream: Any) -> None:

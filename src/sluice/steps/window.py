@@ -235,6 +235,8 @@ class Window(BaseStep):
             fail(f"unknown aggregate function {fn!r}", hint + usage)
         if "," in arg or "(" in arg or ")" in arg:
             fail(f"{fn}() takes one column name", f"e.g. {fn}(amount); derive a column first")
+        if arg[:1] in ("'", "$"):
+            fail(f"{fn}() takes a column name, not a literal", f"e.g. {fn}(amount)")
         if fn != "count" and not arg:
             fail(f"{fn}() needs a column", f"e.g. {fn}(amount)")
         return _Agg(name, fn, arg or None)

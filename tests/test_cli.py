@@ -164,3 +164,18 @@ def test_i8_19_a_report_that_could_not_be_written_is_not_claimed(tmp_path: Path)
     assert ok.exit_code == 0 and "run report →" in ok.output
     written = ok.output.split("run report →")[1].strip()
     assert Path(written).name.endswith(".json") and Path(written).exists()
+
+
+def test_i8_24_run_time_errors_name_sources_and_sinks_by_role(tmp_path: Path) -> None:
+    from sluice.errors import SinkError, TransientError
+
+    assert str(SinkError("lake", "disk full", fix="free space")) == (
+        "sink 'lake': disk full. Fix: free space"
+    )
+    err = TransientError("pg", "cannot connect")
+    err.role = "sink"  # what a runtime that caught it from a sink may say
+    assert str(err) == "sink 'pg': cannot connect"
+    path = tmp_path / "p.yaml"
+    path.write_text("pipeline: p\nsource: {kind: csv, path: 'nothing/*.csv'}\n")
+    result = runner.invoke(app, ["run", str(path), "--no-progress"])
+    assert result.exit_code == 1 and "source 'source'" in result.output, result.output

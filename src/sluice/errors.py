@@ -109,15 +109,22 @@ class MissingDependencyError(SluiceError, ImportError):
 
 
 class StepError(SluiceError):
-    """A step failed at run time."""
+    """A step failed at run time. The message names the node by its role: ``step 'x'``,
+    ``source 'x'`` (:class:`SourceError`) or ``sink 'x'`` (:class:`SinkError`)."""
+
+    role = "step"  # a runtime that knows better (an error raised by a sink) may set it
 
     def __init__(self, step_id: str, message: str, *, fix: str | None = None) -> None:
         self.step_id = step_id
         self.fix = fix
-        text = f"step '{step_id}': {message}"
-        if fix:
-            text += f". Fix: {fix}"
-        super().__init__(text)
+        self.message = message
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        text = f"{self.role} '{self.step_id}': {self.message}"
+        if self.fix:
+            text += f". Fix: {self.fix}"
+        return text
 
 
 class TransientError(StepError):
@@ -131,9 +138,13 @@ class TerminalError(StepError):
 class SourceError(StepError):
     """A source could not be opened or read."""
 
+    role = "source"
+
 
 class SinkError(StepError):
     """A sink could not be opened, written or committed."""
+
+    role = "sink"
 
 
 def require(package: str, extra: str, feature: str) -> None:

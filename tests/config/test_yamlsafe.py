@@ -126,3 +126,20 @@ def test_i8_bad_pipeline_file_path_directory_or_encoding_is_a_config_error(
         assert "Traceback" not in result.output
         result = runner.invoke(app, ["run", str(path)])
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_i8_17_limits_hold_without_libyaml(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sluice.config import yamlsafe
+
+    monkeypatch.setattr(yamlsafe, "_c_parser", lambda: None)
+    monkeypatch.setattr(yamlsafe, "_LOADERS", {})
+    with pytest.raises(ConfigError, match="once its aliases"):
+        load_yaml(billion_laughs())
+    with pytest.raises(ConfigError, match="contains it"):
+        load_yaml("a: &a [*a]")
+    block = "".join("  " * i + f"k{i}:\n" for i in range(LIMITS.max_depth + 5)) + "  " * 200 + "x"
+    with pytest.raises(ConfigError, match=f"deeper than {LIMITS.max_depth} levels"):
+        load_yaml(block)
+    with pytest.raises(ConfigError, match=f"deeper than {LIMITS.max_depth} levels"):
+        load_yaml("[" * 200 + "]" * 200)
+    assert load_yaml("a: &x [1]\nb: *x\n") == {"a": [1], "b": [1]}

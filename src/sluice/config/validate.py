@@ -61,6 +61,7 @@ class Components:
     """What :func:`build_components` returns: constructed, not opened."""
 
     source: Any  # a Source, or a StreamSource for a streaming config
+    base_dir: Path = field(default_factory=Path.cwd)  # relative paths of the config start here
     steps: list[tuple[Step, list[str]]] = field(default_factory=list)  # (step, input ids)
     sinks: list[tuple[Sink, list[str]]] = field(default_factory=list)  # (sink, input ids)
     last: str = ""  # id of the last step (or the source): the default input of sinks
@@ -104,9 +105,10 @@ def _stream_file_outputs(cfg: PipelineConfig, stream: bool) -> Iterable[ConfigEr
 
 #: Rules checked by :func:`build_components`; add new cross-setting rules here.
 PIPELINE_RULES: list[PipelineRule] = [_stream_file_outputs]
-#: Checks run on the built components. A schema-propagation pass (columns each step produces,
-#: from the declared source schema, so that a misspelt column is found before data is read)
-#: registers here.
+#: Checks run on the built components (``built.base_dir`` resolves the config's paths). A
+#: schema-propagation pass (columns each step produces, from the declared source schema, so
+#: that a misspelt column is found before data is read) registers here, e.g.
+#: ``PIPELINE_CHECKS.append(lambda cfg, built: column_errors(cfg, built.base_dir))``.
 PIPELINE_CHECKS: list[PipelineCheck] = []
 
 
@@ -176,9 +178,10 @@ def build_components(
         return None
 
     built = Components(
+        base_dir=ctx.base_dir,
         source=source
         if source is not None
-        else attempt("source", cfg.source.id, partial(make_source, cfg, stream=stream))
+        else attempt("source", cfg.source.id, partial(make_source, cfg, stream=stream)),
     )
     previous = cfg.source.id
     for sc in cfg.steps:

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import yaml
 from typer.testing import CliRunner
 
-from sluice.cli import app
+import sluice
+from sluice.cli import ExitCode, app
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -72,7 +73,7 @@ def test_validate_lists_every_problem_and_exits_2(tmp_path: Path) -> None:
     assert "3 problem(s)" in result.output
     assert "step 'types', field 'cast'" in result.output and "money" in result.output
     assert "did you mean 'types'?" in result.output
-    assert "step 'lake'" in result.output and "parket" in result.output
+    assert "sink 'lake'" in result.output and "parket" in result.output
 
 
 def test_validate_ok(tmp_path: Path) -> None:
@@ -96,3 +97,85 @@ def test_schema_prints_json_schema() -> None:
     result = runner.invoke(app, ["schema"])
     assert result.exit_code == 0
     assert json.loads(result.stdout)["title"] == "Sluice pipeline"
+
+
+def test_i8_26_json_prints_the_report_when_the_run_fails_too(tmp_path: Path) -> None:
+    pipeline = _example(tmp_path)
+    raw = yaml.safe_load(pipeline.read_text())
+    next(s for s in raw["steps"] if s["id"] == "paid")["filter"] = "stauts = 'paid'"
+    pipeline.write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["run", str(pipeline), "--json", "--no-progress"])
+    assert result.exit_code == ExitCode.RUN_FAILED == 1
+    report = json.loads(result.stdout)
+    assert report["status"] == "failed" and "stauts" in report["error"]
+    assert report["dead_letters"] == 10 and report["steps"][0]["step_id"] == "source"
+
+
+def test_i8_26_exit_codes_in_help_and_version() -> None:
+    codes = {c.value for c in ExitCode}
+    assert codes == {0, 1, 2, 3, 4, 130}
+    for args in (["--help"], ["run", "--help"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0
+        text = " ".join(result.output.split())
+        assert "Exit codes: 0 ok; 1 the run failed; 2 invalid pipeline" in text, text
+        assert (
+            "3 dead letters" in text and "4 a step's counts" in text and "130 interrupted" in text
+        )
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"sluice {sluice.__version__}"
+
+
+def test_i8_26_summary_shows_aggregated_when_a_step_aggregates(tmp_path: Path) -> None:
+    pipeline = _example(tmp_path)
+    result = runner.invoke(app, ["run", str(pipeline), "--no-progress"])
+    assert "aggregated" not in result.output and "skipped" not in result.output
+    raw = yaml.safe_load(pipeline.read_text())
+    raw["steps"].append(
+        {
+            "id": "per_day",
+            "window": {"size": "1 day", "time": "ts", "lateness": "60 days"},
+            "aggregate": {"n": "count()"},
+        }
+    )
+    raw["sinks"] = [{"id": "days", "kind": "jsonl", "path": "out/days"}]
+    pipeline.write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["run", str(pipeline), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.output.splitlines() if "dead letters" in line)
+    assert "aggregated" in header and "skipped" not in header
+    reports = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "orders").glob("*.json")]
+    steps = [s for r in reports for s in r["steps"] if s["step_id"] == "per_day"]
+    aggregated = steps[0]["aggregated"]
+    row = next(line for line in result.output.splitlines() if "per_day" in line)
+    assert f"{aggregated:,}" in row and aggregated > 0
+
+
+def test_i8_19_a_report_that_could_not_be_written_is_not_claimed(tmp_path: Path) -> None:
+    pipeline = _example(tmp_path)
+    raw = yaml.safe_load(pipeline.read_text())
+    # a folder below a regular file cannot be created (a read-only folder would not stop root)
+    raw["settings"] = {"report_dir": "contract.yaml/runs"}
+    pipeline.write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["run", str(pipeline), "--no-progress"])
+    assert "run report →" not in result.output, result.output
+    assert "run report not written" in result.output
+    ok = runner.invoke(app, ["run", str(_example(tmp_path / "again")), "--no-progress"])
+    assert ok.exit_code == 0 and "run report →" in ok.output
+    written = ok.output.split("run report →")[1].strip()
+    assert Path(written).name.endswith(".json") and Path(written).exists()
+
+
+def test_i8_24_run_time_errors_name_sources_and_sinks_by_role(tmp_path: Path) -> None:
+    from sluice.errors import SinkError, TransientError
+
+    assert str(SinkError("lake", "disk full", fix="free space")) == (
+        "sink 'lake': disk full. Fix: free space"
+    )
+    err = TransientError("pg", "cannot connect")
+    err.role = "sink"  # what a runtime that caught it from a sink may say
+    assert str(err) == "sink 'pg': cannot connect"
+    path = tmp_path / "p.yaml"
+    path.write_text("pipeline: p\nsource: {kind: csv, path: 'nothing/*.csv'}\n")
+    result = runner.invoke(app, ["run", str(path), "--no-progress"])
+    assert result.exit_code == 1 and "source 'source'" in result.output, result.output

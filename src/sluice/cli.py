@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import sys
+from enum import IntEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -13,13 +14,32 @@ from rich.table import Table
 
 from sluice.config.loader import json_schema, load_pipeline
 from sluice.config.models import PipelineConfig
-from sluice.errors import ConfigErrors, SluiceError
+from sluice.errors import ConfigError, ConfigErrors, SluiceError
 from sluice.runtime.executor import Executor
 from sluice.runtime.report import RunReport
+
+
+class ExitCode(IntEnum):
+    """The exit codes of ``sluice`` (listed in ``--help``), in one place."""
+
+    OK = 0
+    RUN_FAILED = 1  # the run failed (a step, source or sink error; a failed quality gate)
+    CONFIG_ERROR = 2  # the pipeline file is invalid (nothing was run)
+    DEAD_LETTERS = 3  # with --fail-on-dead-letters: the run produced dead letters
+    UNBALANCED = 4  # a step's counts do not balance (in != out + dead + filtered + ...)
+    INTERRUPTED = 130  # Ctrl-C (a stream stops gracefully on SIGINT/SIGTERM and exits 0)
+
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 ok; 1 the run failed; 2 invalid pipeline (nothing ran); "
+    "3 dead letters (with --fail-on-dead-letters); 4 a step's counts do not balance; "
+    "130 interrupted."
+)
 
 app = typer.Typer(
     name="sluice",
     help="Columnar data pipelines with dead letters: run, validate, schema, replay.",
+    epilog=EXIT_CODES_HELP,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -31,18 +51,49 @@ err = Console(stderr=True, soft_wrap=True, width=_WIDTH)
 PipelineArg = Annotated[Path, typer.Argument(help="Pipeline YAML file.", show_default=False)]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from sluice import __version__
+
+        out.print(f"sluice {__version__}", highlight=False)
+        raise typer.Exit(ExitCode.OK)
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Columnar data pipelines with dead letters: run, validate, schema, replay."""
+
+
 def _error(label: str, message: object) -> None:
     """Print a labelled error; the message is shown as is (no markup inside it)."""
     err.print(f"[red]{label}:[/red] ", end="")
     err.print(str(message), markup=False, highlight=False)
 
 
+def _config_errors(exc: ConfigError, where: Path) -> None:
+    """Print configuration mistakes, one per line, naming the file."""
+    errors = exc.errors if isinstance(exc, ConfigErrors) else [exc]
+    err.print(f"[red]{len(errors)} problem(s)[/red] in {where}:", highlight=False)
+    for e in errors:
+        err.print(f"  - {e}", markup=False, highlight=False)
+
+
 def summary_table(rep: RunReport) -> Table:
-    """The per-step summary printed after a run."""
+    """The per-step summary printed after a run. The ``aggregated`` and ``skipped`` columns
+    appear when a step has such rows (they are part of every step's balance)."""
     t = Table(
         title=f"pipeline {rep.pipeline} · run {rep.run_id} · {rep.status}", title_justify="left"
     )
-    for col in ("step", "kind", "in", "out", "dead letters", "filtered", "seconds", "balanced"):
+    extra = [c for c in ("aggregated", "skipped") if any(getattr(s, c) for s in rep.steps)]
+    cols = ["step", "kind", "in", "out", "dead letters", "filtered", *extra, "seconds"]
+    for col in (*cols, "balanced"):
         t.add_column(col, justify="left" if col in ("step", "kind") else "right", no_wrap=True)
     for s in rep.steps:
         t.add_row(
@@ -52,10 +103,20 @@ def summary_table(rep: RunReport) -> Table:
             f"{s.rows_out:,}",
             f"[red]{s.dead:,}[/red]" if s.dead else "0",
             f"{s.filtered:,}",
+            *(f"{getattr(s, c):,}" for c in extra),
             f"{s.seconds:.2f}",
             "[green]yes[/green]" if s.balanced else "[red]NO[/red]",
         )
     return t
+
+
+def report_written(rep: RunReport, path: Path) -> bool:
+    """True when ``path`` holds this run's report (checked, not assumed: writing it may have
+    failed, e.g. in a read-only folder)."""
+    try:
+        return bool(jsonlib.loads(path.read_text(encoding="utf-8")).get("run_id") == rep.run_id)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _rel(path: str | Path | None) -> str:
@@ -90,10 +151,13 @@ def print_summary(rep: RunReport, report_path: Path) -> None:
             f"{len(checks)} checks"
             + (f"; failures: {', '.join(failing)}" if failing else ", all passed")
         )
-    out.print(f"run report → {_rel(report_path)}")
+    if report_written(rep, report_path):
+        out.print(f"run report → {_rel(report_path)}")
+    else:
+        err.print(f"[red]run report not written[/red]: {_rel(report_path)}", highlight=False)
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def run(
     pipeline: PipelineArg,
     report: Annotated[Path | None, typer.Option(help="Write the JSON run report here.")] = None,
@@ -103,7 +167,10 @@ def run(
             "--progress/--no-progress", help="Progress bar (default: on a terminal, off in CI)."
         ),
     ] = None,
-    json: Annotated[bool, typer.Option("--json", help="Print the run report as JSON.")] = False,
+    json: Annotated[
+        bool,
+        typer.Option("--json", help="Print the run report as JSON (also when the run fails)."),
+    ] = False,
     fail_on_dead_letters: Annotated[
         bool, typer.Option(help="Exit 3 when the run produced dead letters.")
     ] = False,
@@ -115,16 +182,21 @@ def run(
         ),
     ] = None,
 ) -> None:
-    """Run a pipeline and print a per-step summary. A batch pipeline runs to the end of its
-    input; a stream pipeline (kafka / redis_stream source, or watch: true) runs until SIGINT or
-    SIGTERM (final checkpoint, then exit 0) or --until-idle."""
+    """Run a pipeline and print a per-step summary.
+
+    A batch pipeline runs to the end of its input; a stream pipeline (kafka / redis_stream
+    source, or watch: true) runs until SIGINT or SIGTERM (final checkpoint, then exit 0) or
+    --until-idle."""
     cfg = _load(pipeline)
     try:
         if cfg.streaming:
             from sluice.runtime.stream import StreamExecutor
             from sluice.time.durations import parse_duration
 
-            idle = parse_duration(until_idle) if until_idle is not None else None
+            try:
+                idle = parse_duration(until_idle) if until_idle is not None else None
+            except ValueError as exc:
+                raise ConfigError(str(exc), field="--until-idle") from None
             ex: Executor = StreamExecutor(
                 cfg,
                 base_dir=pipeline.parent,
@@ -134,43 +206,58 @@ def run(
             )
         else:
             ex = Executor(cfg, base_dir=pipeline.parent, progress=progress, report_path=report)
-    except (SluiceError, ValueError) as exc:  # a setting only checked when the step is built
+    except ConfigError as exc:  # found while building the components (as `validate` does)
+        _config_errors(exc, pipeline)
+        raise typer.Exit(ExitCode.CONFIG_ERROR) from None
+    except SluiceError as exc:  # e.g. a missing optional dependency
         _error("error", exc)
-        raise typer.Exit(2) from None
+        raise typer.Exit(ExitCode.CONFIG_ERROR) from None
+    code = ExitCode.OK
     try:
         rep = ex.run()
     except SluiceError as exc:
         _error("error", exc)
-        if not json:
-            print_summary(ex.report, ex.report_path)
-        raise typer.Exit(1) from None
+        rep, code = ex.report, ExitCode.RUN_FAILED
     except Exception as exc:  # a bug or an unexpected library error: still a clean exit
         _error("unexpected error", f"{type(exc).__name__}: {exc} (please report it)")
-        if not json:
-            print_summary(ex.report, ex.report_path)
-        raise typer.Exit(1) from None
+        rep, code = ex.report, ExitCode.RUN_FAILED
     except KeyboardInterrupt:
         err.print("[red]interrupted[/red]: data sinks aborted, dead letters kept")
-        raise typer.Exit(130) from None
+        rep, code = ex.report, ExitCode.INTERRUPTED
     if json:
         out.print_json(data=rep.to_dict())
     else:
         print_summary(rep, ex.report_path)
+    if code != ExitCode.OK:
+        raise typer.Exit(code)
     if not rep.balanced:
-        err.print("[red]error:[/red] a step's counts do not balance (in ≠ out + dead + filtered)")
-        raise typer.Exit(4)
+        err.print(
+            "[red]error:[/red] a step's counts do not balance "
+            "(in ≠ out + dead + filtered + aggregated + skipped)"
+        )
+        raise typer.Exit(ExitCode.UNBALANCED)
     if fail_on_dead_letters and rep.dead_letters:
-        raise typer.Exit(3)
+        raise typer.Exit(ExitCode.DEAD_LETTERS)
 
 
-@app.command()
+@app.command(epilog="Exit codes: 0 valid; 2 invalid (every mistake is listed).")
 def validate(pipeline: PipelineArg) -> None:
-    """Check a pipeline file and report every mistake at once (exit 2 if any)."""
+    """Check a pipeline file and report every mistake at once (exit 2 if any).
+
+    Checks the settings and everything `sluice run` checks before reading data: each source,
+    step and sink is built (not opened) exactly as the run builds it, and contract files the
+    pipeline names are read."""
+    from sluice.config.validate import validate_pipeline
+
     cfg = _load(pipeline)
+    problems = validate_pipeline(cfg, base_dir=pipeline.parent)
+    if problems:
+        _config_errors(ConfigErrors(problems), pipeline)
+        raise typer.Exit(ExitCode.CONFIG_ERROR)
     sinks = ", ".join(f"{s.id} ({s.kind})" for s in cfg.sinks)
     out.print(
         f"[green]ok[/green]: pipeline '{cfg.pipeline}': source {cfg.source.kind}, "
-        f"{len(cfg.steps)} step(s), sinks: {sinks}"
+        f"{len(cfg.steps)} step(s), sinks: {sinks or 'none'}"
     )
 
 
@@ -512,14 +599,12 @@ def contract_import(
 def _load(path: Path) -> PipelineConfig:
     try:
         return load_pipeline(path)
-    except ConfigErrors as exc:
-        err.print(f"[red]{len(exc.errors)} problem(s)[/red] in {path}:")
-        for e in exc.errors:
-            err.print(f"  - {e}", markup=False, highlight=False)
-        raise typer.Exit(2) from None
+    except ConfigError as exc:
+        _config_errors(exc, path)
+        raise typer.Exit(ExitCode.CONFIG_ERROR) from None
     except SluiceError as exc:
         _error("error", exc)
-        raise typer.Exit(2) from None
+        raise typer.Exit(ExitCode.CONFIG_ERROR) from None
 
 
 def main() -> None:

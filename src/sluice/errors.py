@@ -25,8 +25,19 @@ class SluiceError(Exception):
     """Root of every error raised by Sluice."""
 
 
+#: What a configured node is, as messages name it: ``source 'orders'``, ``sink 'lake'``.
+ROLES = ("source", "step", "sink")
+
+
 class ConfigError(SluiceError):
-    """A configuration mistake: names the step, the offending value and the fix."""
+    """A configuration mistake: names the node (its role and id), the field, the offending value
+    and the fix.
+
+    ``role`` is ``"source"``, ``"step"`` or ``"sink"``; left ``None`` by a component that does
+    not know its role, it is filled in by whoever builds the component
+    (:func:`sluice.config.validate.build_components`) and defaults to ``"step"``. The text is
+    rendered when the error is shown, so such late corrections are reflected.
+    """
 
     def __init__(
         self,
@@ -36,39 +47,55 @@ class ConfigError(SluiceError):
         field: str | None = None,
         value: object = None,
         fix: str | None = None,
+        role: str | None = None,
     ) -> None:
         self.step_id = step_id
         self.field = field
         self.value = value
         self.fix = fix
         self.message = message
-        super().__init__(self._render())
+        self.role = role
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return self._render()
 
     def _render(self) -> str:
-        where = f"step '{self.step_id}'" if self.step_id else "pipeline"
+        where = f"{self.role or 'step'} '{self.step_id}'" if self.step_id else "pipeline"
         if self.field:
             where += f", field '{self.field}'"
         text = f"{where}: {self.message}"
         if self.value is not None:
-            text += f" (got {self.value!r})"
+            text += f" (got {_short(self.value)})"
         if self.fix:
             text += f". Fix: {self.fix}"
         return text
 
 
 class ConfigErrors(ConfigError):
-    """Many configuration mistakes, reported together."""
+    """Many configuration mistakes, reported together (nested ``ConfigErrors`` are flattened)."""
 
     def __init__(self, errors: Iterable[ConfigError]) -> None:
-        self.errors = list(errors)
-        lines = [f"{len(self.errors)} problem(s) in the pipeline:"]
-        lines += [f"  - {e}" for e in self.errors]
-        Exception.__init__(self, "\n".join(lines))
+        flat: list[ConfigError] = []
+        for e in errors:
+            flat.extend(e.errors if isinstance(e, ConfigErrors) else [e])
+        self.errors: list[ConfigError] = flat
+        Exception.__init__(self, f"{len(flat)} problem(s) in the pipeline")
         self.step_id = None
         self.field = None
         self.value = None
         self.fix = None
-        self.message = lines[0]
+        self.role = None
+        self.message = f"{len(flat)} problem(s) in the pipeline:"
+
+    def _render(self) -> str:
+        return "\n".join([self.message, *(f"  - {e}" for e in self.errors)])
+
+
+def _short(value: object, limit: int = 200) -> str:
+    """``repr`` of an offending value, cut to ``limit`` characters (a pasted file is no help)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-3:]}"
 
 
 class MissingDependencyError(SluiceError, ImportError):
@@ -82,15 +109,22 @@ class MissingDependencyError(SluiceError, ImportError):
 
 
 class StepError(SluiceError):
-    """A step failed at run time."""
+    """A step failed at run time. The message names the node by its role: ``step 'x'``,
+    ``source 'x'`` (:class:`SourceError`) or ``sink 'x'`` (:class:`SinkError`)."""
+
+    role = "step"  # a runtime that knows better (an error raised by a sink) may set it
 
     def __init__(self, step_id: str, message: str, *, fix: str | None = None) -> None:
         self.step_id = step_id
         self.fix = fix
-        text = f"step '{step_id}': {message}"
-        if fix:
-            text += f". Fix: {fix}"
-        super().__init__(text)
+        self.message = message
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        text = f"{self.role} '{self.step_id}': {self.message}"
+        if self.fix:
+            text += f". Fix: {self.fix}"
+        return text
 
 
 class TransientError(StepError):
@@ -104,9 +138,13 @@ class TerminalError(StepError):
 class SourceError(StepError):
     """A source could not be opened or read."""
 
+    role = "source"
+
 
 class SinkError(StepError):
     """A sink could not be opened, written or committed."""
+
+    role = "sink"
 
 
 def require(package: str, extra: str, feature: str) -> None:

@@ -70,14 +70,14 @@ def test_every_mistake_is_reported_at_once_with_step_value_and_fix() -> None:
     text = [str(e) for e in errs]
     assert len(errs) == 7, text
     assert any(
-        "step 'source', field 'delimter'" in t and "did you mean 'delimiter'" in t for t in text
+        "source 'source', field 'delimter'" in t and "did you mean 'delimiter'" in t for t in text
     )
     assert any(t.startswith("step 'a'") and "exactly one of" in t for t in text)
     assert any("step 'b', field 'cast'" in t and "decimel" in t for t in text)
     assert any("step 'b', field 'id': duplicate id" in t for t in text)
     assert any("field 'from'" in t and "'aa'" in t and "did you mean 'a'" in t for t in text)
-    assert any(t.startswith("step 'o'") and "parqet" in t for t in text)
-    assert any("step 'pg', field 'key'" in t and "upsert" in t for t in text)
+    assert any(t.startswith("sink 'o'") and "parqet" in t for t in text)
+    assert any("sink 'pg', field 'key'" in t and "upsert" in t for t in text)
     assert all(isinstance(e, ConfigError) and e.step_id for e in errs)
 
 
@@ -103,3 +103,54 @@ def test_json_schema_validates_the_example_and_rejects_mistakes() -> None:
 def test_published_schema_file_is_up_to_date() -> None:
     published = json.loads((ROOT / "docs/pipeline.schema.json").read_text())
     assert published == json_schema(), "run: make schema"
+
+
+def test_i8_24_an_expression_cut_by_a_yaml_flow_mapping_says_to_quote_it(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "pipeline: p\n"
+        "source: {kind: csv, path: x.csv}\n"
+        "steps:\n"
+        "  - id: w\n"
+        "    window: {size: 1m, time: ts}\n"
+        "    aggregate: {p95: percentile(temperature, 0.95), n: count()}\n"
+        "  - {id: d, derive: {x: 'round(a, 2)', y: coalesce(a, b, c)}}\n"
+    )
+    with pytest.raises(ConfigErrors) as info:
+        load_pipeline(path, env={})
+    text = [str(e) for e in info.value.errors]
+    assert len(text) == 2, text
+    assert text[0] == (
+        "step 'w', field 'aggregate.p95': YAML cut this expression at a comma (inside {...} "
+        "or [...] a comma separates entries) (got 'percentile(temperature, 0.95)'). "
+        'Fix: quote it: p95: "percentile(temperature, 0.95)"'
+    )
+    assert "'aggregate.0.95)'" not in str(info.value)  # the old, baffling field name
+    assert text[1].startswith("step 'd', field 'derive.y'") and "coalesce(a, b, c)" in text[1]
+    # quoted, the same file is fine apart from the (unknown) aggregate function
+    path.write_text(path.read_text().replace("percentile(temperature, 0.95)", "count()"))
+    path.write_text(path.read_text().replace("coalesce(a, b, c)", "'coalesce(a, b, c)'"))
+    assert load_pipeline(path, env={}).steps[1].derive["y"] == "coalesce(a, b, c)"
+
+
+def test_i8_24_a_misspelt_step_key_gets_did_you_mean_and_sinks_are_called_sinks() -> None:
+    raw = {
+        "pipeline": "p",
+        "source": {"kind": "csv", "path": "x.csv", "delimter": ";"},
+        "steps": [
+            {"id": "a", "filtr": "x > 1"},
+            {"id": "b", "filter": "x > 1", "derive": {"y": "1"}},
+        ],
+        "sinks": [{"id": "o", "kind": "parquet", "path": "out", "rows_per_file": 0}],
+    }
+    with pytest.raises(ConfigErrors) as info:
+        parse_pipeline(raw, env={})
+    text = [str(e) for e in info.value.errors]
+    assert any(
+        t.startswith("step 'a':") and "Fix: did you mean 'filter' (instead of 'filtr')?" in t
+        for t in text
+    ), text
+    assert any(t.startswith("step 'b':") and "split filter and derive" in t for t in text)
+    assert any(t.startswith("source 'source', field 'delimter'") for t in text)
+    assert any(t.startswith("sink 'o', field 'rows_per_file'") for t in text)
+    assert [e.role for e in info.value.errors] == ["source", "step", "step", "sink"]

@@ -145,7 +145,7 @@ def test_sluice_check_prints_a_report_and_json(tmp_path: Path) -> None:
     assert data["contract"] == "customers" and data["rows"] == 5
     assert {c["check"]: c["failed"] for c in data["checks"]}["age.max"] == 1
     bad = runner.invoke(app, ["check", str(tmp_path / "in.csv"), "-c", str(tmp_path / "nope.yaml")])
-    assert bad.exit_code == 2 and "cannot read contract" in bad.output
+    assert bad.exit_code == 2 and "cannot read contract" in bad.output  # found before reading
 
 
 def test_inline_contract_and_odcs_file_is_refused_with_the_fix(tmp_path: Path) -> None:

@@ -241,7 +241,7 @@ def test_a_source_that_cannot_open_reports_its_own_error(tmp_path: Path) -> None
             "settings": {"report_dir": str(tmp_path / "runs")},
         }
     )
-    with pytest.raises(sluice.SourceError, match=r"step 'source'.*missing/\*\.csv"):
+    with pytest.raises(sluice.SourceError, match=r"source 'source'.*missing/\*\.csv"):
         Executor(cfg, base_dir=tmp_path, progress=False).run()
     report = json.loads(next((tmp_path / "runs").glob("*.json")).read_text())
     assert report["status"] == "failed" and "missing" in report["error"]

@@ -8,14 +8,40 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from sluice.quality.contract import Contract
+from sluice.time.durations import DurationRange
 from sluice.types import parse_type
 
 
 class Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    """Base of every config model: frozen, unknown keys refused, no NaN or infinite numbers.
+
+    Every number has a checked range (``ge``/``le`` or a :class:`DurationRange`); a test walks
+    the JSON Schema to keep it so."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", populate_by_name=True, allow_inf_nan=False
+    )
+
+
+#: Durations: a config value such as '1m', '10s', '1 hour', '1h30m' or a number of seconds,
+#: held as seconds (float) and range-checked when the config is parsed.
+#: Windows and lateness: up to 100 years, so that event time + window length stays a timestamp.
+LONGEST_WINDOW = 36525 * 86400.0
+WindowLength = Annotated[float, DurationRange(gt=0, le=LONGEST_WINDOW)]
+WindowDelay = Annotated[float, DurationRange(ge=0, le=LONGEST_WINDOW)]
+#: Intervals of the runtime (poll, linger, checkpoint, retry): up to a day.
+Interval = Annotated[float, DurationRange(gt=0, le=86400.0)]
 
 
 def _check_types(v: dict[str, str] | None) -> dict[str, str] | None:
@@ -44,8 +70,8 @@ class FileSourceBase(Model):
         description="Stream mode: keep watching the folder; each new file matching the glob is "
         "read exactly once as it lands (write it elsewhere and rename it in).",
     )
-    poll_interval: str | float = Field(
-        "1s", description="With watch: how often the folder is listed for new files."
+    poll_interval: Interval = Field(
+        1.0, description="With watch: how often the folder is listed for new files (a duration)."
     )
 
     on_unreadable: Literal["dead_letter", "fail"] = Field(
@@ -74,12 +100,14 @@ class TextSourceBase(FileSourceBase):
     max_file_bytes: int | None = Field(
         None,
         ge=1,
+        le=1 << 50,
         description="Refuse (too_large dead letter) a file whose (decompressed) content is "
         "larger; none by default.",
     )
     max_compression_ratio: float | None = Field(
         1000.0,
         ge=1,
+        le=1e9,
         description="A compressed file may expand to at most this many times its size (past the "
         "first 64 MiB): a decompression bomb becomes a too_large dead letter.",
     )
@@ -166,7 +194,7 @@ class RedisStreamSource(StreamSourceBase):
     group: str = Field("sluice", description="Consumer group (created at the stream's start).")
     consumer: str = Field("sluice-1", description="Consumer name inside the group.")
     field: str = Field("data", description="Message field that holds the payload.")
-    count: int = Field(10_000, ge=1, description="Messages fetched per read call.")
+    count: int = Field(10_000, ge=1, le=1_000_000, description="Messages fetched per read call.")
 
 
 class KafkaSource(StreamSourceBase):
@@ -260,32 +288,32 @@ class ContractStep(StepBase):
 
 class WindowSpec(Model):
     kind: Literal["tumbling", "sliding", "session"] = "tumbling"
-    size: str | float | None = Field(
+    size: WindowLength | None = Field(
         None,
         description="Window length: '1m', '10s', '1 hour' (or seconds); not for sessions.",
     )
-    gap: str | float | None = Field(
+    gap: WindowLength | None = Field(
         None,
         description="Session windows: a key's session ends after this long without events.",
     )
-    idle_timeout: str | float | None = Field(
+    idle_timeout: WindowLength | None = Field(
         None,
         description="A partition that sent nothing for this long (wall clock) is left out of "
         "the watermark, so one quiet partition does not stall windows.",
     )
-    early: str | float | None = Field(
+    early: WindowDelay | None = Field(
         None,
         description="Also emit partial results of open windows this often (processing time), "
         "marked is_final = false; the final row follows when the window closes.",
     )
-    slide: str | float | None = Field(
+    slide: WindowLength | None = Field(
         None, description="Sliding windows: start a window every this long (divides size)."
     )
     time: str = Field(description="Event-time column: timestamp, ISO text, or epoch numbers.")
     time_unit: Literal["s", "ms", "us"] = Field("ms", description="Unit of numeric epoch times.")
     key: str | list[str] | None = Field(None, description="Aggregate per key column(s).")
-    lateness: str | float = Field(
-        0,
+    lateness: WindowDelay = Field(
+        0.0,
         description="Allowed lateness: a window closes when the watermark (newest event "
         "time minus this) passes its end; later records become dead letters with reason late.",
     )
@@ -388,12 +416,33 @@ class ParquetSink(FileSinkBase):
     compression: Literal["zstd", "snappy", "gzip", "lz4", "none"] = "zstd"
     compression_level: int | None = Field(
         None,
-        description="Codec level; default for zstd is 1 (measured: same size as pyarrow's "
-        "default level on typical data, about 35% faster to write).",
+        ge=-131072,
+        le=22,
+        description="Codec level (zstd: -131072..22, gzip: 1..9, lz4: 1..12; snappy and none "
+        "have none); default for zstd is 1 (measured: same size as pyarrow's default level on "
+        "typical data, about 35% faster to write).",
     )
     rows_per_file: int = Field(
-        5_000_000, ge=1, description="Start a new part file after this many rows."
+        5_000_000, ge=1, le=1_000_000_000, description="Start a new part file after this many rows."
     )
+
+    @model_validator(mode="after")
+    def _level_fits_codec(self) -> ParquetSink:
+        if self.compression_level is None:
+            return self
+        low, high = _CODEC_LEVELS.get(self.compression, (None, None))
+        if low is None or high is None:
+            raise ValueError(f"compression {self.compression!r} takes no compression_level")
+        if not low <= self.compression_level <= high:
+            raise ValueError(
+                f"compression_level for {self.compression} must be between {low} and {high}, "
+                f"got {self.compression_level}"
+            )
+        return self
+
+
+#: Levels each Parquet codec accepts (pyarrow.Codec minimum/maximum_compression_level).
+_CODEC_LEVELS: dict[str, tuple[int, int]] = {"zstd": (-131072, 22), "gzip": (1, 9), "lz4": (1, 12)}
 
 
 class CsvSink(FileSinkBase):
@@ -437,7 +486,9 @@ class RedisStreamSink(SinkBase):
     url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL.")
     stream: str = Field(description="Stream key to add to.")
     field: str = Field("data", description="Message field that holds the JSON row.")
-    maxlen: int | None = Field(None, ge=1, description="Approximate cap on the stream length.")
+    maxlen: int | None = Field(
+        None, ge=1, le=10**12, description="Approximate cap on the stream length."
+    )
 
 
 class KafkaSink(SinkBase):
@@ -475,24 +526,29 @@ class DeadLetterConfig(Model):
 
 class Settings(Model):
     batch_rows: int = Field(
-        131_072, ge=1, description="Small source batches are merged up to this many rows."
+        131_072,
+        ge=1,
+        le=100_000_000,
+        description="Small source batches are merged up to this many rows.",
     )
     queue_size: int = Field(
-        4, ge=1, description="Batches buffered between reader, steps and sinks."
+        4, ge=1, le=1000, description="Batches buffered between reader, steps and sinks."
     )
     report_dir: str = Field(
         "runs/{pipeline}", description="Where each run's JSON report goes ({run_id}.json)."
     )
     retry_attempts: int = Field(
-        5, ge=1, description="Tries for a sink write that fails transiently."
+        5, ge=1, le=100, description="Tries for a sink write that fails transiently."
     )
-    retry_backoff: float = Field(
-        0.2, ge=0, description="First retry delay in seconds; doubles each try, with full jitter."
+    retry_backoff: Annotated[float, DurationRange(ge=0, le=3600.0)] = Field(
+        0.2,
+        description="First retry delay (seconds, or a duration such as 200ms); doubles each "
+        "try, with full jitter.",
     )
-    linger: str | float = Field(
-        "50ms",
+    linger: Annotated[float, DurationRange(gt=0, le=3600.0)] = Field(
+        0.05,
         description="Stream mode: a micro-batch is cut when it has batch_rows rows or its first "
-        "record waited this long.",
+        "record waited this long (a duration; default 50ms).",
     )
 
 
@@ -503,8 +559,10 @@ class CheckpointConfig(Model):
     path: str = Field(
         "state/{pipeline}.db", description="SQLite file holding the checkpoints (created)."
     )
-    every: str | float = Field("1s", description="Checkpoint interval.")
-    keep: int = Field(3, ge=2, description="Checkpoints kept (older ones are the fallback).")
+    every: Interval = Field(1.0, description="Checkpoint interval (a duration; default 1s).")
+    keep: int = Field(
+        3, ge=2, le=1000, description="Checkpoints kept (older ones are the fallback)."
+    )
     backend: Literal["memory", "rocksdb"] = Field(
         "memory",
         description="State store: 'memory' keeps operator state in memory, snapshotted into "

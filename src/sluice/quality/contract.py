@@ -39,7 +39,6 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -375,34 +374,10 @@ class Contract(_Model):
 def load_contract(path: str | Path, *, step_id: str | None = None) -> Contract:
     """Read and validate a contract file; every mistake becomes a ConfigError that names the
     file, the key and the fix."""
+    from sluice.config.yamlsafe import load_yaml  # one loader, with limits on aliases/depth
+
     p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read contract {str(p)!r}: {exc.strerror}",
-            step_id=step_id,
-            field="contract",
-            fix="check the path (relative to the pipeline file)",
-        ) from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"contract {p} is not UTF-8 text (byte {exc.start})",
-            step_id=step_id,
-            field="contract",
-            fix="save the contract as UTF-8 YAML",
-        ) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(
-            f"contract {p} is not valid YAML: {problem}{at}",
-            step_id=step_id,
-            field="contract",
-            fix=f"correct the YAML syntax{at} (quote values that hold ': ' or start with "
-            "'{', '[', '*', '&' or '#')",
-        ) from None
+    raw = load_yaml(p, what="contract", step_id=step_id, field="contract")
     if isinstance(raw, dict) and raw.get("kind") == "DataContract" and "apiVersion" in raw:
         raise ConfigError(
             f"{p} is an Open Data Contract Standard file",

@@ -82,9 +82,9 @@ class ImportResult:
     notes: list[str] = field(default_factory=list)
 
 
-class _DateAsStringLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
-    """A safe loader (libyaml's when installed) that keeps ``2022-10-03`` as the string it is
-    (the ODCS schema says so)."""
+class _DateAsStringLoader(yaml.SafeLoader):
+    """A safe loader that keeps ``2022-10-03`` as the string it is (the ODCS schema says so);
+    :func:`~sluice.config.yamlsafe.load_yaml` runs it on libyaml's parser when installed."""
 
 
 _DateAsStringLoader.yaml_implicit_resolvers = {
@@ -1059,18 +1059,19 @@ def _load(source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
     else:
         p = Path(source)
         where = str(p)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as exc:
+        from sluice.config.yamlsafe import load_yaml  # one loader, with limits on aliases/depth
+
+        raw = load_yaml(p, what="ODCS contract", loader=_DateAsStringLoader, field="contract")
+        if not isinstance(raw, dict):
             raise ConfigError(
-                f"cannot read ODCS contract {where!r}: {exc.strerror}",
+                f"{where} is not an ODCS document (expected a mapping at the top)",
                 field="contract",
-                fix="check the path",
-            ) from exc
-    try:
-        raw = yaml.load(text, Loader=_DateAsStringLoader)  # a safe loader
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where} is not valid YAML: {exc}", field="contract") from exc
+                fix="pass an Open Data Contract Standard v3 file",
+            )
+        return raw, where
+    from sluice.config.yamlsafe import load_yaml
+
+    raw = load_yaml(text, what="ODCS contract", where=where, loader=_DateAsStringLoader)
     if not isinstance(raw, dict):
         raise ConfigError(
             f"{where} is not an ODCS document (expected a mapping at the top)",

@@ -43,7 +43,8 @@ from sluice.batch import (
     mask_pii,
     rows_dead_letters,
 )
-from sluice.config.models import STEP_KEYS, JsonlSink, ParquetSink, PipelineConfig
+from sluice.config.models import JsonlSink, ParquetSink, PipelineConfig
+from sluice.config.validate import build_components, step_kind
 from sluice.errors import SinkError, SluiceError, TerminalError, TransientError
 from sluice.plugins import Chunk, RunContext, Sink, Source, Step, StepResult, lookup
 from sluice.runtime.progress import RunProgress, progress_wanted
@@ -109,6 +110,9 @@ class _Worker(threading.Thread):
 class Executor:
     """Run a :class:`PipelineConfig` in this process. Build once, call :meth:`run` once."""
 
+    #: components are built for stream mode (:class:`~sluice.runtime.stream.StreamExecutor`)
+    streaming = False
+
     def __init__(
         self,
         config: PipelineConfig,
@@ -138,19 +142,18 @@ class Executor:
         self._dl_count = 0
 
         s = config.settings
-        self.source: Source = source or lookup("source", config.source.kind)(config.source)
-        self.steps: list[tuple[Step, list[str]]] = []
-        previous = config.source.id
-        for sc in config.steps:
-            kind = next(k for k in STEP_KEYS if k in type(sc).model_fields)
-            self.steps.append((lookup("step", kind)(sc), sc.inputs(previous)))
-            previous = sc.id
-        self.last = previous
-        given = dict(sinks or {})
-        self.sinks: list[tuple[Sink, list[str]]] = [
-            (given.get(sk.id) or lookup("sink", sk.kind)(sk), sk.inputs(previous))
-            for sk in config.sinks
-        ]
+        # the one place components are built: `sluice validate` builds them the same way
+        built = build_components(
+            config,
+            base_dir=self.ctx.base_dir,
+            stream=self.streaming,
+            source=source,
+            sinks=sinks,
+        )
+        self.source: Source = built.source
+        self.steps: list[tuple[Step, list[str]]] = built.steps
+        self.last = built.last
+        self.sinks: list[tuple[Sink, list[str]]] = built.sinks
         dl_dir = config.dead_letter.path.format(**fmt)
         dl_path = f"{dl_dir}/{self.run_id}.{config.dead_letter.kind}"
         dl_cfg = dead_letter_sink(config, dl_path)
@@ -161,8 +164,7 @@ class Executor:
             config.source.id: StepStats(config.source.id, config.source.kind)
         }
         for step, _ in self.steps:
-            kind = next(k for k in STEP_KEYS if k in type(config.step(step.step_id)).model_fields)
-            self.stats[step.step_id] = StepStats(step.step_id, kind)
+            self.stats[step.step_id] = StepStats(step.step_id, step_kind(config.step(step.step_id)))
         for sink, _ in self.sinks:
             kind = next(sk.kind for sk in config.sinks if sk.id == sink.step_id)
             self.stats[sink.step_id] = StepStats(sink.step_id, f"{kind} sink")

@@ -62,7 +62,7 @@ from sluice.config.models import (
     PipelineConfig,
 )
 from sluice.errors import ConfigError, StepError, TerminalError
-from sluice.plugins import EpochPublisher, RunContext, Sink, Step, StepResult, StreamSource, lookup
+from sluice.plugins import EpochPublisher, RunContext, Sink, Step, StepResult, StreamSource
 from sluice.quality.engine import ContractFailure
 from sluice.runtime.epochs import EpochSink, FileEpochSink, PlainEpochSink, StagedEpochSink
 from sluice.runtime.executor import Executor, _describe, dead_letter_sink
@@ -70,7 +70,6 @@ from sluice.runtime.faults import crash_point
 from sluice.runtime.report import RunReport
 from sluice.runtime.retry import retry
 from sluice.state.checkpoints import Checkpoint, CheckpointStore, CorruptCheckpoint
-from sluice.time.durations import parse_duration
 
 _END: Any = object()
 
@@ -157,30 +156,14 @@ _DATA_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
-def _make_source(config: PipelineConfig) -> StreamSource:
-    src = config.source
-    if getattr(src, "watch", False):
-        from sluice.connectors.files.watch import FolderWatcher
-
-        watcher: StreamSource = FolderWatcher(src)
-        return watcher
-    made = lookup("source", src.kind)(src)
-    if not isinstance(made, StreamSource):
-        raise ConfigError(
-            f"source kind {src.kind!r} is not a stream source",
-            step_id=src.id,
-            field="kind",
-            fix="use kind redis_stream or kafka, or watch: true on a file source",
-        )
-    return made
-
-
 def _slice(frame: Frame, offset: int, length: int) -> Frame:
     return frame.slice(offset, length)
 
 
 class StreamExecutor(Executor):
     """Run a streaming :class:`PipelineConfig` until stopped (or idle, with ``until_idle``)."""
+
+    streaming = True
 
     def __init__(
         self,
@@ -195,22 +178,20 @@ class StreamExecutor(Executor):
         until_idle: float | None = None,
         handle_signals: bool = True,
     ) -> None:
-        stream_source = source or _make_source(config)
+        # a streaming config builds a stream source (build_components, via Executor)
         super().__init__(
             config,
             base_dir=base_dir,
             run_id=run_id,
             progress=progress,
             report_path=report_path,
-            source=stream_source,  # type: ignore[arg-type]
+            source=source,  # type: ignore[arg-type]
             sinks=sinks,
         )
+        stream_source: StreamSource = self.source  # type: ignore[assignment]
         fmt = {"pipeline": config.pipeline, "run_id": self.run_id}
-        try:
-            self.linger = parse_duration(config.settings.linger)
-            self.every = parse_duration(config.checkpoint.every)
-        except ValueError as exc:
-            raise ConfigError(str(exc), step_id=config.pipeline, field="checkpoint.every") from None
+        self.linger = config.settings.linger  # durations are seconds, checked by the config
+        self.every = config.checkpoint.every
         self.until_idle = until_idle
         self.handle_signals = handle_signals
         self.stream_source: StreamSource = stream_source
@@ -345,9 +326,7 @@ class StreamExecutor(Executor):
         n = frame_rows(table)
         if n < 64:
             return False
-        return all(
-            self._try_step(step, _slice(table, i, 1)) is None for i in (0, n // 2, n - 1)
-        )
+        return all(self._try_step(step, _slice(table, i, 1)) is None for i in (0, n // 2, n - 1))
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -485,9 +464,7 @@ class StreamExecutor(Executor):
                     fix="restore the file from a copy, or move it away to start over (file "
                     "outputs of the old history are then replaced)",
                 ) from exc
-            sink_ctx = RunContext(
-                self.cfg.pipeline, f"stream-{store.stream_id}", self.ctx.base_dir
-            )
+            sink_ctx = RunContext(self.cfg.pipeline, f"stream-{store.stream_id}", self.ctx.base_dir)
             for es in self.epoch_sinks:
                 if isinstance(es, StagedEpochSink):
                     es.ctx = sink_ctx

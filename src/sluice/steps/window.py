@@ -40,6 +40,7 @@ current partial result of every open window that changed, marked ``is_final = fa
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 import time
@@ -57,11 +58,11 @@ from sluice.config.models import WindowStep
 from sluice.errors import ConfigError, StepError
 from sluice.plugins import StepResult
 from sluice.steps._base import BaseStep, check_columns, to_polars
-from sluice.time.durations import parse_duration
+from sluice.time.durations import format_duration, parse_duration
 
-_AGG = re.compile(
-    r"^\s*(count|sum|min|max|mean|first|last|count_distinct)\s*\(\s*([^)]*?)\s*\)\s*$"
-)
+#: The aggregate functions of ``aggregate: {name: fn(column)}``.
+AGGREGATES = ("count", "sum", "min", "max", "mean", "first", "last", "count_distinct")
+_AGG = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*\((.*)\)\s*$", re.S)
 _T = "__t_us"  # event time, microseconds since the epoch (UTC)
 _P = "__part"  # partition id (interned __sluice_source, -1 when absent)
 _I = "__i"  # arrival order
@@ -213,16 +214,32 @@ class Window(BaseStep):
         return round(seconds * 1_000_000)
 
     def _parse(self, name: str, text: str) -> _Agg:
-        m = _AGG.match(text)
-        if not m or (m.group(1) != "count" and not m.group(2)):
+        """``fn(column)`` (``count()`` too) -> _Agg, or a ConfigError saying what is wrong."""
+        usage = (
+            "use count(), sum(col), min(col), max(col), mean(col), first(col), last(col) or "
+            "count_distinct(col)"
+        )
+
+        def fail(message: str, fix: str = usage) -> NoReturn:
             raise ConfigError(
-                f"cannot read aggregate {text!r}",
-                step_id=self.config.id,
-                field=f"aggregate.{name}",
-                fix="use count(), sum(col), min(col), max(col), mean(col), first(col), "
-                "last(col) or count_distinct(col)",
+                message, step_id=self.config.id, field=f"aggregate.{name}", value=text, fix=fix
             )
-        return _Agg(name, m.group(1), m.group(2) or None)
+
+        m = _AGG.match(text)
+        if not m:
+            fail("cannot read this aggregate: write function(column)")
+        fn, arg = m.group(1), m.group(2).strip()
+        if fn not in AGGREGATES:
+            close = difflib.get_close_matches(fn.lower(), AGGREGATES, n=1)
+            hint = f"did you mean {close[0]}()? Or " if close else ""
+            fail(f"unknown aggregate function {fn!r}", hint + usage)
+        if "," in arg or "(" in arg or ")" in arg:
+            fail(f"{fn}() takes one column name", f"e.g. {fn}(amount); derive a column first")
+        if arg[:1] in ("'", "$"):
+            fail(f"{fn}() takes a column name, not a literal", f"e.g. {fn}(amount)")
+        if fn != "count" and not arg:
+            fail(f"{fn}() needs a column", f"e.g. {fn}(amount)")
+        return _Agg(name, fn, arg or None)
 
     # ------------------------------------------------------------------------ public state
 
@@ -635,7 +652,8 @@ class Window(BaseStep):
                         step_id=self.step_id,
                         reason="late",
                         message=f"event time is behind the watermark (allowed lateness "
-                        f"{self.config.window.lateness}): its window already closed",
+                        f"{format_duration(self.config.window.lateness)}): its window already "
+                        "closed",
                     ),
                 ]
             )

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 import redis
 
 from sluice.batch import with_positions
@@ -49,3 +50,121 @@ def test_epochs_are_added_once(tmp_path: Path, redis_url: str, redis_prefix: str
     assert other.published_epoch() is None
     other.close()
     assert _ids(redis_url, key) == list(range(10))
+
+
+# ------------------------------------------------------------------------------ issue 8 items
+
+
+def _produce(url: str, stream: str, rows: list[dict[str, object]]) -> None:
+    client = redis.Redis.from_url(url)
+    try:
+        pipe = client.pipeline(transaction=False)
+        for r in rows:
+            pipe.xadd(stream, {"data": json.dumps(r)})
+        pipe.execute()
+    finally:
+        client.close()
+
+
+def _pipeline_file(tmp: Path, stream: str, url: str, **extra: object) -> Path:
+    path = tmp / "p.yaml"
+    cfg: dict[str, object] = {
+        "pipeline": "redis_i8",
+        "source": {"kind": "redis_stream", "url": url, "stream": stream, "schema": {"id": "int64"}},
+        "sinks": [{"id": "out", "kind": "parquet", "path": "out/"}],
+        "checkpoint": {"path": "state/cp.db", "every": "50ms"},
+        **extra,
+    }
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _out_ids(tmp: Path) -> list[int]:
+    import polars as pl
+
+    if not list((tmp / "out").glob("part-*.parquet")):
+        return []
+    return sorted(pl.read_parquet(tmp / "out" / "*.parquet")["id"].to_list())
+
+
+def test_i8_18_deleting_the_stream_while_running_is_a_clear_error(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    """Deleting the stream key under a running pipeline stops it with an error that names the
+    stream, the group and the fix (not "unexpected error ... please report it"); the restart
+    recreates the group and reads what was added since, nothing twice."""
+    import subprocess
+    import sys
+    import time
+
+    stream = f"{redis_prefix}:s"
+    pipeline = _pipeline_file(tmp_path, stream, redis_url)
+    _produce(redis_url, stream, [{"id": i} for i in range(200)])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sluice.cli", "run", str(pipeline), "--no-progress"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while _out_ids(tmp_path) != list(range(200)) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        assert _out_ids(tmp_path) == list(range(200))
+        client = redis.Redis.from_url(redis_url)
+        try:
+            assert client.delete(stream) == 1
+        finally:
+            client.close()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = err.decode()
+    assert proc.returncode == 1, text
+    assert "please report" not in text and "Traceback" not in text, text
+    assert stream in text and "'sluice'" in text and "deleted" in text, text
+    assert "Fix:" in text or "fix" in text.lower(), text
+    # the restart recreates the stream's group and reads what was added since the deletion
+    _produce(redis_url, stream, [{"id": i} for i in range(200, 300)])
+    done = subprocess.run(
+        [sys.executable, "-m", "sluice.cli", "run", str(pipeline), "--no-progress"]
+        + ["--until-idle", "2s"],
+        cwd=tmp_path,
+        capture_output=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert _out_ids(tmp_path) == list(range(300))
+
+
+def test_i8_18_destroyed_group_is_a_source_error_naming_stream_and_group(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    from sluice.config.models import RedisStreamSource
+    from sluice.connectors.redis_streams import RedisStreamReader
+    from sluice.errors import SourceError
+
+    key = f"{redis_prefix}:s"
+    _produce(redis_url, key, [{"id": 1}])
+    reader = RedisStreamReader(
+        RedisStreamSource(kind="redis_stream", url=redis_url, stream=key, group="g1")
+    )
+    reader.open(RunContext("p", "r", tmp_path), None)
+    try:
+        chunk = reader.poll(1.0)
+        assert chunk is not None and chunk.table is not None and chunk.table.num_rows == 1
+        client = redis.Redis.from_url(redis_url)
+        try:
+            client.xgroup_destroy(key, "g1")
+        finally:
+            client.close()
+        with pytest.raises(SourceError) as err:
+            reader.poll(0.2)
+    finally:
+        reader.close()
+    text = str(err.value)
+    assert repr(key) in text and "'g1'" in text and "no longer exists" in text
+    assert "Fix: restart the pipeline" in text

@@ -118,6 +118,13 @@ class StreamSourceBase(Model):
         description="Explicit column types {name: type}; other fields are inferred per batch. "
         "Declare every column for a stable schema across batches.",
     )
+    max_record_bytes: int = Field(
+        16 << 20,
+        ge=1,
+        le=(1 << 31) - 1,
+        description="A message whose payload is longer than this many bytes is a 'too_large' "
+        "dead letter (holding its first 4 KiB); the stream goes on with the next message.",
+    )
 
     _types = field_validator("columns")(classmethod(lambda cls, v: _check_types(v)))
 

@@ -168,3 +168,88 @@ def test_i8_18_destroyed_group_is_a_source_error_naming_stream_and_group(
     text = str(err.value)
     assert repr(key) in text and "'g1'" in text and "no longer exists" in text
     assert "Fix: restart the pipeline" in text
+
+
+def _letters(tmp: Path) -> list[dict[str, object]]:
+    out: list[dict[str, object]] = []
+    for f in sorted((tmp / "dead").glob("part-*.jsonl")):
+        out += [json.loads(line) for line in f.read_text().splitlines()]
+    return out
+
+
+def test_i8_25_redis_letters_name_the_exact_message_id(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    """Hostile messages (not UTF-8, not JSON, JSON null, empty, 20 MB, no payload field) and a
+    value a later `cast` step refuses each become a dead letter whose source/position turn
+    back into the message's id; good messages go on. A second stream with explicit ids beyond
+    the packed range (seq >= 10**6) is traced exactly too."""
+    from sluice.config.loader import parse_pipeline
+    from sluice.connectors.redis_streams import message_id
+    from sluice.runtime.stream import StreamExecutor
+
+    key, odd = f"{redis_prefix}:s", f"{redis_prefix}:odd"
+    client = redis.Redis.from_url(redis_url)
+    try:
+        add = lambda data, k=key, **kw: client.xadd(k, {"data": data}, **kw).decode()  # noqa: E731
+        expect: dict[str, str] = {}  # message id -> reason
+        add(json.dumps({"id": 1, "n": "1"}))
+        expect[add(b"\xff\xfe{")] = "encoding"
+        expect[add(b"{not json")] = "parse_error"
+        expect[add(b"null")] = "parse_error"
+        expect[add(b"")] = "parse_error"
+        expect[add(b'{"id": 2, "pad": "' + b"x" * (20 << 20) + b'"}')] = "too_large"
+        expect[client.xadd(key, {"other": "1"}).decode()] = "parse_error"  # no 'data' field
+        expect[add(json.dumps({"id": 3, "n": "x"}))] = "cast_error"  # refused by the cast step
+        add(json.dumps({"id": 4, "n": "4"}))
+        add(json.dumps({"id": 5, "n": "5"}), k=odd, id="7-1")
+        expect[add(json.dumps({"id": 6, "n": "y"}), k=odd, id="7-5000000")] = "cast_error"
+        expect[add(b"[1]", k=odd, id="99999999999999-1")] = "parse_error"
+    finally:
+        client.close()
+    cfg = parse_pipeline(
+        {
+            "pipeline": "redis_i8_25",
+            "source": {"kind": "redis_stream", "url": redis_url, "stream": [key, odd]},
+            "steps": [{"id": "typed", "cast": {"n": "int64"}}],
+            "sinks": [{"id": "out", "kind": "jsonl", "path": "out/"}],
+            "checkpoint": {"path": "state/cp.db", "every": "50ms"},
+            "dead_letter": {"path": "dead"},
+        }
+    )
+    rep = StreamExecutor(cfg, base_dir=tmp_path, until_idle=1.0, handle_signals=False).run()
+    assert rep.status == "succeeded" and rep.balanced
+    got = {}
+    for d in _letters(tmp_path):
+        source, position = str(d["source"]), int(str(d["position"]))
+        stream = key if source.startswith(f"redis:{key}") else odd
+        assert source.startswith(f"redis:{stream}")
+        got[message_id(source, position)] = d["reason"]
+        if d["reason"] == "cast_error":
+            assert d["step_id"] == "typed"
+    assert got == expect
+    rows = [
+        json.loads(line)
+        for f in (tmp_path / "out").glob("*.jsonl")
+        for line in f.read_text().splitlines()
+    ]
+    assert sorted(r["id"] for r in rows) == [1, 4, 5]
+
+
+def test_i8_25_message_position_round_trips() -> None:
+    from sluice.connectors.redis_streams import message_id, message_position
+
+    for raw in (
+        "1700000000000-0",
+        "1700000000000-999999",
+        "0-0",
+        "0-1000000",
+        "7-5000000",
+        "9223372036853-1",
+        "18446744073709551615-18446744073709551615",
+        "5-9223372036854775808",
+    ):
+        source, position = message_position("redis:k@1", raw)
+        assert 0 <= position < 2**63
+        assert message_id(source, position) == raw
+    assert message_position("redis:k", "1700000000000-5") == ("redis:k", 1700000000000000005)

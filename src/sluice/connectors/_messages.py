@@ -124,10 +124,10 @@ class MessageDecoder:
         good_idx: list[int] = []
         for i, payload in enumerate(payloads):
             obj, problem = _parse(payload)
-            if problem is None:
+            if obj is not None:
                 good.append(obj)
                 good_idx.append(i)
-            else:
+            elif problem is not None:
                 letters.add(*problem, _text(payload), _part(partition, i), offsets[i])
         if not good:
             return None, letters.table()

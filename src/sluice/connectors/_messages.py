@@ -270,14 +270,16 @@ class _Letters:
 
 
 class Spool:
-    """A batch run's rows for a message sink, kept until ``commit`` in a temporary Arrow IPC
-    file (memory stays bounded), so an aborted run sends nothing. Tables must share a schema
-    (align them with :class:`~sluice.connectors.files.writers.SchemaAligner` first)."""
+    """A batch run's rows for a sink, kept until ``commit`` in a temporary Arrow IPC file
+    (LZ4-compressed, in the system's temporary folder, ``TMPDIR``), so memory stays bounded
+    and an aborted run writes nothing. Tables must share a schema (align them with
+    :class:`~sluice.connectors.files.writers.SchemaAligner` first)."""
 
     def __init__(self) -> None:
         self._path: Path | None = None
         self._fh: Any = None
         self._writer: Any = None
+        self.schema: pa.Schema | None = None
         self.rows = 0
 
     def add(self, table: pa.Table) -> None:
@@ -287,12 +289,15 @@ class Spool:
             fd, name = tempfile.mkstemp(prefix="sluice-spool-", suffix=".arrow")
             self._path = Path(name)
             self._fh = os.fdopen(fd, "wb")
-            self._writer = ipc.new_stream(self._fh, table.schema)
+            self.schema = table.schema
+            self._writer = ipc.new_stream(
+                self._fh, table.schema, options=ipc.IpcWriteOptions(compression="lz4")
+            )
         self._writer.write_table(table)
         self.rows += table.num_rows
 
-    def tables(self, rows: int = 50_000) -> Iterator[pa.Table]:
-        """The spooled rows in order, in tables of about ``rows`` rows; then the spool is empty."""
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        """The spooled record batches in order; afterwards the spool is empty."""
         if self._writer is None:
             return
         self._writer.close()
@@ -301,19 +306,27 @@ class Spool:
         assert self._path is not None
         try:
             with pa.memory_map(str(self._path)) as source:
-                reader = ipc.open_stream(source)
-                batches: list[pa.RecordBatch] = []
-                n = 0
-                for b in reader:
-                    batches.append(b)
-                    n += b.num_rows
-                    if n >= rows:
-                        yield pa.Table.from_batches(batches)
-                        batches, n = [], 0
-                if batches:
-                    yield pa.Table.from_batches(batches)
+                yield from ipc.open_stream(source)
         finally:
             self.discard()
+
+    def reader(self) -> pa.RecordBatchReader:
+        """The spooled rows as one stream (for writers that take a reader)."""
+        assert self.schema is not None, "nothing spooled"
+        return pa.RecordBatchReader.from_batches(self.schema, self.batches())
+
+    def tables(self, rows: int = 50_000) -> Iterator[pa.Table]:
+        """The spooled rows in order, in tables of about ``rows`` rows; then the spool is empty."""
+        batches: list[pa.RecordBatch] = []
+        n = 0
+        for b in self.batches():
+            batches.append(b)
+            n += b.num_rows
+            if n >= rows:
+                yield pa.Table.from_batches(batches)
+                batches, n = [], 0
+        if batches:
+            yield pa.Table.from_batches(batches)
 
     def discard(self) -> None:
         if self._writer is not None:

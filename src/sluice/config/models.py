@@ -283,6 +283,12 @@ class JoinOptions(Model):
     unmatched: Literal["filter", "dead_letter"] = Field(
         "filter", description="With how=inner: what happens to rows without a match."
     )
+    on_duplicate_keys: Literal["error", "first", "last"] = Field(
+        "error",
+        description="Reference rows that share a key but differ: 'error' (the step fails, "
+        "naming the key and the count), or keep the 'first' / 'last' of them in file order. "
+        "Identical duplicate rows are always accepted (kept once).",
+    )
 
 
 class JoinStep(StepBase):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import itertools
 import uuid
 from pathlib import Path
 
@@ -314,7 +315,7 @@ def test_i8_26_upsert_last_row_wins_in_input_order_whatever_the_cuts(
         )
     lines = [f"{k},{v},{i}" for i, (k, v) in enumerate(rows)]
     bounds = sorted({0, len(lines), *(c for c in cuts if c < len(lines))})
-    for n, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)):
+    for n, (a, b) in enumerate(itertools.pairwise(bounds)):
         (tmp / f"in-{n:03d}.csv").write_text("k,v,seq\n" + "\n".join(lines[a:b]) + "\n")
     cfg = parse_pipeline(
         {

@@ -129,9 +129,9 @@ def test_i8_18_deleting_the_stream_while_running_is_a_clear_error(
     assert "Fix:" in text or "fix" in text.lower(), text
     # the restart recreates the stream's group and reads what was added since the deletion
     _produce(redis_url, stream, [{"id": i} for i in range(200, 300)])
+    command = [sys.executable, "-m", "sluice.cli", "run", str(pipeline), "--no-progress"]
     done = subprocess.run(
-        [sys.executable, "-m", "sluice.cli", "run", str(pipeline), "--no-progress"]
-        + ["--until-idle", "2s"],
+        [*command, "--until-idle", "2s"],
         cwd=tmp_path,
         capture_output=True,
         check=False,

@@ -4,10 +4,11 @@ Shared by every message source so that all of them parse, type and dead-letter t
 
 * ``format: json`` — each payload is one JSON object. Fast path: the batch's payloads are joined
   with newlines, checked in one pass (valid UTF-8, each payload starts with ``{``, no newline
-  inside a payload: numpy and Arrow over the joined buffer, no per-message Python) and parsed by
-  ``pyarrow.json`` in one call; the first batch's inferred schema is pinned for later batches.
-  If the batch does not pass, it is parsed message by message with orjson: a malformed payload,
-  an empty one, or one that is not an object (``null``, a number, an array) becomes a dead letter
+  inside a payload, none nested deeper than 200 levels: numpy and Arrow over the joined buffer,
+  no per-message Python) and parsed by ``pyarrow.json`` in one call; the first batch's inferred
+  schema is pinned for later batches. If the batch does not pass, it is parsed message by
+  message with orjson: a malformed payload, an empty one, one nested deeper than 200 levels, or
+  one that is not an object (``null``, a number, an array) becomes a dead letter
   ``parse_error``, invalid UTF-8 ``encoding``; every good message is still emitted.
 * ``format: text`` — the payload is kept whole in a string column ``value``; a payload that is
   not valid UTF-8 is an ``encoding`` dead letter (never a string with replacement characters).
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -43,6 +45,10 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
 #: Bytes of a too-large message kept as the dead letter's payload (the message stays in the
 #: broker at the letter's position).
 PREFIX_BYTES = 4096
+#: A payload nested deeper than this (objects and arrays) is a ``parse_error`` letter: pyarrow's
+#: JSON parser crashes the process some ten thousand levels down, orjson serializes 255 at most.
+MAX_NESTING = 200
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 _JSON_TYPES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number"}
 _JSON_TYPES.update({str: "a string", list: "an array"})
@@ -177,6 +183,8 @@ class MessageDecoder:
         block = b"\n".join(payloads) + b"\n"
         if block.count(b"\n") != n:
             return None  # a payload holds a newline (pretty-printed JSON): one by one
+        if not self._shallow(payloads, lengths):
+            return None
         starts = np.zeros(n + 1, np.int64)
         np.cumsum(lengths + 1, out=starts[1:])
         raw = np.frombuffer(block, np.uint8)
@@ -199,6 +207,16 @@ class MessageDecoder:
         if table.num_rows != n:
             return None  # a payload held several objects: keep the offsets aligned
         return table
+
+    @staticmethod
+    def _shallow(payloads: Sequence[bytes], lengths: np.ndarray) -> bool:
+        """True when no payload is nested deeper than :data:`MAX_NESTING` levels (pyarrow's
+        recursive JSON parser crashes the process on some ten thousand levels). A level takes
+        at least two bytes: only longer payloads are looked at, see :func:`_too_deep`."""
+        for i in np.flatnonzero(lengths > 2 * MAX_NESTING).tolist():
+            if _too_deep(payloads[i]):
+                return False  # the slow path makes it a parse_error letter
+        return True
 
     def _finish(
         self, table: pa.Table, partition: Partitions, offsets: Sequence[int], letters: _Letters
@@ -226,6 +244,19 @@ def _part(partition: Partitions, i: int) -> str:
     return partition if isinstance(partition, str) else partition[i]
 
 
+def _too_deep(payload: bytes) -> bool:
+    """Whether ``payload`` nests objects/arrays deeper than :data:`MAX_NESTING` (cheap unless
+    it holds more than that many opening brackets; brackets inside strings do not count)."""
+    if len(payload) <= 2 * MAX_NESTING or (
+        payload.count(b"{") + payload.count(b"[") <= MAX_NESTING
+    ):
+        return False
+    raw = np.frombuffer(_STRING.sub(b'""', payload), np.uint8)
+    step = (raw == ord("{")).astype(np.int32) + (raw == ord("["))
+    step -= (raw == ord("}")).astype(np.int32) + (raw == ord("]"))
+    return int(np.cumsum(step).max()) > MAX_NESTING
+
+
 def _parse(payload: bytes) -> tuple[dict[str, Any], None] | tuple[None, tuple[str, str]]:
     """The payload's JSON object, or why it is none: ``(reason, message)``."""
     try:
@@ -234,6 +265,8 @@ def _parse(payload: bytes) -> tuple[dict[str, Any], None] | tuple[None, tuple[st
         return None, ("encoding", f"invalid UTF-8 ({exc})")
     if not payload.strip():
         return None, ("parse_error", "empty message (no payload)")
+    if _too_deep(payload):
+        return None, ("parse_error", f"JSON nested deeper than {MAX_NESTING} levels")
     try:
         obj = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:

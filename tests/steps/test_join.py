@@ -85,29 +85,25 @@ def test_i8_26_null_reference_keys_never_match_and_are_not_duplicates(tmp_path: 
     assert as_arrow(res.table).column("name").to_pylist() == ["one", None]
 
 
-def test_i8_26_on_duplicate_keys_is_checked_by_the_config(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="on_duplicate_keys"):
-        JoinStep.model_validate(
+def test_i8_26_on_duplicate_keys_is_checked_by_the_config() -> None:
+    def cfg(policy: str) -> JoinStep:
+        return JoinStep.model_validate(
             {
                 "id": "j",
                 "join": {
                     "reference": {"kind": "csv", "path": "ref.csv"},
                     "key": ["k"],
-                    "on_duplicate_keys": "any",
+                    "on_duplicate_keys": policy,
                 },
             }
         )
 
-
-def test_bad_reference_rows_become_dead_letters_of_the_join(tmp_path: Path) -> None:
-    step = _join(tmp_path, "k,name\n1,one\n2,two,extra\n")
-    res = step.process(batch())
-    assert [d["reason"] for d in res.dead.to_pylist()] == ["column_count"]
-    assert all(d["step_id"] == "j" for d in res.dead.to_pylist())
-
-
-def test_reference_dead_letters_come_out_even_without_input(tmp_path: Path) -> None:
-    step = _join(tmp_path, "k,name\n1,one\n2,two,extra\n")
-    res = step.finish()
-    assert res is not None and [d["reason"] for d in res.dead.to_pylist()] == ["column_count"]
-    assert step.finish() is None
+    assert cfg("last").join.on_duplicate_keys == "last"
+    assert (
+        JoinStep.model_validate(
+            {"id": "j", "join": {"reference": {"kind": "csv", "path": "r.csv"}, "key": ["k"]}}
+        ).join.on_duplicate_keys
+        == "error"
+    )
+    with pytest.raises(ValueError, match="'error', 'first' or 'last'"):
+        cfg("any")

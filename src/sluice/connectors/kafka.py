@@ -29,7 +29,8 @@ the marker and the messages are not one transaction, so a crash (``kill -9``, po
 failed publish (brokers unreachable past ``message.timeout.ms``) *while an epoch is being
 published*, i.e. after its checkpoint and before its marker, publishes that one epoch again at
 the restart: the messages of it the broker had acknowledged before appear twice (at most one
-epoch per crash, in their original order; later epochs are not affected). The marker lives as
+epoch per crash; nothing is lost). The test crash point ``kafka_before_marker`` (see
+:mod:`sluice.runtime.faults`) kills the process in that window. The marker lives as
 long as the broker keeps the group's offsets (``offsets.retention.minutes``, 7 days by
 default): a pipeline stopped for longer re-publishes its last epoch once. Kafka transactions
 are not used: the broker available here (Tansu 0.6) shows the messages of an aborted
@@ -65,6 +66,7 @@ from sluice.errors import (
     require,
 )
 from sluice.plugins import Chunk, RunContext
+from sluice.runtime.faults import crash_point
 from sluice.types import parse_type
 
 if TYPE_CHECKING:
@@ -623,6 +625,7 @@ class KafkaWriter:
 
         if self._sent is None or self._sent[0] != epoch:  # a retry after the marker failed
             self._sent = (epoch, self._send(table))  # does not produce the rows again
+        crash_point("kafka_before_marker")  # recovery tests: the window of the guarantee
         consumer = self._marker_consumer()
         marker = TopicPartition(self.config.topic, 0, epoch)
         try:

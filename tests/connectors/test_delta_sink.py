@@ -114,22 +114,62 @@ def test_abort_leaves_no_version(tmp_path: Path) -> None:
     assert read(table)["id"].to_pylist() == [0, 1]
 
 
-def test_big_run_is_split_and_abort_restores(tmp_path: Path) -> None:
+def _concurrent_append(table: Path, t: pa.Table) -> None:
+    """Another writer (not Sluice) commits to the same table."""
+    deltalake.write_deltalake(
+        str(table), t.drop_columns(["__sluice_source", "__sluice_row"]), mode="append"
+    )
+
+
+def test_i8_F_delta_abort_never_undoes_a_concurrent_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another writer commits between our open and our abort: its rows survive, and the table
+    gets no version from us. Before, a run past the sink's 256 MB buffer was committed in
+    parts and abort restored the version of open() — the other writer's commit with it. The
+    test lowers that old threshold to one byte (no effect now: nothing is committed before
+    commit())."""
+    monkeypatch.setattr(DeltaWriter, "max_buffer_bytes", 1, raising=False)
     table = tmp_path / "t"
     run(sink(table), tmp_path, rows(0, 3))
     w = sink(table, mode="overwrite")
-    w.max_buffer_bytes = 1  # every batch becomes its own commit
     w.open(RunContext("p", "r2", tmp_path))
     w.write(rows(10, 3))
     w.write(rows(13, 3))
-    assert deltalake.DeltaTable(str(table)).version() == 2  # two extra commits already
+    assert deltalake.DeltaTable(str(table)).version() == 0  # nothing of the run is visible
+    _concurrent_append(table, rows(50, 2))
     w.abort()
-    assert read(table)["id"].to_pylist() == [0, 1, 2]  # restored to the pre-run version
+    assert read(table)["id"].to_pylist() == [0, 1, 2, 50, 51]
+    assert deltalake.DeltaTable(str(table)).version() == 1  # theirs only: no restore of ours
 
+    # a concurrent append between open and commit: both writers' rows are in the table
+    w = sink(table)
+    w.open(RunContext("p", "r3", tmp_path))
+    w.write(rows(20, 2))
+    _concurrent_append(table, rows(60, 1))
+    w.commit()
+    assert read(table)["id"].to_pylist() == [0, 1, 2, 20, 21, 50, 51, 60]
+    assert deltalake.DeltaTable(str(table)).version() == 3
+
+
+def test_a_big_run_is_one_commit_and_abort_leaves_the_table(tmp_path: Path) -> None:
+    table = tmp_path / "t"
+    run(sink(table), tmp_path, rows(0, 3))
     w = sink(table, mode="overwrite")
-    w.max_buffer_bytes = 1
-    run(w, tmp_path, rows(10, 3), rows(13, 3), run_id="r3")
-    assert read(table)["id"].to_pylist() == list(range(10, 16))  # first commit overwrote
+    w.open(RunContext("p", "r2", tmp_path))
+    for start in range(10, 10 + 50 * 1000, 1000):
+        w.write(rows(start, 1000))
+    w.abort()
+    assert read(table)["id"].to_pylist() == [0, 1, 2]
+    assert deltalake.DeltaTable(str(table)).version() == 0
+    run(
+        sink(table, mode="overwrite"),
+        tmp_path,
+        *(rows(s, 1000) for s in range(0, 5000, 1000)),
+        run_id="r3",
+    )
+    assert read(table)["id"].to_pylist() == list(range(5000))
+    assert deltalake.DeltaTable(str(table)).version() == 1  # the run was one commit
 
 
 def test_schema_alignment_against_existing_table(tmp_path: Path) -> None:

@@ -279,11 +279,21 @@ def test_epoch_publisher_publish_then_read_back(brokers: str, topic: str) -> Non
     create_topic(brokers, topic, partitions=2)
     publisher = _sink(brokers, topic, key="name")
     publisher.open(CTX)
-    assert publisher.published_epoch() is None  # no transactional marker: at-least-once
+    assert publisher.published_epoch() is None  # nothing published yet in this history
     assert publisher.publish(1, _rows(10)).num_rows == 0
     assert publisher.publish(2, _rows(5, 10)).num_rows == 0
     assert publisher.publish(3, _rows(0)).num_rows == 0
+    assert publisher.published_epoch() == 3
     publisher.close()
+    # the epoch marker outlives the writer: a restart of the same history sees it, another
+    # checkpoint history (run id) or another sink does not
+    for run_id, sink_id, expect in (("r1", "out", 3), ("r2", "out", None), ("r1", "x", None)):
+        again = _sink(brokers, topic, id=sink_id)
+        again.open(RunContext(pipeline="kafka_test", run_id=run_id))
+        try:
+            assert again.published_epoch() == expect
+        finally:
+            again.close()
 
     reader = _source(brokers, topic, f"g-{topic}")
     reader.open(CTX, None)

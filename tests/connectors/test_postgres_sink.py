@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import itertools
 import uuid
 from pathlib import Path
 
@@ -275,3 +276,75 @@ def test_any_text_round_trips_through_copy(
     w.commit()
     got = fetch(pg_dsn, f'SELECT s FROM "{pg_schema}"."{name}" ORDER BY i')
     assert [r[0] for r in got] == values
+
+
+# ------------------------------------------------------------------------------ issue 8, 26
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    rows=st.lists(st.tuples(st.integers(0, 6), st.integers(-2, 9)), min_size=1, max_size=60),
+    cuts=st.lists(st.integers(1, 59), max_size=5),
+    batch_rows=st.integers(1, 64),
+)
+def test_i8_26_upsert_last_row_wins_in_input_order_whatever_the_cuts(
+    pg_dsn: str,
+    pg_schema: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    rows: list[tuple[int, int]],
+    cuts: list[int],
+    batch_rows: int,
+) -> None:
+    """A batch run with mode: upsert over input with repeated keys, cut into files at random
+    points and into batches of a random size: the table holds, per key, the last row in input
+    order that the table accepts (CHECK v >= 0), and every refused row is a dead letter — the
+    same whatever the cuts, also when a refused row is superseded by a later one."""
+    from sluice.config.loader import parse_pipeline
+    from sluice.runtime.executor import Executor
+
+    tmp = tmp_path_factory.mktemp("upsert")
+    table = f"t_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            f'CREATE TABLE "{pg_schema}"."{table}" (k bigint PRIMARY KEY, v bigint, '
+            "seq bigint, CHECK (v >= 0))"
+        )
+    lines = [f"{k},{v},{i}" for i, (k, v) in enumerate(rows)]
+    bounds = sorted({0, len(lines), *(c for c in cuts if c < len(lines))})
+    for n, (a, b) in enumerate(itertools.pairwise(bounds)):
+        (tmp / f"in-{n:03d}.csv").write_text("k,v,seq\n" + "\n".join(lines[a:b]) + "\n")
+    cfg = parse_pipeline(
+        {
+            "pipeline": "upsert_cuts",
+            "source": {
+                "kind": "csv",
+                "path": str(tmp / "in-*.csv"),
+                "schema": {"k": "int64", "v": "int64", "seq": "int64"},
+            },
+            "sinks": [
+                {
+                    "id": "db",
+                    "kind": "postgres",
+                    "dsn": pg_dsn,
+                    "table": f"{pg_schema}.{table}",
+                    "mode": "upsert",
+                    "key": ["k"],
+                }
+            ],
+            "dead_letter": {"path": str(tmp / "dead")},
+            "settings": {"batch_rows": batch_rows},
+        }
+    )
+    rep = Executor(cfg, base_dir=tmp, progress=False).run()
+    assert rep.status == "succeeded"
+    expect: dict[int, tuple[int, int]] = {}
+    for i, (k, v) in enumerate(rows):
+        if v >= 0:
+            expect[k] = (v, i)
+    got = fetch(pg_dsn, f'SELECT k, v, seq FROM "{pg_schema}"."{table}" ORDER BY k')
+    assert got == [(k, *expect[k]) for k in sorted(expect)]
+    assert rep.dead_letters == sum(1 for _, v in rows if v < 0)

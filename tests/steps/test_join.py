@@ -47,20 +47,63 @@ def test_inner_join_filters_or_dead_letters_misses(tmp_path: Path) -> None:
     ]
 
 
-def test_duplicate_reference_keys_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(StepError, match=r"step 'j'.*duplicate keys.*\(2,\)"):
-        _join(tmp_path, "k,name\n2,two\n2,deux\n")
+def test_i8_26_differing_duplicate_reference_keys_are_refused_by_default(tmp_path: Path) -> None:
+    ref = "k,name\n2,two\n1,one\n2,deux\n3,three\n3,drei\n3,tres\n"
+    with pytest.raises(StepError) as err:
+        _join(tmp_path, ref)
+    text = str(err.value)
+    assert "step 'j'" in text and "2 key(s) on k" in text and "(5 rows in all)" in text
+    assert "e.g. k=2" in text and "on_duplicate_keys" in text
 
 
-def test_bad_reference_rows_become_dead_letters_of_the_join(tmp_path: Path) -> None:
-    step = _join(tmp_path, "k,name\n1,one\n2,two,extra\n")
+def test_i8_26_identical_duplicate_reference_rows_are_accepted(tmp_path: Path) -> None:
+    step = _join(tmp_path, "k,name\n2,two\n1,one\n2,two\n1,one\n")
     res = step.process(batch())
-    assert [d["reason"] for d in res.dead.to_pylist()] == ["column_count"]
-    assert all(d["step_id"] == "j" for d in res.dead.to_pylist())
+    out = as_arrow(res.table)
+    assert out.column("name").to_pylist() == ["one", "two", None, "two"]  # nothing multiplied
+    assert out.num_rows == 4 and res.dead.num_rows == 0
 
 
-def test_reference_dead_letters_come_out_even_without_input(tmp_path: Path) -> None:
-    step = _join(tmp_path, "k,name\n1,one\n2,two,extra\n")
-    res = step.finish()
-    assert res is not None and [d["reason"] for d in res.dead.to_pylist()] == ["column_count"]
-    assert step.finish() is None
+@pytest.mark.parametrize(
+    ("policy", "names"), [("first", ["one", "two"]), ("last", ["uno", "deux"])]
+)
+def test_i8_26_on_duplicate_keys_first_or_last_in_file_order(
+    tmp_path: Path, policy: str, names: list[str]
+) -> None:
+    ref = "k,name\n2,two\n1,one\n2,deux\n1,uno\n2,deux\n"
+    res = _join(tmp_path, ref, on_duplicate_keys=policy, how="inner").process(batch())
+    out = as_arrow(res.table)
+    assert out.column("k").to_pylist() == [1, 2, 2]
+    assert out.column("name").to_pylist() == [names[0], names[1], names[1]]
+    assert res.filtered == 1
+
+
+def test_i8_26_null_reference_keys_never_match_and_are_not_duplicates(tmp_path: Path) -> None:
+    res = _join(tmp_path, "k,name\n,x\n,y\n1,one\n").process(
+        with_positions(pa.table({"k": pa.array([1, None], pa.int64())}), "mem", 0)
+    )
+    assert as_arrow(res.table).column("name").to_pylist() == ["one", None]
+
+
+def test_i8_26_on_duplicate_keys_is_checked_by_the_config() -> None:
+    def cfg(policy: str) -> JoinStep:
+        return JoinStep.model_validate(
+            {
+                "id": "j",
+                "join": {
+                    "reference": {"kind": "csv", "path": "ref.csv"},
+                    "key": ["k"],
+                    "on_duplicate_keys": policy,
+                },
+            }
+        )
+
+    assert cfg("last").join.on_duplicate_keys == "last"
+    assert (
+        JoinStep.model_validate(
+            {"id": "j", "join": {"reference": {"kind": "csv", "path": "r.csv"}, "key": ["k"]}}
+        ).join.on_duplicate_keys
+        == "error"
+    )
+    with pytest.raises(ValueError, match="'error', 'first' or 'last'"):
+        cfg("any")

@@ -180,6 +180,13 @@ class StreamSourceBase(Model):
         description="Explicit column types {name: type}; other fields are inferred per batch. "
         "Declare every column for a stable schema across batches.",
     )
+    max_record_bytes: int = Field(
+        16 << 20,
+        ge=1,
+        le=(1 << 31) - 1,
+        description="A message whose payload is longer than this many bytes is a 'too_large' "
+        "dead letter (holding its first 4 KiB); the stream goes on with the next message.",
+    )
 
     _types = field_validator("columns")(classmethod(lambda cls, v: _check_types(v)))
 
@@ -337,6 +344,12 @@ class JoinOptions(Model):
     how: Literal["left", "inner"] = "left"
     unmatched: Literal["filter", "dead_letter"] = Field(
         "filter", description="With how=inner: what happens to rows without a match."
+    )
+    on_duplicate_keys: Literal["error", "first", "last"] = Field(
+        "error",
+        description="Reference rows that share a key but differ: 'error' (the step fails, "
+        "naming the key and the count), or keep the 'first' / 'last' of them in file order. "
+        "Identical duplicate rows are always accepted (kept once).",
     )
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
 
 from sluice.batch import empty_dead_letters
 from sluice.config.models import DeltaSink
+from sluice.connectors._messages import Spool
 from sluice.connectors.files.writers import SchemaAligner, normalize
 from sluice.errors import SinkError, require
 from sluice.plugins import RunContext
@@ -17,17 +17,23 @@ from sluice.plugins import RunContext
 class DeltaWriter:
     """Write a run into a Delta table as **one Delta transaction** (one new table version).
 
-    Batches are buffered in memory and written by :meth:`commit` with
-    ``deltalake.write_deltalake``, so a failed or aborted run leaves no new version. To bound
-    memory, once the buffer exceeds :attr:`max_buffer_bytes` (about 256 MB) it is written as an
-    extra commit: **a run larger than that is split into several Delta commits**, each atomic on
-    its own. If such a run is then aborted, the table is restored (``DeltaTable.restore``, itself a
-    new version) to the version it had before the run; a table that the run created is emptied
-    (``DeltaTable.delete()``) since Delta cannot remove its version 0.
+    Batches are aligned to the sink's schema and spooled to a temporary, compressed Arrow file
+    (:class:`~sluice.connectors._messages.Spool`: memory stays bounded whatever the run's size)
+    until :meth:`commit`, which streams them into the table with one
+    ``deltalake.write_deltalake`` call: one commit, atomic, checked by delta-rs like any write
+    (schema, nullability, constraints). Nothing reaches the table before that commit, so
+    :meth:`abort` (and a failed commit) only discards the spool: **the table is never touched by
+    a run that does not commit, and no other writer's commit is ever undone**. A process killed
+    mid-commit may leave Parquet files that no commit references; Delta ignores them and
+    ``VACUUM`` removes them. The spool lives in the system's temporary folder (``TMPDIR``).
 
-    ``mode: overwrite`` replaces the table's content (and schema) with the first commit of the
-    run; further commits of the same run append. In append mode the existing table's schema is
-    the target: batches are aligned to it and incompatible ones become dead letters.
+    Concurrent writers: delta-rs resolves a concurrent append by committing at the next
+    version; an ``overwrite`` racing another commit fails with a :class:`SinkError` (nothing of
+    the run is written).
+
+    ``mode: overwrite`` replaces the table's content (and schema) in that one commit. In append
+    mode the existing table's schema is the target: batches are aligned to it and incompatible
+    ones become dead letters.
 
     **Stream mode** (:class:`~sluice.plugins.EpochPublisher`): :meth:`publish` writes one checkpoint
     epoch's rows as **one Delta commit** that also records the application transaction ``(app_id,
@@ -50,18 +56,13 @@ class DeltaWriter:
     id, so it never mistakes old markers for its own.
     """
 
-    max_buffer_bytes: int = 256 << 20
-
     def __init__(self, config: DeltaSink) -> None:
         self.config = config
         self.step_id = config.id
         self._dl: Any = None
         self._uri = ""
         self._aligner = SchemaAligner(self.step_id, null_as=pa.string())
-        self._buffer: list[pa.Table] = []
-        self._buffered = 0
-        self._commits = 0
-        self._start_version: int | None = None
+        self._spool = Spool()
         self._opened = False
         self._stream_used = False  # publish() has run (overwrite is only for the first epoch)
         self.app_id = ""
@@ -76,12 +77,10 @@ class DeltaWriter:
         path = self.config.path
         self._uri = path if "://" in path else str(ctx.resolve(path))
         self._aligner = SchemaAligner(self.step_id, null_as=pa.string())
-        self._buffer, self._buffered, self._commits = [], 0, 0
-        self._start_version = None
+        self._spool.discard()
         try:
             if deltalake.DeltaTable.is_deltatable(self._uri):
                 table = deltalake.DeltaTable(self._uri)
-                self._start_version = table.version()
                 if self.config.mode == "append":
                     schema = pa.schema(table.schema().to_arrow())
                     self._aligner.schema = normalize(schema.empty_table()).schema
@@ -99,7 +98,7 @@ class DeltaWriter:
         data, dead = self._aligner.prepare(table)
         if data is None or data.num_rows == 0:
             return dead
-        if self.config.partition_by and not self._buffer and self._commits == 0:
+        if self.config.partition_by and not self._spool.rows:
             missing = [c for c in self.config.partition_by if c not in data.column_names]
             if missing:
                 raise SinkError(
@@ -107,64 +106,36 @@ class DeltaWriter:
                     f"partition columns {missing} are not in the data ({data.column_names})",
                     fix="partition_by must name columns of the data",
                 )
-        self._buffer.append(data)
-        self._buffered += data.nbytes
-        if self._buffered >= self.max_buffer_bytes:
-            self._flush()
+        self._spool.add(data)
         return dead
 
     def commit(self) -> None:
+        """Write the spooled run as one Delta commit (an overwrite run without rows still
+        replaces the table, with an empty one)."""
         if not self._opened:
             return
+        self._opened = False
         try:
-            if self._buffer:
-                self._flush()
-            elif self._commits == 0 and self.config.mode == "overwrite":
-                # An overwrite run without rows still replaces the table (with an empty one).
+            if self._spool.rows:
+                self._write(self._spool.reader())
+            elif self.config.mode == "overwrite":
                 schema = self._aligner.schema or self._aligner.fallback
                 if schema is not None:
-                    self._buffer = [schema.empty_table()]
-                    self._flush()
-        except SinkError:
-            self.abort()  # undo the extra commits of a split run
-            raise
-        self._opened = False
+                    self._write(schema.empty_table())
+        finally:
+            self._spool.discard()
 
     def abort(self) -> None:
-        if not self._opened:
-            return
+        """Drop the spooled rows. The table was not touched: nothing to undo."""
         self._opened = False
-        self._buffer, self._buffered = [], 0
-        if not self._commits:
-            return
-        try:
-            table = self._dl.DeltaTable(self._uri)
-            if self._start_version is None:
-                table.delete()
-            else:
-                table.restore(self._start_version)
-        except Exception as exc:
-            raise SinkError(
-                self.step_id,
-                f"could not undo the commits of an aborted run in Delta table {self._uri}: {exc}",
-                fix=f"restore it by hand: DeltaTable(path).restore({self._start_version})",
-            ) from exc
+        self._spool.discard()
 
-    def _flush(self) -> None:
-        tables = self._buffer
-        schema = tables[0].schema
-
-        def batches() -> Iterator[pa.RecordBatch]:
-            for t in tables:
-                yield from t.to_batches()
-
-        reader = pa.RecordBatchReader.from_batches(schema, batches())
-        first = self._commits == 0
-        overwrite = first and self.config.mode == "overwrite"
+    def _write(self, data: pa.Table | pa.RecordBatchReader) -> None:
+        overwrite = self.config.mode == "overwrite"
         try:
             self._dl.write_deltalake(
                 self._uri,
-                reader,
+                data,
                 mode="overwrite" if overwrite else "append",
                 schema_mode="overwrite" if overwrite else None,
                 partition_by=self.config.partition_by or None,
@@ -172,11 +143,10 @@ class DeltaWriter:
         except Exception as exc:
             raise SinkError(
                 self.step_id,
-                f"writing to Delta table {self._uri} failed: {exc}",
+                f"writing to Delta table {self._uri} failed (nothing of the run was "
+                f"committed): {exc}",
                 fix="check that the data's schema and partition_by match the existing table",
             ) from exc
-        self._commits += 1
-        self._buffer, self._buffered = [], 0
 
     # -- stream mode (EpochPublisher) --------------------------------------------------------
 
@@ -202,7 +172,7 @@ class DeltaWriter:
         nothing is written and no dead letters are returned."""
         if not self._opened:
             raise SinkError(self.step_id, "publish() called before open() or after close()")
-        if self._commits or self._buffer:
+        if self._spool.rows:
             raise SinkError(self.step_id, "publish() called on a sink used by write()/commit()")
         published = self.published_epoch()
         if published is not None and epoch <= published:
@@ -249,6 +219,4 @@ class DeltaWriter:
 
     def close(self) -> None:
         """End stream mode (nothing is held open); a batch run not committed is aborted."""
-        if self._opened and (self._buffer or self._commits):
-            self.abort()
-        self._opened = False
+        self.abort()

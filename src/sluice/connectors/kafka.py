@@ -18,16 +18,28 @@ checkpoint are re-read by the new owner from the group's last committed offsets.
 pipeline instances sharing one group therefore see duplicates around a rebalance; one instance
 per group (the supported deployment) sees none.
 
-**Sink** (:class:`KafkaWriter`) — *at-least-once*. The producer is idempotent
-(``enable.idempotence=true``, ``acks=all``): librdkafka's internal retries never duplicate or
-reorder a message. But Kafka output cannot be taken back: a batch run that fails (``abort()``)
-leaves the messages already delivered visible, and in stream mode the epoch in flight at a crash
-is published again after the restart (``published_epoch()`` is ``None``: no transactional
-marker). Kafka transactions are not used: the broker available here (Tansu 0.6) shows the
-messages of an aborted transaction to ``read_committed`` consumers (checked by hand), so they
-would not give exactly-once either.
+**Sink** (:class:`KafkaWriter`). The producer is idempotent (``enable.idempotence=true``,
+``acks=all``): librdkafka's internal retries never duplicate or reorder a message. In stream
+mode each published epoch is recorded in an **epoch marker**: the committed offset of partition
+0 of the output topic in the consumer group ``sluice-epoch.<pipeline>.<sink id>.<run id>`` (the
+run id names the checkpoint history), committed once every message of the epoch is
+acknowledged. A restart re-publishes a staged epoch only when the marker is older, so a clean
+stop (SIGINT/SIGTERM, ``--until-idle``) and restart never duplicates. Exact crash guarantee:
+the marker and the messages are not one transaction, so a crash (``kill -9``, power loss) or a
+failed publish (brokers unreachable past ``message.timeout.ms``) *while an epoch is being
+published*, i.e. after its checkpoint and before its marker, publishes that one epoch again at
+the restart: the messages of it the broker had acknowledged before appear twice (at most one
+epoch per crash; nothing is lost). The test crash point ``kafka_before_marker`` (see
+:mod:`sluice.runtime.faults`) kills the process in that window. The marker lives as
+long as the broker keeps the group's offsets (``offsets.retention.minutes``, 7 days by
+default): a pipeline stopped for longer re-publishes its last epoch once. Kafka transactions
+are not used: the broker available here (Tansu 0.6) shows the messages of an aborted
+transaction to ``read_committed`` consumers (checked by hand), so they could not be verified.
+A batch run (``write``/``commit``) is at-least-once: a run that fails (``abort()``) leaves the
+messages already delivered visible.
 Verified against Tansu: rows written through the batch-sink and the epoch-publisher protocols
-are read back complete with their types; rows the producer refuses become dead letters.
+are read back complete with their types; rows the producer refuses become dead letters; a
+stream pipeline stopped with SIGTERM and restarted leaves no duplicate in its output topic.
 """
 
 from __future__ import annotations
@@ -45,8 +57,16 @@ import pyarrow.compute as pc
 from sluice.batch import concat, empty_dead_letters, rows_dead_letters, strip_positions
 from sluice.config.models import KafkaSink, KafkaSource
 from sluice.connectors._messages import MessageDecoder
-from sluice.errors import ConfigError, SinkError, SourceError, TransientError, require
+from sluice.errors import (
+    ConfigError,
+    SinkError,
+    SourceError,
+    StepError,
+    TransientError,
+    require,
+)
 from sluice.plugins import Chunk, RunContext
+from sluice.runtime.faults import crash_point
 from sluice.types import parse_type
 
 if TYPE_CHECKING:
@@ -63,6 +83,19 @@ _CONSUME_SLICE = 0.1
 # librdkafka settings the connectors set themselves (from the config fields or for their
 # guarantees); ``options`` may not override them.
 _SOURCE_OWNED = ("bootstrap.servers", "group.id", "enable.auto.commit", "enable.auto.offset.store")
+# librdkafka settings about reaching and authenticating to the brokers: the sink's marker
+# consumer uses them too
+_CONNECTION_OPTIONS = (
+    "security.",
+    "sasl.",
+    "ssl.",
+    "socket.",
+    "client.",
+    "broker.",
+    "reconnect.",
+    "api.version",
+    "metadata.",
+)
 _SINK_OWNED = (
     "bootstrap.servers",
     "enable.idempotence",
@@ -144,8 +177,9 @@ class KafkaReader:
     * Position: ``{"topic/partition": next_offset}`` (JSON). ``poll`` returns the rows of up to
       :data:`CONSUME_BATCH` messages: one :class:`MessageDecoder` parses the payloads partition by
       partition (partition name ``kafka:<topic>/<partition>``, ``__sluice_row`` = the message's
-      offset); malformed payloads (not JSON, not an object, invalid UTF-8, empty/tombstone)
-      become dead letters, the rest is still read.
+      offset; a dead letter's ``source`` / ``position`` are the same partition name and
+      offset); malformed payloads (not JSON, not an object, invalid UTF-8, empty/tombstone,
+      longer than ``max_record_bytes``) become dead letters, the rest is still read.
     * ``open(ctx, position)``: the consumer subscribes with auto-commit and auto offset store
       off and ``auto.offset.reset=earliest``. When a checkpoint ``position`` is given, each
       partition it names is positioned at its checkpointed offset when it is first assigned
@@ -183,7 +217,9 @@ class KafkaReader:
             )
         _check_options(config.options, _SOURCE_OWNED, config.id, "Kafka source")
         self._types = {k: parse_type(v) for k, v in (config.columns or {}).items()}
-        self._decoder = MessageDecoder(self.step_id, config.format, self._types)
+        self._decoder = MessageDecoder(
+            self.step_id, config.format, self._types, max_bytes=config.max_record_bytes
+        )
         self._consumer: Consumer | None = None
         self._lock = threading.Lock()
         self._position: dict[str, int] = {}
@@ -506,9 +542,11 @@ class KafkaWriter:
     * ``commit()`` flushes and releases the producer. ``abort()`` drops messages still queued
       locally but **cannot unsend** delivered ones: the Kafka output of a failed batch run may
       already be visible (at-least-once).
-    * ``published_epoch()`` is always ``None`` (no transactional marker): in stream mode the
-      epoch in flight at a crash is published again after the restart — **at-least-once** for
-      that epoch; the idempotent producer prevents duplicates from retries within a run.
+    * ``publish(epoch, table)`` produces the epoch's rows, waits for every acknowledgement,
+      then records ``epoch`` in the marker (see the module docstring);
+      ``published_epoch()`` reads the marker back. A ``publish`` retried after only the
+      marker failed does not produce the rows again. The guarantee after a crash during a
+      publish is at-least-once for that epoch (module docstring).
     """
 
     def __init__(self, config: KafkaSink) -> None:
@@ -518,6 +556,9 @@ class KafkaWriter:
         self._producer: Producer | None = None
         self._fatal: KafkaError | None = None
         self._failed: list[tuple[KafkaError, bytes]] = []  # (error, payload) of this batch
+        self._marker_group = ""
+        self._marker: Consumer | None = None  # commits / reads the epoch marker
+        self._sent: tuple[int, pa.Table] | None = None  # epoch delivered, marker not yet set
 
     # ------------------------------------------------------------------ sink / publisher protocol
 
@@ -538,6 +579,8 @@ class KafkaWriter:
         }
         self._fatal = None
         self._failed = []
+        self._marker_group = f"sluice-epoch.{ctx.pipeline}.{self.step_id}.{ctx.run_id}"
+        self._sent = None
         try:
             self._producer = Producer(conf)
         except KafkaException as exc:
@@ -564,15 +607,46 @@ class KafkaWriter:
             log.debug("%s: purging the Kafka producer failed", self.step_id, exc_info=True)
 
     def published_epoch(self) -> int | None:
-        return None
+        """The newest epoch whose messages were all acknowledged (the epoch marker)."""
+        from confluent_kafka import KafkaException, TopicPartition
+
+        consumer = self._marker_consumer()
+        try:
+            (tp,) = consumer.committed([TopicPartition(self.config.topic, 0)], timeout=30)
+        except KafkaException as exc:
+            raise self._marker_error("reading", exc) from exc
+        if tp.error is not None:
+            raise self._marker_error("reading", tp.error)
+        return None if tp.offset < 0 else int(tp.offset)
 
     def publish(self, epoch: int, table: pa.Table) -> pa.Table:
-        return self._send(table)
+        """Produce the epoch's rows, wait for their acknowledgements, record the marker."""
+        from confluent_kafka import KafkaException, TopicPartition
+
+        if self._sent is None or self._sent[0] != epoch:  # a retry after the marker failed
+            self._sent = (epoch, self._send(table))  # does not produce the rows again
+        crash_point("kafka_before_marker")  # recovery tests: the window of the guarantee
+        consumer = self._marker_consumer()
+        marker = TopicPartition(self.config.topic, 0, epoch)
+        try:
+            (tp,) = consumer.commit(offsets=[marker], asynchronous=False)
+        except KafkaException as exc:
+            raise self._marker_error("recording", exc) from exc
+        if tp.error is not None:
+            raise self._marker_error("recording", tp.error)
+        dead = self._sent[1]
+        self._sent = None
+        return dead
 
     def close(self) -> None:
         producer, self._producer = self._producer, None
-        if producer is not None:
-            self._flush(producer)
+        marker, self._marker = self._marker, None
+        try:
+            if producer is not None:
+                self._flush(producer)
+        finally:
+            if marker is not None:
+                marker.close()
 
     # -------------------------------------------------------------------------------- internals
 
@@ -585,6 +659,50 @@ class KafkaWriter:
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
             self._failed.append((err, msg.value() or b""))
+
+    def _marker_consumer(self) -> Consumer:
+        """A consumer that never joins its group: it only commits and reads the marker."""
+        from confluent_kafka import Consumer, KafkaException
+
+        if self._marker is None:
+            if not self._marker_group:
+                raise SinkError(self.step_id, "published_epoch()/publish() called before open()")
+            shared = {
+                k: v for k, v in self.config.options.items() if k.startswith(_CONNECTION_OPTIONS)
+            }
+            try:
+                self._marker = Consumer(
+                    {
+                        **shared,
+                        "bootstrap.servers": self.config.brokers,
+                        "group.id": self._marker_group,
+                        "enable.auto.commit": False,
+                        "enable.auto.offset.store": False,
+                        "logger": log,
+                    }
+                )
+            except KafkaException as exc:
+                raise ConfigError(
+                    f"invalid Kafka settings for the epoch marker: {exc}",
+                    step_id=self.step_id,
+                    field="options",
+                ) from exc
+        return self._marker
+
+    def _marker_error(self, doing: str, exc: BaseException | KafkaError) -> StepError:
+        err = exc if not isinstance(exc, BaseException) else _kafka_error(exc)
+        message = (
+            f"{doing} the epoch marker (group {self._marker_group!r}, topic "
+            f"{self.config.topic!r} partition 0) failed: {exc}"
+        )
+        if err is not None and (err.retriable() or _transient(err)):
+            return TransientError(self.step_id, message)
+        return SinkError(
+            self.step_id,
+            message,
+            fix="check that the brokers are up and allow this client to commit offsets of "
+            "that group (ACL: Read on the group)",
+        )
 
     def _check_fatal(self) -> None:
         if self._fatal is not None:

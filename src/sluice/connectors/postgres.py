@@ -99,9 +99,15 @@ class PostgresWriter:
       until the refused rows are isolated: they become ``sink_rejected`` dead letters carrying the
       database's message, all other rows are written.
     * ``mode: upsert``: rows are copied into a temporary staging table, deduplicated on ``key``
-      (the last row of the batch wins), then ``INSERT ... ON CONFLICT (key) DO UPDATE``. A table the
-      sink creates gets a unique index on ``key``; an existing table must already have one. Rows
-      with a null key are dead letters.
+      (the last row of the batch wins), then ``INSERT ... ON CONFLICT (key) DO UPDATE``; batches
+      are upserted in input order in the one transaction. So whatever the batch cuts, **per key
+      the last row in input order that the table accepts wins** (tested with random cuts). The
+      stage carries the table's NOT NULL and CHECK constraints on the staged columns, so every
+      row is checked, also one a later row of the same key supersedes: the refused rows
+      (dead letters) do not depend on the cuts either (checks that only the table can make —
+      other unique indexes, foreign keys, triggers — apply to the surviving row of a batch).
+      A table the sink creates gets a unique index on ``key``; an existing table must already
+      have one. Rows with a null key are dead letters.
     * Connection loss raises :class:`TransientError` as long as nothing of the run has been
       written yet: the executor's retry of ``write`` reconnects and starts a new transaction.
       Once rows were written, the lost transaction cannot be resumed (the server rolled it back),
@@ -523,6 +529,41 @@ class PostgresWriter:
                 sql.Identifier(_STAGE), sql.Identifier(_ORD)
             )
         )
+        # The row checks of the table (NOT NULL, CHECK on the staged columns) on the stage too:
+        # every input row is checked, also one a later row of the same key supersedes, so the
+        # rows refused do not depend on how the input was cut into batches.
+        name = self._table.as_string(conn)
+        stage = sql.Identifier(_STAGE)
+        for (column,) in conn.execute(
+            "SELECT attname::text FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+            "AND attnum > 0 AND NOT attisdropped AND attnotnull",
+            [name],
+        ).fetchall():
+            if column in columns:
+                conn.execute(
+                    sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL").format(
+                        stage, sql.Identifier(column)
+                    )
+                )
+        for constraint, definition, used in conn.execute(
+            "SELECT c.conname::text, pg_get_constraintdef(c.oid), ARRAY(SELECT a.attname::text "
+            "FROM pg_attribute a WHERE a.attrelid = c.conrelid AND a.attnum = ANY(c.conkey)) "
+            "FROM pg_constraint c WHERE c.conrelid = to_regclass(%s) AND c.contype = 'c'",
+            [name],
+        ).fetchall():
+            if set(used) <= set(columns):
+                conn.execute(
+                    sql.Composed(
+                        [
+                            sql.SQL("ALTER TABLE "),
+                            stage,
+                            sql.SQL(" ADD CONSTRAINT "),
+                            sql.Identifier(constraint),
+                            sql.SQL(" "),
+                            sql.SQL(definition),  # the server's own rendering of the check
+                        ]
+                    )
+                )
         self._stage_ready = True
 
     def _load_range(
@@ -558,6 +599,8 @@ class PostgresWriter:
             state = exc.sqlstate or ""
             if state[:2] in ("22", "23"):
                 diag = exc.diag.message_primary or str(exc)
+                # a check found on the upsert's stage: name the table the user knows
+                diag = diag.replace(f'relation "{_STAGE}"', f'relation "{self.config.table}"')
                 detail = exc.diag.message_detail
                 return f"{diag} ({detail})" if detail else diag
             if state[:2] == "40" or state in ("55P03", "57014"):

@@ -13,8 +13,19 @@ Source guarantees (:class:`RedisStreamReader`, verified against the Redis server
 * One Sluice process per consumer group gives exactly-once results. Several processes sharing a
   group would each replay the others' unacknowledged messages after a restart (at-least-once);
   scale out with one stream key per process instead.
-* Each stream key is one partition (``__sluice_source`` = ``redis:<key>``; ``__sluice_row`` =
-  the message id as ``ms << 20 | seq``).
+* Each stream key is one partition. A row's position (``__sluice_source`` / ``__sluice_row``,
+  and so every dead letter's ``source`` / ``position``) names its message exactly:
+  ``redis:<key>`` and ``ms * 1_000_000 + seq`` for the message id ``ms-seq`` (the decimal digits
+  read as the id: ``1700000000000000005`` is ``1700000000000-5``). That covers every id Redis
+  generates (until the year 2262, up to a million messages per millisecond); an explicit id
+  beyond it gets the source ``redis:<key> ms=<ms>`` and the position ``seq``.
+  :func:`message_id` turns a letter's source and position back into the id.
+* Errors are converted here: a lost connection is a :class:`TransientError` (retried; the reader
+  re-reads from its position), a stream key deleted (or its group destroyed) while the pipeline
+  runs is a :class:`SourceError` naming the stream, the group and the fix. The restart recreates
+  the group and moves it to the checkpointed id: messages added to the stream since (their
+  generated ids are newer) are read, nothing is read twice. The messages the deletion removed
+  and no checkpoint covered are gone with the key.
 
 Sink (:class:`RedisStreamWriter`): every row becomes one message ``{field: <row as JSON>}``. In
 stream mode each checkpoint epoch is added in one ``MULTI``/``EXEC`` transaction together with
@@ -37,11 +48,13 @@ from sluice.batch import concat, dead_letters, rows_as_json, strip_positions
 from sluice.config.models import RedisStreamSink, RedisStreamSource
 from sluice.connectors._messages import MessageDecoder, Spool
 from sluice.connectors.files.writers import SchemaAligner
-from sluice.errors import SinkError, SourceError, TransientError, require
+from sluice.errors import SinkError, SluiceError, SourceError, TransientError, require
 from sluice.plugins import Chunk, RunContext
 from sluice.types import parse_type
 
 _ADD_CHUNK = 2_000
+# error replies after which the same command succeeds later (Redis loading, a busy script...)
+_TRANSIENT_REPLIES = ("LOADING", "BUSY ", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN")
 log = logging.getLogger(__name__)
 
 
@@ -51,11 +64,35 @@ def _id(raw: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def _offset(raw: bytes | str) -> int:
-    """The message id as one int64 for ``__sluice_row``: milliseconds << 20 | sequence
-    (both clamped, so explicit huge ids cannot overflow)."""
+#: A message id ``ms-seq`` is the position ``ms * SEQ_SPAN + seq`` (see the module docstring).
+SEQ_SPAN = 1_000_000
+_MAX_MS = (2**63 - 1) // SEQ_SPAN - 1
+_MS_TAG = " ms="
+_ID_TAG = " id="
+
+
+def message_position(partition: str, raw: bytes | str) -> tuple[str, int]:
+    """``(source, position)`` of the message with id ``raw`` in ``partition`` (``redis:<key>``):
+    exact for every id, see the module docstring; :func:`message_id` is the inverse."""
     ms, seq = _id(raw)
-    return (min(ms, (1 << 43) - 1) << 20) | min(seq, (1 << 20) - 1)
+    if seq < SEQ_SPAN and ms <= _MAX_MS:
+        return partition, ms * SEQ_SPAN + seq
+    if seq < 2**63:
+        return f"{partition}{_MS_TAG}{ms}", seq
+    return f"{partition}{_ID_TAG}{ms}-{seq}", 0
+
+
+def message_id(source: str, position: int) -> str:
+    """The Redis message id (``"1700000000000-5"``) of a dead letter's ``source`` and
+    ``position`` (the inverse of :func:`message_position`)."""
+    head, tag, rest = source.rpartition(_ID_TAG)
+    if tag and head.startswith("redis:"):
+        return rest
+    head, tag, rest = source.rpartition(_MS_TAG)
+    if tag and head.startswith("redis:") and rest.isdigit():
+        return f"{rest}-{position}"
+    ms, seq = divmod(position, SEQ_SPAN)
+    return f"{ms}-{seq}"
 
 
 def _text(i: tuple[int, int]) -> str:
@@ -70,7 +107,9 @@ class RedisStreamReader:
         self.step_id = config.id
         self.keys = [config.stream] if isinstance(config.stream, str) else list(config.stream)
         types = {k: parse_type(v) for k, v in (config.columns or {}).items()}
-        self._decoder = MessageDecoder(config.id, config.format, types)
+        self._decoder = MessageDecoder(
+            config.id, config.format, types, max_bytes=config.max_record_bytes
+        )
         self._client: Any = None
         self._acker: Any = None
         self._replay: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}
@@ -100,13 +139,21 @@ class RedisStreamReader:
                 f"cannot connect to Redis at {cfg.url}: {exc}",
                 fix="check that Redis runs and the url (host, port, db)",
             ) from exc
-        saved = dict(position or {})
+        try:
+            self._open_groups(dict(position or {}))
+        except redis.RedisError as exc:
+            raise self._error(exc, "opening the consumer group") from exc
+
+    def _open_groups(self, saved: dict[str, str]) -> None:
+        import redis
+
+        cfg = self.config
         for key in self.keys:
             try:
                 self._client.xgroup_create(key, cfg.group, id="0", mkstream=True)
             except redis.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
-                    raise SourceError(self.step_id, f"cannot create group on {key}: {exc}") from exc
+                    raise
             if key in saved:
                 self._position[key] = saved[key]
             # reclaim everything pending in the group (a dead consumer's messages) for us;
@@ -136,11 +183,8 @@ class RedisStreamReader:
             if self._replay:
                 return self._poll_replay()
             return self._poll_live(timeout)
-        except redis.ConnectionError as exc:
-            # a reply may have been lost after Redis delivered messages: they are pending for
-            # us, so read again from our position before taking new ones
-            self._needs_resync = True
-            raise TransientError(self.step_id, f"lost the connection to Redis: {exc}") from exc
+        except redis.RedisError as exc:
+            raise self._error(exc, "reading") from exc
 
     def commit(self, position: Any) -> None:
         """Acknowledge every delivered message up to ``position`` (a checkpoint covers them).
@@ -178,6 +222,14 @@ class RedisStreamReader:
 
     def lag(self) -> int | None:
         """Messages in the streams not yet delivered to the group (Redis >= 7)."""
+        import redis
+
+        try:
+            return self._lag()
+        except redis.RedisError:
+            return None  # monitoring only: a missing stream is reported by poll()
+
+    def _lag(self) -> int | None:
         total = 0
         for key in self.keys:
             for g in self._acker.xinfo_groups(key):
@@ -190,6 +242,68 @@ class RedisStreamReader:
         return total
 
     # ---------------------------------------------------------------------------- internals
+
+    def _error(self, exc: Exception, doing: str) -> SluiceError:
+        """Convert a redis-py error (the connector boundary): transient or terminal, naming
+        the stream(s), the group and the fix."""
+        import redis
+
+        group = self.config.group
+        names = ", ".join(repr(k) for k in self.keys)
+        if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+            # a reply may have been lost after Redis delivered messages: they are pending for
+            # us, so read again from our position before taking new ones
+            self._needs_resync = True
+            return TransientError(
+                self.step_id, f"lost the connection to Redis while {doing} {names}: {exc}"
+            )
+        text = str(exc)
+        if text.startswith(_TRANSIENT_REPLIES):
+            self._needs_resync = True
+            return TransientError(self.step_id, f"Redis is not ready ({text}) while {doing}")
+        if "NOGROUP" in text or "UNBLOCKED" in text or "no such key" in text.lower():
+            gone = self._gone() or self.keys
+            which = ", ".join(repr(k) for k in gone)
+            at = ", ".join(f"{k} {self._position[k]}" for k in gone if k in self._position)
+            return SourceError(
+                self.step_id,
+                f"Redis stream {which} or its consumer group {group!r} no longer exists: the "
+                "key was deleted (or the group destroyed) while the pipeline was reading it; "
+                "its messages not yet covered by a checkpoint were deleted with it "
+                f"(Redis said: {text})",
+                fix="restart the pipeline: it recreates the group on the stream and reads the "
+                "messages added after the last checkpointed id"
+                + (f" (the last id read was {at})" if at else "")
+                + "; to drop old messages trim the stream (XTRIM, or maxlen on the producer) "
+                "instead of deleting the key",
+            )
+        if "WRONGTYPE" in text:
+            return SourceError(
+                self.step_id,
+                f"Redis key {names} does not hold a stream ({text})",
+                fix="point 'stream' at a Redis Streams key (one that XADD writes to)",
+            )
+        return SourceError(
+            self.step_id, f"Redis refused {doing} stream {names} (group {group!r}): {text}"
+        )
+
+    def _gone(self) -> list[str]:
+        """The keys whose stream or consumer group no longer exists (best effort)."""
+        import redis
+
+        gone: list[str] = []
+        for key in self.keys:
+            try:
+                names = {
+                    (g["name"].decode() if isinstance(g["name"], bytes) else g["name"])
+                    for g in self._acker.xinfo_groups(key)
+                }
+            except redis.RedisError:
+                gone.append(key)
+                continue
+            if self.config.group not in names:
+                gone.append(key)
+        return gone
 
     def _resync(self) -> None:
         """Plan the re-read: per key, every message after our position (or, without one,
@@ -262,19 +376,23 @@ class RedisStreamReader:
                     if not entries:
                         continue
             ids = [e[0] for e in entries]
+            partition = f"redis:{key}"
+            sources: list[str] = []
             offsets: list[int] = []
             payloads: list[bytes] = []
-            missing: list[int] = []
+            missing: list[tuple[str, int]] = []
+            same = True  # every id in the common range: one partition name for the batch
             for eid, fields in entries:
-                offset = _offset(eid)
+                src, offset = message_position(partition, eid)
+                same = same and src is partition
                 value = fields.get(field) if fields else None
                 if value is None:
-                    missing.append(offset)
+                    missing.append((src, offset))
                     continue
+                sources.append(src)
                 offsets.append(offset)
                 payloads.append(value)
-            partition = f"redis:{key}"
-            table, dead = self._decoder.decode(payloads, partition, offsets)
+            table, dead = self._decoder.decode(payloads, partition if same else sources, offsets)
             if table is not None:
                 tables.append(table)
             if dead is not None:
@@ -286,8 +404,8 @@ class RedisStreamReader:
                         reason="parse_error",
                         message=f"message has no field {self.config.field!r}",
                         payload=None,
-                        source=partition,
-                        position=pa.array(missing, pa.int64()),
+                        source=[m[0] for m in missing],
+                        position=pa.array([m[1] for m in missing], pa.int64()),
                         n=len(missing),
                     )
                 )
@@ -358,8 +476,24 @@ class RedisStreamWriter:
 
     # EpochPublisher protocol
     def published_epoch(self) -> int | None:
-        raw = self._client.get(self._marker)
-        return None if raw is None else int(raw)
+        import redis
+
+        try:
+            raw = self._client.get(self._marker)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise TransientError(self.step_id, f"lost the connection to Redis: {exc}") from exc
+        except redis.RedisError as exc:
+            raise SinkError(
+                self.step_id, f"cannot read the epoch marker {self._marker!r}: {exc}"
+            ) from exc
+        try:
+            return None if raw is None else int(raw)
+        except ValueError as exc:
+            raise SinkError(
+                self.step_id,
+                f"the epoch marker {self._marker!r} holds {raw!r}, not an epoch number",
+                fix="delete that key if nothing else uses it (the next epoch recreates it)",
+            ) from exc
 
     def publish(self, epoch: int, table: pa.Table) -> pa.Table:
         import redis
@@ -378,7 +512,7 @@ class RedisStreamWriter:
 
         try:
             self._client.transaction(txn, self._marker)
-        except redis.ConnectionError as exc:
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise TransientError(self.step_id, f"lost the connection to Redis: {exc}") from exc
         except redis.RedisError as exc:
             raise SinkError(self.step_id, f"adding epoch {epoch} failed: {exc}") from exc
@@ -411,4 +545,4 @@ class RedisStreamWriter:
             raise SinkError(self.step_id, f"adding to {self.config.stream} failed: {exc}") from exc
 
 
-__all__ = ["RedisStreamReader", "RedisStreamWriter"]
+__all__ = ["RedisStreamReader", "RedisStreamWriter", "message_id", "message_position"]

@@ -14,10 +14,15 @@ from sluice.steps._base import BaseStep, check_columns, to_polars
 class Join(BaseStep):
     """Left or inner join with a reference file, held in memory.
 
-    The reference must have unique keys (checked at open): a join that multiplied rows would break
-    the per-step accounting ``in = out + dead + filtered``. Rows of the reference file that cannot
-    be read become dead letters of this step (reported with the first batch). With ``how: inner``
-    an input row without a match is filtered, or a dead letter with ``unmatched: dead_letter``.
+    The reference holds one row per key (settled at open), so a join never multiplies rows and
+    the per-step accounting ``in = out + dead + filtered`` holds: identical duplicate rows are
+    kept once; rows that share a key but differ fail the step (``on_duplicate_keys: error``,
+    the default; the message names a key and the counts) or are resolved by keeping the
+    ``first`` or ``last`` of them in file order. Reference rows with a null in a key column
+    never match (a null key equals nothing) and are left out. Rows of the reference file that
+    cannot be read become dead letters of this step (reported with the first batch). With
+    ``how: inner`` an input row without a match is filtered, or a dead letter with
+    ``unmatched: dead_letter``.
     """
 
     config: JoinStep
@@ -51,17 +56,28 @@ class Join(BaseStep):
             )
         ref = to_polars(concat(tables))
         check_columns(self.step_id, opts.key, ref.columns, "join.key (reference side)")
-        dup = ref.select(opts.key).is_duplicated()
-        if dup.any():
-            example = ref.filter(dup).select(opts.key).row(0)
-            raise StepError(
-                self.step_id,
-                f"reference has duplicate keys on {opts.key}, e.g. {example}",
-                fix="deduplicate the reference file; a join must not multiply rows",
-            )
-        self.ref = ref
+        self.ref = self._one_row_per_key(ref)
         if dead:
             self.pending_dead = concat(dead)
+
+    def _one_row_per_key(self, ref: pl.DataFrame) -> pl.DataFrame:
+        opts = self.config.join
+        ref = ref.drop_nulls(subset=opts.key).unique(maintain_order=True)  # identical: once
+        dup = ref.select(opts.key).is_duplicated()
+        if not dup.any():
+            return ref
+        if opts.on_duplicate_keys != "error":
+            return ref.unique(subset=opts.key, keep=opts.on_duplicate_keys, maintain_order=True)
+        keys = ref.filter(dup).select(opts.key).unique(maintain_order=True)
+        example = ", ".join(f"{k}={v!r}" for k, v in zip(opts.key, keys.row(0), strict=True))
+        raise StepError(
+            self.step_id,
+            f"reference {opts.reference.path!r} has {keys.height} key(s) on "
+            f"{', '.join(opts.key)} with differing rows ({int(dup.sum())} rows in all), "
+            f"e.g. {example}; a join must not multiply rows",
+            fix="set join.on_duplicate_keys to 'first' or 'last' to keep one row per key (in "
+            "file order), or deduplicate the reference file",
+        )
 
     def process(self, table: Frame) -> StepResult:
         assert self.ref is not None, "open() first"

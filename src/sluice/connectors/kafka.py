@@ -85,6 +85,12 @@ _CONSUME_SLICE = 0.1
 _SOURCE_OWNED = ("bootstrap.servers", "group.id", "enable.auto.commit", "enable.auto.offset.store")
 # librdkafka settings about reaching and authenticating to the brokers: the sink's marker
 # consumer uses them too
+#: Clients created only to have librdkafka check the options log nothing (they may try to
+#: connect in the background before they are closed).
+_QUIET = logging.getLogger("sluice.connectors.kafka.check")
+_QUIET.addHandler(logging.NullHandler())
+_QUIET.propagate = False
+
 _CONNECTION_OPTIONS = (
     "security.",
     "sasl.",
@@ -232,6 +238,31 @@ class KafkaReader:
 
     # ------------------------------------------------------------------------ stream protocol
 
+    def _conf(self) -> dict[str, Any]:
+        return {
+            "auto.offset.reset": "earliest",
+            **self.config.options,
+            "bootstrap.servers": self.config.brokers,
+            "group.id": self.config.group,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "error_cb": self._on_error,
+            "logger": log,
+        }
+
+    def check_config(self, ctx: RunContext) -> None:
+        """librdkafka checks the options when a client is created: create one (it connects in
+        the background only) and close it at once, so ``sluice validate`` finds bad options."""
+        require("confluent_kafka", "kafka", "Kafka source")
+        from confluent_kafka import Consumer, KafkaException
+
+        try:
+            Consumer({**self._conf(), "logger": _QUIET}).close()
+        except KafkaException as exc:
+            raise ConfigError(
+                f"invalid Kafka consumer settings: {exc}", step_id=self.step_id, field="options"
+            ) from exc
+
     def open(self, ctx: RunContext, position: Any) -> None:
         require("confluent_kafka", "kafka", "Kafka source")
         from confluent_kafka import Consumer, KafkaException
@@ -243,16 +274,7 @@ class KafkaReader:
         self._assigned = set()
         self._fatal = None
         self._closed = False
-        conf: dict[str, Any] = {
-            "auto.offset.reset": "earliest",
-            **self.config.options,
-            "bootstrap.servers": self.config.brokers,
-            "group.id": self.config.group,
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "error_cb": self._on_error,
-            "logger": log,
-        }
+        conf = self._conf()
         strategy = str(conf.get("partition.assignment.strategy", ""))
         protocol = str(conf.get("group.protocol", "classic"))
         self._incremental = "cooperative" in strategy or protocol == "consumer"
@@ -562,11 +584,8 @@ class KafkaWriter:
 
     # ------------------------------------------------------------------ sink / publisher protocol
 
-    def open(self, ctx: RunContext) -> None:
-        require("confluent_kafka", "kafka", "Kafka sink")
-        from confluent_kafka import KafkaException, Producer
-
-        conf: dict[str, Any] = {
+    def _conf(self) -> dict[str, Any]:
+        return {
             "acks": "all",
             **self.config.options,
             "bootstrap.servers": self.config.brokers,
@@ -577,6 +596,44 @@ class KafkaWriter:
             "error_cb": self._on_error,
             "logger": log,
         }
+
+    def _marker_conf(self, group: str) -> dict[str, Any]:
+        shared = {k: v for k, v in self.config.options.items() if k.startswith(_CONNECTION_OPTIONS)}
+        return {
+            **shared,
+            "bootstrap.servers": self.config.brokers,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "logger": log,
+        }
+
+    def check_config(self, ctx: RunContext) -> None:
+        """Create the producer and the epoch-marker consumer once and drop them, so that
+        librdkafka's check of the options runs in ``sluice validate`` (nothing is sent)."""
+        require("confluent_kafka", "kafka", "Kafka sink")
+        from confluent_kafka import Consumer, KafkaException, Producer
+
+        try:
+            Producer({**self._conf(), "logger": _QUIET}).flush(0)
+        except KafkaException as exc:
+            raise ConfigError(
+                f"invalid Kafka producer settings: {exc}", step_id=self.step_id, field="options"
+            ) from exc
+        try:
+            Consumer({**self._marker_conf("sluice-validate"), "logger": _QUIET}).close()
+        except KafkaException as exc:
+            raise ConfigError(
+                f"invalid Kafka settings for the epoch marker: {exc}",
+                step_id=self.step_id,
+                field="options",
+            ) from exc
+
+    def open(self, ctx: RunContext) -> None:
+        require("confluent_kafka", "kafka", "Kafka sink")
+        from confluent_kafka import KafkaException, Producer
+
+        conf = self._conf()
         self._fatal = None
         self._failed = []
         self._marker_group = f"sluice-epoch.{ctx.pipeline}.{self.step_id}.{ctx.run_id}"
@@ -667,20 +724,8 @@ class KafkaWriter:
         if self._marker is None:
             if not self._marker_group:
                 raise SinkError(self.step_id, "published_epoch()/publish() called before open()")
-            shared = {
-                k: v for k, v in self.config.options.items() if k.startswith(_CONNECTION_OPTIONS)
-            }
             try:
-                self._marker = Consumer(
-                    {
-                        **shared,
-                        "bootstrap.servers": self.config.brokers,
-                        "group.id": self._marker_group,
-                        "enable.auto.commit": False,
-                        "enable.auto.offset.store": False,
-                        "logger": log,
-                    }
-                )
+                self._marker = Consumer(self._marker_conf(self._marker_group))
             except KafkaException as exc:
                 raise ConfigError(
                     f"invalid Kafka settings for the epoch marker: {exc}",

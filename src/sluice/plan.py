@@ -112,12 +112,13 @@ def _check(
         hint = f"did you mean '{close}'?" if close else f"use one of: {', '.join(known.names)}"
         errors.append(
             ConfigError(
-                f"column {name!r} is not in the input of this {role}"
+                f"column {name!r} is not in the input"
                 + ("" if known.complete else " (nor close to any declared column)"),
                 step_id=step_id,
                 field=field,
                 value=name,
                 fix=hint,
+                role=role,
             )
         )
 
@@ -328,6 +329,7 @@ def probe_source(source: Any, base_dir: Path) -> Known | None:
         raise ConfigError(
             f"the declared schema names column {name!r}, which the file does not have",
             step_id=source.id,
+            role="source",
             field=f"schema.{name}",
             value=name,
             fix=(f"did you mean '{close[0]}'?" if close else f"the file has: {', '.join(found)}"),

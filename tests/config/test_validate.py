@@ -122,7 +122,9 @@ TRIGGERS: dict[str, Case] = {
     # the epoch marker's consumer shares only the connection options, which the producer
     # checks first: the same mistake is found (and reported) by check_config#0
     "connectors/kafka.py::KafkaWriter.check_config#1": Case(_KAFKA_SINK_SSL, "security.protocol"),
-    "connectors/kafka.py::KafkaWriter._marker_consumer#0": Case(_KAFKA_SINK_SSL, "security.protocol"),
+    "connectors/kafka.py::KafkaWriter._marker_consumer#0": Case(
+        _KAFKA_SINK_SSL, "security.protocol"
+    ),
     "connectors/postgres.py::PostgresWriter.__init__#0": Case(
         f"{CSV}sinks: [{{id: pg, kind: postgres, dsn: x, table: a.b.c}}]\n",
         "sink 'pg', field 'table': table must be 'name' or 'schema.name'",

@@ -109,7 +109,13 @@ PIPELINE_RULES: list[PipelineRule] = [_stream_file_outputs]
 #: schema-propagation pass (columns each step produces, from the declared source schema, so
 #: that a misspelt column is found before data is read) registers here, e.g.
 #: ``PIPELINE_CHECKS.append(lambda cfg, built: column_errors(cfg, built.base_dir))``.
-PIPELINE_CHECKS: list[PipelineCheck] = []
+def _columns(cfg: PipelineConfig, built: Components) -> list[ConfigError]:
+    from sluice.plan import column_errors  # higher layer, imported when validation runs
+
+    return column_errors(cfg, built.base_dir)
+
+
+PIPELINE_CHECKS: list[PipelineCheck] = [_columns]
 
 
 def step_kind(step_config: Any) -> str:

@@ -105,3 +105,20 @@ def test_plan_stops_guessing_after_an_unknown_step(tmp_path: Path) -> None:
     steps = [{"id": "a", "select": ["x"]}, {"id": "b", "select": ["y"]}]
     errs = _errors(tmp_path, source, steps)
     assert len(errs) == 1 and "step 'b'" in errs[0]  # after a select, columns are known again
+
+
+def test_i8_23_sluice_validate_reports_a_misspelt_column(
+    tmp_path: Path, parquet_source: dict[str, Any]
+) -> None:
+    from typer.testing import CliRunner
+
+    from sluice.cli import app
+
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "pipeline: p\nsource: {kind: parquet, path: in.parquet}\n"
+        "steps: [{id: f, filter: 'amout > 1'}]\n"
+    )
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "step 'f'" in result.output and "amout" in result.output

@@ -183,9 +183,16 @@ class Sql(BaseStep):
         self.con.register("input", source)
         try:
             reader = self.con.sql(self.plan.sql).to_arrow_reader(RELEASE_ROWS)
-            for batch in reader:
-                if batch.num_rows:
-                    yield StepResult(pa.Table.from_batches([batch]))
+            pending: list[pa.RecordBatch] = []
+            rows = 0
+            for batch in reader:  # DuckDB may hand out small chunks: release full batches
+                pending.append(batch)
+                rows += batch.num_rows
+                if rows >= RELEASE_ROWS:
+                    yield StepResult(pa.Table.from_batches(pending, schema=reader.schema))
+                    pending, rows = [], 0
+            if rows:
+                yield StepResult(pa.Table.from_batches(pending, schema=reader.schema))
         except duckdb.Error as exc:
             raise _sql_error(self.step_id, exc, source.schema.names) from exc
         finally:

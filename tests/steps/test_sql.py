@@ -84,12 +84,8 @@ def _key(row: dict[str, Any]) -> str:
 def test_i8_01_sql_group_by_sees_the_whole_input_in_a_batch_run(tmp_path: Path) -> None:
     """The issue's reproducer: per-batch GROUP BY split keys at batch cuts."""
     table = _sensor_csv(tmp_path / "in.csv", 6000)
-    sql = (
-        "SELECT device_id, date_trunc('hour', ts) AS hour, count(*) AS n FROM input GROUP BY ALL"
-    )
-    cfg = parse_pipeline(
-        _pipeline(tmp_path, [{"id": "agg", "sql": sql}], batch_rows=500)
-    )
+    sql = "SELECT device_id, date_trunc('hour', ts) AS hour, count(*) AS n FROM input GROUP BY ALL"
+    cfg = parse_pipeline(_pipeline(tmp_path, [{"id": "agg", "sql": sql}], batch_rows=500))
     rep = Executor(cfg, base_dir=tmp_path, progress=False).run()
     assert rep.status == "succeeded" and rep.balanced
     got = pq.read_table(tmp_path / "out").to_pylist()
@@ -108,7 +104,10 @@ _STATEMENTS = [
     ("SELECT id, v, sum(v) OVER (PARTITION BY device_id ORDER BY id) AS run FROM input", False),
     ("SELECT id, v FROM input ORDER BY v DESC, id LIMIT 7", True),
     ("SELECT id FROM input WHERE v > (SELECT avg(v) FROM input)", False),
-    ("SELECT device_id FROM input WHERE v < 10 UNION SELECT device_id FROM input WHERE v > 90", False),
+    (
+        "SELECT device_id FROM input WHERE v < 10 UNION SELECT device_id FROM input WHERE v > 90",
+        False,
+    ),
     ("SELECT * FROM input ORDER BY id OFFSET 3", True),
 ]
 
@@ -187,8 +186,7 @@ def test_i8_01_per_batch_true_runs_each_batch_on_its_own(tmp_path: Path) -> None
     step.open(RunContext("p", "r"))
     try:
         outs = [
-            step.process(with_positions(pa.table({"a": list(range(n))}), "m", 0))
-            for n in (3, 5)
+            step.process(with_positions(pa.table({"a": list(range(n))}), "m", 0)) for n in (3, 5)
         ]
         assert step.finish() is None
     finally:
@@ -346,8 +344,9 @@ def test_i8_20_reference_tables_are_declared_on_the_step(tmp_path: Path) -> None
         },
         {"id": "per_site", "sql": "SELECT site, count(*) AS n FROM input GROUP BY ALL"},
     ]
-    rep = Executor(parse_pipeline(_pipeline(tmp_path, steps)), base_dir=tmp_path,
-                   progress=False).run()
+    rep = Executor(
+        parse_pipeline(_pipeline(tmp_path, steps)), base_dir=tmp_path, progress=False
+    ).run()
     assert rep.status == "succeeded" and rep.balanced
     got = {r["site"]: r["n"] for r in pq.read_table(tmp_path / "out").to_pylist()}
     assert got and sum(got.values()) == 50 and set(got) <= {"site-0", "site-1", "site-2"}
@@ -430,9 +429,7 @@ def test_i8_25_late_letters_after_a_sql_step_carry_source_and_position(tmp_path:
     )
     rep = Executor(cfg, base_dir=tmp_path, progress=False).run()
     letters = [json.loads(x) for x in Path(str(rep.dead_letter_path)).read_text().splitlines()]
-    assert [(d["reason"], d["source"], d["position"]) for d in letters] == [
-        ("late", str(path), 2)
-    ]
+    assert [(d["reason"], d["source"], d["position"]) for d in letters] == [("late", str(path), 2)]
 
 
 def test_i8_25_hidden_columns_do_not_leak_into_star_or_distinct() -> None:

@@ -461,3 +461,25 @@ def test_sql_errors_name_the_step_and_the_column() -> None:
             step.process(with_positions(pa.table({"device": [1]}), "m", 0))
     finally:
         step.close()
+
+
+def test_output_schema_dispatches_on_the_step_kind() -> None:
+    from sluice.config.models import DeriveStep, FilterStep, SelectStep
+
+    schema = pa.schema([("a", pa.int64())])
+    assert sqlengine.output_schema(FilterStep(id="f", filter="a > 1"), schema) == schema
+    derived = sqlengine.output_schema(DeriveStep(id="d", derive={"b": "a / 2"}), schema)
+    assert derived is not None and derived.field("b").type == pa.float64()
+    sql = sqlengine.output_schema(SqlStep(id="q", sql="SELECT count(*) AS n FROM input"), schema)
+    assert sql is not None and sql.names == ["n"]
+    assert sqlengine.output_schema(SelectStep(id="s", select=["a"]), schema) is None
+    joined = SqlStep(
+        id="q",
+        sql="SELECT * FROM input JOIN r USING (a)",
+        tables={"r": {"kind": "csv", "path": "r.csv"}},
+    )
+    assert sqlengine.output_schema(joined, schema) is None  # the table's schema is not known
+    got = sqlengine.output_schema(
+        joined, schema, {"r": pa.schema([("a", pa.int64()), ("x", pa.string())])}
+    )
+    assert got is not None and got.names == ["a", "x"]

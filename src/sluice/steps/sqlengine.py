@@ -583,6 +583,31 @@ def bind_schema(
                 con.unregister(name)
 
 
+def output_schema(
+    step: Any, input_schema: pa.Schema | None, tables: Mapping[str, pa.Schema] | None = None
+) -> pa.Schema | None:
+    """The output schema of a ``filter``, ``derive`` or ``sql`` step config for an input of
+    ``input_schema`` (None: unknown, e.g. no input schema, or reference tables not given);
+    raises :class:`~sluice.errors.ConfigError` naming the step when an expression does not
+    bind — an unknown column comes with 'did you mean'. ``tables`` are the schemas of a sql
+    step's reference tables. Other step kinds: None."""
+    from sluice.config.models import DeriveStep, FilterStep, SqlStep
+
+    if isinstance(step, FilterStep):
+        from sluice.steps.expressions import filter_output_schema
+
+        return filter_output_schema(step, input_schema)
+    if isinstance(step, DeriveStep):
+        from sluice.steps.expressions import derive_output_schema
+
+        return derive_output_schema(step, input_schema)
+    if isinstance(step, SqlStep):
+        from sluice.steps.sql import output_schema as sql_output_schema
+
+        return sql_output_schema(step, input_schema, tables)
+    return None
+
+
 def missing_column_hint(message: str, columns: list[str]) -> str | None:
     """From a DuckDB binder error about an unknown column, 'did you mean' text (or None)."""
     marker = 'Referenced column "'

@@ -368,6 +368,21 @@ _VALUES = {
         st.floats(-1e6, 1e6),
     ),
     "s": st.one_of(st.none(), st.sampled_from(["", "a", "paid", "PAID", "a%b", "ü", "a_c"])),
+    "t": st.one_of(
+        st.none(),
+        st.datetimes(dt.datetime(1960, 1, 1), dt.datetime(2090, 1, 1)),
+    ),
+    "z": st.one_of(
+        st.none(),
+        st.datetimes(
+            dt.datetime(1960, 1, 1), dt.datetime(2090, 1, 1), timezones=st.just(dt.UTC)
+        ),
+    ),
+    "d": st.one_of(st.none(), st.dates(dt.date(1960, 1, 1), dt.date(2090, 1, 1))),
+    "p": st.one_of(
+        st.none(),
+        st.decimals(-(10**6), 10**6, places=2, allow_nan=False, allow_infinity=False),
+    ),
 }
 _EXPRS = [
     "i > j",
@@ -403,10 +418,28 @@ _EXPRS = [
     "length(s)",
     "starts_with(s, 'p')",
     "CAST(j AS DOUBLE)",
+    "t >= '2024-01-01'",
+    "t < d",
+    "d = '2024-02-29'",
+    "z >= '2024-03-31 01:30:00'",
+    "year(t)",
+    "month(d)",
+    "hour(z)",
+    "day(z)",
+    "date_trunc('hour', t)",
+    "date_trunc('month', z)",
+    "date_trunc('week', t)",
+    "date_part('minute', z)",
+    "CAST(z AS DATE)",
+    "CAST(t AS DATE)",
+    "p > 0",
+    "p = 2.5",
+    "p BETWEEN -1 AND 1.25",
+    "p IS NULL OR p < 0",
 ]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     rows=st.lists(st.fixed_dictionaries(_VALUES), min_size=1, max_size=30),
     expr=st.sampled_from(_EXPRS),
@@ -415,11 +448,40 @@ def test_polars_translation_equals_duckdb(rows: list[dict[str, Any]], expr: str)
     table = pa.Table.from_pylist(
         rows,
         schema=pa.schema(
-            [("i", pa.int64()), ("j", pa.int32()), ("f", pa.float64()), ("s", pa.string())]
+            [
+                ("i", pa.int64()),
+                ("j", pa.int32()),
+                ("f", pa.float64()),
+                ("s", pa.string()),
+                ("t", pa.timestamp("us")),
+                ("z", pa.timestamp("us", tz="UTC")),
+                ("d", pa.date32()),
+                ("p", pa.decimal128(12, 2)),
+            ]
         ),
+    )
+    table = table.set_column(  # the same instants, labelled with another zone
+        table.schema.get_field_index("z"),
+        "z",
+        table["z"].cast(pa.timestamp("us", tz="Europe/Paris")),
     )
     want = oracle(expr, table).to_pylist()
     derive = Derive(DeriveStep(id="d", derive={"out": expr}))
     got = as_arrow(derive.process(with_positions(table, "mem", 0)).table)["out"].to_pylist()
     assert not isinstance(next(iter(derive._plans.values())), str), f"{expr} not translated"
     assert same(got, want), (expr, got, want)
+
+
+def test_integer_overflow_is_an_error_as_in_duckdb_never_a_wrapped_value() -> None:
+    big = pa.table({"i": pa.array([2**63 - 1, 1], pa.int64())})
+    with pytest.raises(duckdb.Error, match="Overflow"):
+        oracle("i + 1", big)
+    derive = Derive(DeriveStep(id="d", derive={"j": "i + 1"}))
+    with pytest.raises(StepError, match="step 'd'"):
+        derive.process(with_positions(big, "mem", 0))
+    assert not isinstance(next(iter(derive._plans.values())), str)  # the Polars path raised
+    # DuckDB evaluates a CASE branch only for its rows: no error there, in either engine
+    guarded = "CASE WHEN i < 100 THEN i + 1 ELSE 0 END"
+    assert oracle(guarded, big).to_pylist() == [0, 2]
+    out = Derive(DeriveStep(id="d", derive={"j": guarded})).process(with_positions(big, "m", 0))
+    assert as_arrow(out.table)["j"].to_pylist() == [0, 2]

@@ -483,3 +483,24 @@ def test_output_schema_dispatches_on_the_step_kind() -> None:
         joined, schema, {"r": pa.schema([("a", pa.int64()), ("x", pa.string())])}
     )
     assert got is not None and got.names == ["a", "x"]
+
+
+def test_i8_01_spill_folders_of_dead_processes_are_removed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import tempfile
+
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(child.stdout)
+    stale = Path(tempfile.gettempdir()) / f"sluice-sql-{dead_pid}-run-q-x"
+    stale.mkdir(exist_ok=True)
+    (stale / "input-0.arrows").write_bytes(b"left by a killed run")
+    step = Sql(SqlStep(id="q", sql="SELECT count(*) AS n FROM input"))
+    step.open(RunContext("p", "r"))
+    step.close()
+    assert not stale.exists()

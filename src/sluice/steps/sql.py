@@ -26,6 +26,8 @@ letters of this step).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -79,7 +81,7 @@ class Sql(BaseStep):
     def open(self, ctx: RunContext) -> None:
         super().open(ctx)
         if self.whole:
-            self._tmp = Path(tempfile.mkdtemp(prefix=f"sluice-sql-{ctx.run_id}-{self.step_id}-"))
+            self._tmp = _spill_dir(ctx.run_id, self.step_id)
             (self._tmp / "duckdb").mkdir()
             self.con = sqlengine.connect(
                 memory_limit=self.config.memory_limit,
@@ -196,7 +198,9 @@ class Sql(BaseStep):
         except duckdb.Error as exc:
             raise _sql_error(self.step_id, exc, source.schema.names) from exc
         finally:
-            self.con.unregister("input")
+            if self.con is not None:
+                with contextlib.suppress(duckdb.Error):
+                    self.con.unregister("input")
             self.close()
 
 
@@ -208,6 +212,29 @@ def _sql_error(step_id: str, exc: Exception, columns: list[str]) -> StepError:
 
 
 # ---------------------------------------------------------------------------------- spilling
+
+_SPILL_PREFIX = "sluice-sql-"
+
+
+def _spill_dir(run_id: str, step_id: str) -> Path:
+    """A new folder for one step's spill, in the system temp folder (``TMPDIR``). Folders left
+    by a process that no longer runs (killed mid-run) are removed first."""
+    base = Path(tempfile.gettempdir())
+    for old in base.glob(f"{_SPILL_PREFIX}*"):
+        pid = old.name[len(_SPILL_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{_SPILL_PREFIX}{os.getpid()}-{run_id}-{step_id}-"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class _Spill:

@@ -504,3 +504,63 @@ def test_i8_01_spill_folders_of_dead_processes_are_removed(tmp_path: Path) -> No
     step.open(RunContext("p", "r"))
     step.close()
     assert not stale.exists()
+
+
+def test_i8_01_sluice_validate_refuses_a_group_by_in_a_stream(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from sluice.cli import app
+
+    path = tmp_path / "stream.yaml"
+    path.write_text(
+        "pipeline: s\n"
+        "source: {kind: redis_stream, stream: readings}\n"
+        "steps:\n"
+        "  - id: per_device\n"
+        "    sql: SELECT device_id, count(*) AS n FROM input GROUP BY device_id\n"
+        "sinks:\n"
+        "  - {id: out, kind: jsonl, path: out.jsonl}\n"
+    )
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert "step 'per_device', field 'sql'" in text and "GROUP BY" in text
+    assert "window step" in text and "per_batch: true" in text
+
+
+ROW_WISE = [
+    "SELECT * FROM input",
+    "SELECT a, s FROM input WHERE a % 2 = 0",
+    "SELECT * EXCLUDE (s), upper(s) AS u FROM input",
+    "SELECT * REPLACE (a * 10 AS a) FROM input",
+    "SELECT i.* FROM input AS i WHERE i.a > 1",
+    "SELECT COLUMNS(*) FROM input",
+    "SELECT a, list_transform(l, lambda x: x + a) AS m FROM input",
+    "SELECT a, [x * 2 FOR x IN l] AS d, {'k': a, 'v': s} AS st FROM input",
+    "SELECT a, unnest(l) AS item FROM input",
+    "SELECT a, CASE WHEN s LIKE 'b%' THEN 'b' END AS c, a::VARCHAR || '!' AS t FROM input",
+    "FROM input SELECT s WHERE a BETWEEN 1 AND 3",
+    "SELECT COLUMNS('^[as]$') FROM input",
+]
+
+
+@pytest.mark.parametrize("sql", ROW_WISE)
+def test_i8_25_row_wise_statements_give_their_rows_plus_provenance(sql: str) -> None:
+    table = pa.table({"a": [1, 2, 3, 4], "s": ["a", "b", None, "bb"], "l": [[1, 2], [], None, [3]]})
+    want = _whole(sql, table)
+    step = Sql(SqlStep(id="q", sql=sql))
+    assert step.plan.whole_input is None
+    step.open(RunContext("p", "r"))
+    try:
+        got = as_arrow(step.process(with_positions(table, "f.csv", 100)).table)
+    finally:
+        step.close()
+    data = got.drop_columns([c for c in (SOURCE_COL, ROW_COL) if c in got.column_names])
+    assert data.to_pylist() == want
+    if "COLUMNS('" in sql:  # a regex could pick the hidden columns: provenance is dropped
+        assert ROW_COL not in got.column_names
+    else:
+        assert got.column_names[-2:] == [SOURCE_COL, ROW_COL]
+        assert set(source_names(got[SOURCE_COL]).to_pylist()) <= {"f.csv"}
+        if "a" in data.column_names and "REPLACE" not in sql:  # each row: its own position
+            assert got[ROW_COL].to_pylist() == [99 + a for a in got["a"].to_pylist()]

@@ -57,7 +57,6 @@ BLOCKED_FUNCTIONS: Final = frozenset(
 )
 #: Names the parser produces for syntax, not found in the function catalog.
 _SYNTAX_FUNCTIONS: Final = frozenset({"unnest", "unlist", "row", "struct_pack", "list_value"})
-_ROW_WISE_FROM: Final = frozenset({"BASE_TABLE", "JOIN"})
 _TABLE_REFS: Final = frozenset(
     {"BASE_TABLE", "JOIN", "SUBQUERY", "TABLE_FUNCTION", "EXPRESSION_LIST", "EMPTY", "PIVOT"}
 )

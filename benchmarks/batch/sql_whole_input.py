@@ -66,8 +66,9 @@ def generate(size: int, seed: int = 7) -> Path:
             df = pl.DataFrame(
                 {
                     "device_id": rng.integers(0, DEVICES, CHUNK_ROWS),
-                    "ts": (base + rng.integers(0, 365 * 86400, CHUNK_ROWS).astype(
-                        "timedelta64[s]")).astype("datetime64[us]"),
+                    "ts": (
+                        base + rng.integers(0, 365 * 86400, CHUNK_ROWS).astype("timedelta64[s]")
+                    ).astype("datetime64[us]"),
                     "v": np.round(rng.normal(20, 5, CHUNK_ROWS), 3),
                 }
             )

@@ -374,9 +374,7 @@ _VALUES = {
     ),
     "z": st.one_of(
         st.none(),
-        st.datetimes(
-            dt.datetime(1960, 1, 1), dt.datetime(2090, 1, 1), timezones=st.just(dt.UTC)
-        ),
+        st.datetimes(dt.datetime(1960, 1, 1), dt.datetime(2090, 1, 1), timezones=st.just(dt.UTC)),
     ),
     "d": st.one_of(st.none(), st.dates(dt.date(1960, 1, 1), dt.date(2090, 1, 1))),
     "p": st.one_of(

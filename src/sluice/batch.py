@@ -8,8 +8,9 @@ so that a row can be traced back to where it came from, whichever step rejects i
 * ``__sluice_row`` (int64): the 0-based record number inside that source (a line number for
   line-oriented formats is reported separately in dead letters when the reader knows it)
 
-Steps keep them when they keep whole rows (filter, select, cast, ...); SQL that does not select
-them drops them, after which later dead letters carry no position. Sinks never write them
+Steps keep them when they keep whole rows (filter, derive, select, cast, ...); a row-wise ``sql``
+statement carries them through (it never sees them: ``SELECT *`` does not return them); rows made
+from many rows (aggregates, window results) have none. Sinks never write them
 (:func:`strip_positions`).
 
 Between steps a batch is a *frame*: a ``pyarrow.Table`` or a ``polars.DataFrame``. Sources

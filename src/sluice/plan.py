@@ -149,6 +149,27 @@ def _step_output(step: Any, inp: Known | None, errors: list[ConfigError], base: 
     if "deduplicate" in fields:
         _check(errors, inp, step.deduplicate.key, step.id, "deduplicate.key")
         return inp
+    if ("filter" in fields or "derive" in fields or "sql" in fields) and _typed(inp, step):
+        if "sql" in fields:
+            return _bound(step, inp)
+        if "filter" in fields:
+            try:
+                _bound(step, inp)
+            except ConfigError as exc:
+                errors.append(exc)
+            return inp
+        current: Known | None = inp  # derive: one expression at a time, each mistake reported
+        for name, text in step.derive.items():
+            if current is None or not _typed(current, step):
+                break
+            before = current
+            try:
+                current = _bound(step.model_copy(update={"derive": {name: text}}), before)
+            except ConfigError as exc:
+                errors.append(exc)
+                names = tuple(dict.fromkeys([*before.names, name]))
+                current = Known(names, True, tuple(t for t in before.types if t[0] != name))
+        return current
     if "filter" in fields:
         _sql_columns(f"SELECT * FROM input WHERE {step.filter}", inp, step.id, "filter", errors)
         return inp
@@ -191,6 +212,29 @@ def _step_output(step: Any, inp: Known | None, errors: list[ConfigError], base: 
     if "contract" in fields:
         return inp  # a contract reports its own missing columns (presence checks)
     return None
+
+
+def _typed(inp: Known | None, step: Any) -> bool:
+    """True when every input column's type is known (and a sql step declares no reference
+    tables): the step's own binder then gives its exact output."""
+    if inp is None or not inp.complete or getattr(step, "tables", None):
+        return False
+    typed = dict(inp.types)
+    return all(typed.get(n) is not None for n in inp.names)
+
+
+def _bound(step: Any, inp: Known | None) -> Known | None:
+    """Output of a filter/derive/sql step from the step's own binder (``ConfigError`` with a
+    'did you mean' for a column that is not there)."""
+    import pyarrow as pa
+
+    from sluice.steps.sqlengine import output_schema
+
+    assert inp is not None
+    out = output_schema(step, pa.schema([(n, inp.type_of(n)) for n in inp.names]))
+    if out is None:
+        return None
+    return Known(tuple(out.names), True, tuple((f.name, f.type) for f in out))
 
 
 def _sql_columns(

@@ -8,8 +8,10 @@ import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from sluice.batch import ROW_COL, as_arrow, with_positions
+from sluice.config import parse_pipeline
 from sluice.config.models import (
     CastStep,
     DeduplicateStep,
@@ -19,7 +21,7 @@ from sluice.config.models import (
     SelectStep,
     SqlStep,
 )
-from sluice.errors import ConfigError, StepError
+from sluice.errors import ConfigErrors, StepError
 from sluice.plugins import RunContext
 from sluice.steps.columns import Cast, Rename, Select
 from sluice.steps.dedupe import Deduplicate
@@ -77,8 +79,16 @@ def test_filter_counts_false_and_null_as_filtered() -> None:
 
 
 def test_bad_expressions_are_config_errors_naming_the_step() -> None:
-    with pytest.raises(ConfigError, match=r"step 'f', field 'filter'.*cannot parse"):
-        Filter(FilterStep(id="f", filter="a >>> "))
+    with pytest.raises(ConfigErrors, match=r"step 'f', field 'filter'.*cannot parse"):
+        parse_pipeline(
+            {
+                "pipeline": "p",
+                "source": {"kind": "csv", "path": "x.csv"},
+                "steps": [{"id": "f", "filter": "a >>> "}],
+            }
+        )
+    with pytest.raises(ValidationError, match="cannot parse"):  # the model itself refuses it
+        FilterStep(id="f", filter="a >>> ")
     with pytest.raises(StepError, match=r"step 'f'.*input columns are: a"):
         Filter(FilterStep(id="f", filter="zzz > 1")).process(batch(a=[1]))
 

@@ -396,7 +396,9 @@ def parse_pipeline(raw: Mapping[str, Any], env: Mapping[str, str] | None = None)
     try:
         cfg = PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        errors.extend(_convert(exc, data))
+        # a field whose ${VAR} could not be substituted is reported once, for that reason
+        unresolved = {(e.step_id, e.field) for e in var_errors}
+        errors.extend(e for e in _convert(exc, data) if (e.step_id, e.field) not in unresolved)
     errors.extend(check_graph(data))
     if errors or cfg is None:
         raise ConfigErrors(errors)

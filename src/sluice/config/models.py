@@ -14,9 +14,12 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails
 
 from sluice.quality.contract import Contract
 from sluice.time.durations import DurationRange
@@ -263,18 +266,95 @@ class CastStep(StepBase):
 
 class FilterStep(StepBase):
     filter: str = Field(
-        min_length=1, description="SQL boolean expression; rows not true are filtered."
+        min_length=1,
+        description="SQL boolean expression (DuckDB's dialect, see docs/expressions.md); rows "
+        "where it is not true are filtered.",
     )
+
+    @field_validator("filter")
+    @classmethod
+    def _parse_filter(cls, v: str) -> str:
+        from sluice.steps.sqlengine import parse_expression
+
+        parse_expression(v)  # syntax, unknown functions, aggregates: refused here, not at run
+        return v
 
 
 class DeriveStep(StepBase):
     derive: dict[str, str] = Field(
-        min_length=1, description="{new_column: SQL expression}, evaluated in order."
+        min_length=1,
+        description="{new_column: SQL expression} (DuckDB's dialect, see docs/expressions.md), "
+        "evaluated in order: later ones may use earlier ones.",
     )
+
+    @field_validator("derive")
+    @classmethod
+    def _parse_derive(cls, v: dict[str, str]) -> dict[str, str]:
+        from sluice.batch import POSITION_COLS
+        from sluice.steps.sqlengine import SqlRefused, parse_expression
+
+        for name, text in v.items():
+            if name in POSITION_COLS:
+                raise ValueError(f"column {name!r} is reserved for Sluice's row positions")
+            try:
+                parse_expression(text)
+            except SqlRefused as exc:
+                raise ValueError(f"column {name!r}: {exc}") from None
+        return v
+
+
+_TABLE_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
 class SqlStep(StepBase):
-    sql: str = Field(min_length=1, description="DuckDB SQL over the current batch, named `input`.")
+    """One DuckDB SELECT, sandboxed: it reads only ``input`` and the declared ``tables``."""
+
+    tables: dict[Annotated[str, Field(pattern=_TABLE_NAME)], FileSourceConfig] = Field(
+        default_factory=dict,
+        description="Trusted reference tables {name: file source} the statement may read by "
+        "name (read once, with Sluice's own readers, when the step opens), e.g. "
+        "{rates: {kind: csv, path: rates.csv}}.",
+    )
+    per_batch: bool = Field(
+        False,
+        description="Run the statement on each batch on its own, even when it needs the whole "
+        "input (an aggregate per batch / per micro-batch). Default: a statement that needs the "
+        "whole input (aggregates, GROUP BY, DISTINCT, window functions, ORDER BY, LIMIT, set "
+        "operations) sees all of it in a batch run, and is refused in a stream.",
+    )
+    memory_limit: str = Field(
+        "256MB",
+        pattern=r"^\s*[0-9]+(\.[0-9]+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$",
+        description="DuckDB's memory for a statement over the whole input; beyond it DuckDB "
+        "spills to temporary files (the input itself is spilled to disk as it arrives).",
+    )
+    sql: str = Field(
+        min_length=1,
+        description="One DuckDB SELECT over `input` (this step's input) and the declared "
+        "`tables`. A row-wise statement runs per batch; one that needs the whole input runs once "
+        "over all of it at the end. See docs/expressions.md.",
+    )
+
+    @field_validator("tables")
+    @classmethod
+    def _table_names(cls, v: dict[str, Any]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for name in v:
+            low = name.lower()
+            if low == "input" or low.startswith("__sluice") or low in seen:
+                raise ValueError(
+                    f"table name {name!r} is taken (input, another table, or reserved)"
+                )
+            seen.add(low)
+        return v
+
+    @field_validator("sql")
+    @classmethod
+    def _check_sql(cls, v: str, info: ValidationInfo) -> str:
+        from sluice.steps.sqlengine import plan_statement
+
+        plan_statement(v, frozenset(info.data.get("tables") or {}))  # SqlRefused: ValueError
+        return v
 
 
 class DedupOptions(Model):
@@ -597,6 +677,39 @@ class PipelineConfig(Model):
     dead_letter: DeadLetterConfig = Field(default_factory=DeadLetterConfig)
     settings: Settings = Field(default_factory=Settings)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _stream_sql(cls, data: Any, handler: Any) -> Any:
+        """A stream never ends: a sql statement that needs the whole input cannot run in one.
+        The error is placed on the step's ``sql`` field, so it names the step."""
+        cfg = handler(data)
+        if not cfg.streaming:
+            return cfg
+        from sluice.steps.sqlengine import plan_statement
+
+        errors = []
+        for i, step in enumerate(cfg.steps):
+            if not isinstance(step, SqlStep) or step.per_batch:
+                continue
+            reason = plan_statement(step.sql, frozenset(step.tables)).whole_input
+            if reason:
+                msg = (
+                    f"the statement needs the whole input ({reason}), which a stream never "
+                    "has; aggregate over event time with a window step, or set per_batch: true "
+                    "to run it on each micro-batch"
+                )
+                errors.append(
+                    InitErrorDetails(
+                        type="value_error",
+                        loc=("steps", i, "sql", "sql"),
+                        input=step.sql,
+                        ctx={"error": ValueError(msg)},
+                    )
+                )
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return cfg
 
     @property
     def streaming(self) -> bool:

@@ -598,10 +598,11 @@ class ContractChecker:
         sql_rules = [(i, r) for i, r in enumerate(self.contract.quality) if isinstance(r, SqlRule)]
         if sql_rules and df.height:
             if self._con is None:
-                # contract SQL may come from a third party (ODCS import): no files, no network
-                self._con = duckdb.connect(":memory:")
-                self._con.execute("SET enable_external_access = false")
-                self._con.execute("SET lock_configuration = true")
+                # contract SQL may come from a third party (ODCS import): the sandboxed engine
+                # of the sql step (no files, extensions or network; same semantics, UTC)
+                from sluice.steps.sqlengine import connect
+
+                self._con = connect(threads=1)
             self._con.register("input", self._clean(df).to_arrow())
             try:
                 for i, rule in sql_rules:

@@ -24,7 +24,7 @@ class BaseStep:
     def open(self, ctx: RunContext) -> None:
         self.ctx = ctx
 
-    def finish(self) -> StepResult | None:
+    def finish(self) -> StepResult | Iterable[StepResult] | None:
         return None
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 from sluice.quality.contract import Contract
 from sluice.types import parse_type
@@ -108,7 +108,14 @@ class JsonSource(TextSourceBase):
     """A JSON document per file: an array of objects (one row each) or a single object."""
 
     kind: Literal["json"]
-    max_bytes: int = Field(1 << 30, description="Files larger than this are refused (dead letter).")
+    max_record_bytes: int = Field(
+        1 << 30,
+        ge=1 << 10,
+        le=1 << 31,
+        validation_alias=AliasChoices("max_record_bytes", "max_bytes"),
+        description="A JSON file is one record: a larger (decompressed) document is a too_large "
+        "dead letter, read no further than this. Old name: max_bytes.",
+    )
 
 
 class JsonlSource(TextSourceBase):

@@ -419,7 +419,49 @@ def _column(values: list[Any]) -> pa.Array:
             return pa.array(values, pa.float64())
         except (OverflowError, pa.ArrowInvalid):
             pass
-    return pa.array([None if v is None else orjson.dumps(v).decode() for v in values], pa.string())
+    return pa.array([None if v is None else json_text(v) for v in values], pa.string())
+
+
+def json_text(value: Any) -> str:
+    """``value`` (parsed JSON) as compact JSON text. orjson refuses to write nesting deeper than
+    255 levels, which a reader accepts up to 1024: those values are written iteratively."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        return _deep_json_text(value)
+
+
+class _Raw(str):
+    """Text already rendered (a separator or a closing bracket) on the encoder's stack."""
+
+
+def _deep_json_text(value: Any) -> str:
+    out: list[str] = []
+    todo: list[Any] = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, _Raw):
+            out.append(item)
+        elif isinstance(item, dict):
+            out.append("{")
+            todo.append(_Raw("}"))
+            entries = list(item.items())
+            for i in range(len(entries) - 1, -1, -1):
+                key, inner = entries[i]
+                todo.append(inner)
+                todo.append(_Raw(orjson.dumps(str(key)).decode() + ":"))
+                if i:
+                    todo.append(_Raw(","))
+        elif isinstance(item, list):
+            out.append("[")
+            todo.append(_Raw("]"))
+            for i in range(len(item) - 1, -1, -1):
+                todo.append(item[i])
+                if i:
+                    todo.append(_Raw(","))
+        else:
+            out.append(orjson.dumps(item).decode())
+    return "".join(out)
 
 
 def records_to_table(records: list[dict[str, Any]], schema: pa.Schema | None = None) -> pa.Table:

@@ -18,7 +18,7 @@ reference: the fast path only ever returns what the slow path would.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -43,6 +43,7 @@ from sluice.connectors.files._common import (
     OBJECT_BATCH_ROWS,
     FileReader,
     FileState,
+    json_text,
     records_to_table,
 )
 from sluice.plugins import Chunk
@@ -167,28 +168,81 @@ def _first_non_blank(
     return head
 
 
-def _non_finite(arr: pa.Array | pa.ChunkedArray) -> bool:
-    """Whether a float anywhere in ``arr`` (nested too) is NaN or infinite."""
-    typ = arr.type
-    if not _has_float(typ):
+def _non_finite(column: pa.ChunkedArray) -> bool:
+    """Whether a float anywhere in ``column`` (nested too) is NaN or infinite (iterative: types
+    may nest a thousand levels deep)."""
+    if not _has_float(column.type):
         return False
-    if isinstance(arr, pa.ChunkedArray):
-        return any(_non_finite(c) for c in arr.chunks)
-    if pa.types.is_floating(typ):
-        return bool(pc.any(pc.invert(pc.is_finite(arr))).as_py())
-    if pa.types.is_struct(typ):
-        return any(_non_finite(c) for c in arr.flatten())
-    if pa.types.is_map(typ):
-        return _non_finite(arr.keys) or _non_finite(arr.items)
-    if pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ):
-        return _non_finite(arr.flatten())
+    todo: list[pa.Array] = list(column.chunks)
+    while todo:
+        arr = todo.pop()
+        typ = arr.type
+        if pa.types.is_floating(typ):
+            if pc.any(pc.invert(pc.is_finite(arr))).as_py():
+                return True
+        elif pa.types.is_struct(typ):
+            todo.extend(c for c in arr.flatten() if _has_float(c.type))
+        elif pa.types.is_map(typ):
+            todo.extend(c for c in (arr.keys, arr.items) if _has_float(c.type))
+        elif typ.num_fields:  # list types
+            values = arr.flatten()
+            if _has_float(values.type):
+                todo.append(values)
+    return False
+
+
+def _read_json(block: bytes, schema: pa.Schema | None) -> pa.Table | None:
+    """``pyarrow.json.read_json`` of a vetted block: in 1 MiB pieces on its thread pool when the
+    schema is given (the pieces cannot disagree on types then), else — or when that fails — in
+    one piece; ``None`` when pyarrow refuses the block."""
+    opts = pajson.ParseOptions(
+        explicit_schema=schema, unexpected_field_behavior="infer", newlines_in_values=False
+    )
+    sizes = [len(block) + 1]
+    if schema is not None and len(block) > 2 * _PIECE:
+        sizes.insert(0, _PIECE)
+    for size in sizes:
+        try:
+            return pajson.read_json(
+                io.BytesIO(block),
+                read_options=pajson.ReadOptions(block_size=size, use_threads=True),
+                parse_options=opts,
+            )
+        except (pa.ArrowException, ValueError):
+            continue
+    return None
+
+
+def _lists_valid(table: pa.Table) -> bool:
+    """Whether every column holding lists is a valid Arrow array (full validation; columns
+    without lists are not looked at)."""
+    for col in table.columns:
+        if _has(col.type, _is_list):
+            try:
+                col.validate(full=True)
+            except pa.ArrowInvalid:
+                return False
+    return True
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return bool(pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))
+
+
+def _has(typ: pa.DataType, test: Callable[[pa.DataType], bool]) -> bool:
+    """Whether ``typ`` or a type nested in it passes ``test`` (iterative: types may nest a
+    thousand levels deep)."""
+    todo = [typ]
+    while todo:
+        t = todo.pop()
+        if test(t):
+            return True
+        todo.extend(t.field(i).type for i in range(t.num_fields))
     return False
 
 
 def _has_float(typ: pa.DataType) -> bool:
-    if pa.types.is_floating(typ):
-        return True
-    return any(_has_float(typ.field(i).type) for i in range(typ.num_fields))
+    return _has(typ, pa.types.is_floating)
 
 
 class JsonlReader(FileReader):
@@ -244,8 +298,13 @@ class JsonlReader(FileReader):
                     table, dead = self._slow(block, state, item.first_line, record, pinned)
                     n_records = table.num_rows + dead.num_rows
                 if table.num_columns and pinned is None:
+                    # a type holding null says nothing yet: such a field is inferred per block
                     pinned = pa.schema(
-                        [f for f in strip_positions(table).schema if not pa.types.is_null(f.type)]
+                        [
+                            f
+                            for f in strip_positions(table).schema
+                            if not _has(f.type, pa.types.is_null)
+                        ]
                     )
                 data: pa.Table | None = None
                 if table.num_rows:
@@ -280,27 +339,19 @@ class JsonlReader(FileReader):
             return None
         if scan.records == 0:
             return pa.table({})
-        opts = pajson.ParseOptions(
-            explicit_schema=pinned, unexpected_field_behavior="infer", newlines_in_values=False
-        )
-        sizes = [len(block) + 1]
-        if pinned is not None and len(block) > 2 * _PIECE:
-            sizes.insert(0, _PIECE)
-        for size in sizes:
-            try:
-                table = pajson.read_json(
-                    io.BytesIO(block),
-                    read_options=pajson.ReadOptions(block_size=size, use_threads=True),
-                    parse_options=opts,
-                )
-            except (pa.ArrowException, ValueError):
-                continue
-            if table.num_rows != scan.records:  # e.g. two objects on one line
+        table = _read_json(block, pinned)
+        if table is not None and not _lists_valid(table):
+            # pyarrow infers list types from a list that starts with nulls into arrays whose
+            # offsets run past their values (invalid memory); given the types, it builds them
+            # right: parse again with the schema it inferred
+            table = _read_json(block, table.schema)
+            if table is not None and not _lists_valid(table):
                 return None
-            if any(_non_finite(col) for col in table.columns):  # NaN / Infinity tokens
-                return None
-            return table
-        return None
+        if table is None or table.num_rows != scan.records:  # e.g. two objects on one line
+            return None
+        if any(_non_finite(col) for col in table.columns):  # NaN / Infinity tokens
+            return None
+        return table
 
     def _slow(
         self, block: bytes, state: FileState, first_line: int, record: int, pinned: pa.Schema | None
@@ -429,9 +480,9 @@ class JsonReader(FileReader):
         elif isinstance(doc, list) and all(isinstance(v, dict) for v in doc):
             records = doc
         elif isinstance(doc, list):
-            records = [{"value": orjson.dumps(v).decode()} for v in doc]
+            records = [{"value": json_text(v)} for v in doc]
         else:
-            records = [{"value": orjson.dumps(doc).decode()}]
+            records = [{"value": json_text(doc)}]
         del doc
         if not records:
             return

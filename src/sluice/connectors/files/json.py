@@ -5,14 +5,17 @@ byte-order marks and UTF-16/32 are handled there, and the text reaches the parse
 which invalid bytes stay invalid (so they become ``encoding`` dead letters here).
 
 JSON lines have a fast path (``pyarrow.json``, parallel, vectorized) and a slow path (``orjson``
-line by line, for blocks with a bad line). pyarrow's reader is more lenient than JSON (it takes a
-top-level ``null`` as a row of nulls, ``NaN``/``Infinity``, two objects on one line, invalid
-UTF-8) and crashes the process on some inputs (a block whose only line is ``null``; nesting a few
-thousand levels deep). So a block reaches pyarrow only after a vectorized scan has proved that
-every non-blank line starts with ``{``, the block is valid UTF-8 and no line nests deeper than
-:data:`MAX_DEPTH`; after parsing, the row count must equal the number of non-blank lines and no
-float may be NaN or infinite. Any doubt sends the block to the slow path, whose answer is the
-reference: the fast path only ever returns what the slow path would.
+line by line, for blocks with a bad line). pyarrow's reader (pyarrow 26) is more lenient than
+JSON: it takes a top-level ``null`` as a row of nulls, ``NaN``/``Infinity``, two objects on one
+line and invalid UTF-8; it builds invalid arrays (list offsets past their values) from lists that
+start with nulls; and it kills the process with a segmentation fault on a block whose only line is
+``null`` and on nesting some 7,000 levels deep. So a block reaches pyarrow only after a
+vectorized scan (:func:`scan_lines`) has proved that every non-blank line starts with ``{``, the
+block is valid UTF-8 and no line nests deeper than :data:`MAX_DEPTH`; after parsing, the row
+count must equal the number of non-blank lines, no float may be NaN or infinite, and columns
+holding lists must pass Arrow's full validation. Any doubt sends the block to the slow path,
+which is the reference: the fast path accepts exactly the lines the slow path accepts (it may give
+nested values Arrow types where the slow path gives JSON text).
 """
 
 from __future__ import annotations
@@ -68,12 +71,17 @@ _NOT_OPENERS = bytes(b for b in range(256) if b not in (0x5B, _LBRACE))
 _WS_STEPS = 16
 
 
-def _is_utf8(data: bytes) -> bool:
+def _utf8_problem(data: bytes) -> str | None:
+    """What is wrong with ``data`` as UTF-8 (``None``: nothing)."""
     try:
         data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
+    except UnicodeDecodeError as exc:
+        bad = data[exc.start : min(exc.end, exc.start + 4)]
+        return (
+            f"not valid UTF-8: byte(s) {bad.hex(' ').upper()} at byte {exc.start + 1} of the "
+            f"record ({exc.reason})"
+        )
+    return None
 
 
 def _valid_utf8(block: bytes) -> bool:
@@ -383,9 +391,9 @@ class JsonlReader(FileReader):
                 good.append(obj)
                 good_pos.append(record)
             else:
-                utf8 = _is_utf8(line)
-                bad_reason.append("parse_error" if utf8 else "encoding")
-                bad_msg.append(problem if utf8 else f"the line is not valid UTF-8 ({problem})")
+                invalid = _utf8_problem(line)
+                bad_reason.append("parse_error" if invalid is None else "encoding")
+                bad_msg.append(problem if invalid is None else invalid)
                 bad_payload.append(line[:MAX_PAYLOAD].decode("utf-8", "replace"))
                 bad_line.append(first_line + i)
                 bad_pos.append(record)
@@ -510,10 +518,11 @@ class JsonReader(FileReader):
         )
 
     def _doc_dead(self, state: FileState, data: bytes, exc: orjson.JSONDecodeError) -> pa.Table:
-        reason = "parse_error" if _is_utf8(data) else "encoding"
+        invalid = _utf8_problem(data)
+        reason = "parse_error" if invalid is None else "encoding"
         message = str(exc)
-        if reason == "encoding":
-            message = f"the file is not valid UTF-8 ({exc})"
+        if invalid is not None:
+            message = invalid.replace("of the record", "of the file")
         elif message.startswith(_TRAILING) and _first_line_is_object(data):
             message += (
                 "; this looks like JSON lines (one object per line): use kind: jsonl for this file"

@@ -122,7 +122,13 @@ class JsonlSource(TextSourceBase):
     """JSON lines: one object per line. A bad line is a dead letter; the rest is still read."""
 
     kind: Literal["jsonl"]
-    block_size: int = Field(8 << 20, ge=1 << 12)
+    block_size: int = Field(
+        8 << 20,
+        ge=1 << 12,
+        le=1 << 30,
+        description="Bytes of whole lines parsed per batch (memory: about block_size + "
+        "max_record_bytes).",
+    )
 
 
 class ParquetSource(FileSourceBase):

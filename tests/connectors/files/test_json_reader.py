@@ -445,3 +445,13 @@ print(json.dumps({{"rows": rows, "dead": dead, "grown_mb": grown}}))
     assert result["rows"] == [0, 2]
     assert result["dead"] == [["too_large", 1, 2]]
     assert result["grown_mb"] < 80, result  # the line is 150 MB; blocks are 8 MiB
+
+
+def test_i8_15_jsonl_block_size_is_bounded() -> None:
+    """Memory is about block_size + max_record_bytes: both have a checked range."""
+    from sluice.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="block_size"):
+        parse_pipeline(
+            {"pipeline": "p", "source": {"kind": "jsonl", "path": "x", "block_size": 10**20}}
+        )

@@ -96,6 +96,7 @@ def instrument() -> None:
     sj.JsonlReader._blocks = _timed_gen(  # type: ignore[method-assign]
         "reader: read file blocks (JsonlReader._blocks)", sj.JsonlReader._blocks
     )
+    sj.scan_lines = _timed("reader: vet blocks for pyarrow (scan_lines)", sj.scan_lines)
     sj.JsonlReader._fast = staticmethod(  # type: ignore[method-assign]
         _timed("reader: parse JSON (pyarrow.json.read_json)", sj.JsonlReader._fast)
     )
@@ -136,7 +137,9 @@ def what_if_subblocks(size: int) -> None:
 
     import sluice.connectors.files.json as sj
 
-    def fast(block: bytes, pinned: pa.Schema | None) -> pa.Table | None:
+    def fast(block: bytes, pinned: pa.Schema | None, scan: Any = None) -> pa.Table | None:
+        if scan is not None and not scan.safe:  # a block pyarrow must not see (see json.py)
+            return None
         try:
             return pajson.read_json(
                 io.BytesIO(block),

@@ -303,7 +303,7 @@ def test_i8_23_build_collects_every_mistake_and_names_roles(tmp_path: Path) -> N
     assert [str(e) for e in info.value.errors] == text
     # an unknown function is found even earlier, when the pipeline is parsed
     raw["steps"].insert(0, {"id": "f", "filter": "nosuchfn(a) > 1"})
-    with pytest.raises(ConfigErrors, match="step 'f', field 'filter'.*nosuchfn"):
+    with pytest.raises(ConfigErrors, match=r"step 'f', field 'filter'.*nosuchfn"):
         parse_pipeline(raw, env={})
 
 

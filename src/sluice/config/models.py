@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -139,14 +140,27 @@ class JsonSource(TextSourceBase):
     """A JSON document per file: an array of objects (one row each) or a single object."""
 
     kind: Literal["json"]
-    max_bytes: int = Field(1 << 30, description="Files larger than this are refused (dead letter).")
+    max_record_bytes: int = Field(
+        1 << 30,
+        ge=1 << 10,
+        le=1 << 31,
+        validation_alias=AliasChoices("max_record_bytes", "max_bytes"),
+        description="A JSON file is one record: a larger (decompressed) document is a too_large "
+        "dead letter, read no further than this. Old name: max_bytes.",
+    )
 
 
 class JsonlSource(TextSourceBase):
     """JSON lines: one object per line. A bad line is a dead letter; the rest is still read."""
 
     kind: Literal["jsonl"]
-    block_size: int = Field(8 << 20, ge=1 << 12)
+    block_size: int = Field(
+        8 << 20,
+        ge=1 << 12,
+        le=1 << 30,
+        description="Bytes of whole lines parsed per batch (memory: about block_size + "
+        "max_record_bytes).",
+    )
 
 
 class ParquetSource(FileSourceBase):

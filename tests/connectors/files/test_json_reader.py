@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import multiprocessing
 from pathlib import Path
@@ -10,9 +11,12 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from sluice.batch import POSITION_COLS, ROW_COL
+from sluice.batch import POSITION_COLS, ROW_COL, strip_positions
+from sluice.config import parse_pipeline
 from sluice.config.models import JsonlSource, JsonSource
-from sluice.connectors.files.json import JsonlReader, JsonReader
+from sluice.connectors.files.json import JsonlReader, JsonReader, scan_lines
+from sluice.plugins import Chunk
+from sluice.runtime.executor import Executor
 from sluice.testing import drain
 
 SHARED = Path(__file__).resolve().parents[3].parent / "shared" / "data"
@@ -121,10 +125,10 @@ def test_invalid_utf8_and_max_bytes(tmp_path: Path) -> None:
     p = tmp_path / "a.json"
     p.write_bytes(b'[{"a": "\xff"}]')
     assert json_run(p)[1].column("reason").to_pylist() == ["encoding"]
-    p.write_text('[{"a": 1}]')
-    _, dead = json_run(p, max_bytes=4)
-    assert dead.column("reason").to_pylist() == ["corrupt_file"]
-    assert "max_bytes" in dead.column("message")[0].as_py()
+    p.write_text(json.dumps([{"a": i} for i in range(1000)]))
+    _, dead = json_run(p, max_bytes=1024)  # the old name of max_record_bytes
+    assert dead.column("reason").to_pylist() == ["too_large"]
+    assert "max_record_bytes=1024" in dead.column("message")[0].as_py()
 
 
 def test_json_schema_and_positions(tmp_path: Path) -> None:
@@ -210,3 +214,244 @@ def test_jsonl_big_blocks_parsed_in_parallel_pieces_keep_rows_and_order(tmp_path
     rows = [r for t in out.tables for r in t.column(ROW_COL).to_pylist()]
     assert rows == list(range(n))
     assert out.dead.num_rows == 0
+
+
+# ----------------------------------------------------------------------------------- issue 8
+
+
+def chunks(reader: Any) -> list[Chunk]:
+    return list(reader.read())
+
+
+def totals(out: list[Chunk]) -> tuple[list[pa.Table], pa.Table, int]:
+    """Tables, dead letters (concatenated) and skipped records of a reader's chunks."""
+    tables = [c.table for c in out if c.table is not None]
+    dead = [c.dead for c in out if c.dead is not None]
+    letters = pa.concat_tables(dead) if dead else pa.table({"reason": pa.array([], pa.string())})
+    return tables, letters, sum(c.skipped for c in out)
+
+
+def run_pipeline(tmp_path: Path, kind: str, name: str, sink: str = "jsonl") -> Any:
+    raw = {
+        "pipeline": "p",
+        "source": {"kind": kind, "path": name},
+        "sinks": [{"id": "out", "kind": sink, "path": f"out.{sink}"}],
+        "dead_letter": {"kind": "jsonl", "path": "dead"},
+    }
+    return Executor(parse_pipeline(raw), base_dir=tmp_path, progress=False).run()
+
+
+@pytest.mark.parametrize(
+    ("content", "rows"),
+    [(b"{}", 1), (b"[{},{}]", 2), (b"\xef\xbb\xbf{}", 1), (b"  {} \n", 1), (b'[{}, {"a": 1}]', 2)],
+)
+def test_i8_05_json_empty_object_is_one_row(tmp_path: Path, content: bytes, rows: int) -> None:
+    p = tmp_path / "a.json"
+    p.write_bytes(content)
+    tables, dead, _ = run(JsonReader(JsonSource(kind="json", path=str(p))))
+    assert dead.num_rows == 0
+    assert sum(t.num_rows for t in tables) == rows
+    assert [r for t in tables for r in t.column(ROW_COL).to_pylist()] == list(range(rows))
+    rep = run_pipeline(tmp_path, "json", "a.json")
+    assert rep.step("source").rows_in == rows and rep.step("out").rows_out == rows
+    assert rep.balanced
+    assert (tmp_path / "out.jsonl").read_text().count("\n") == rows
+
+
+def test_i8_05_jsonl_rows_without_columns_are_counted_exactly(tmp_path: Path) -> None:
+    p = tmp_path / "a.jsonl"
+    p.write_bytes(b"{}\n{}\n{}\n")
+    tables, dead, _ = run(JsonlReader(JsonlSource(kind="jsonl", path=str(p))))
+    assert dead.num_rows == 0 and sum(t.num_rows for t in tables) == 3
+    assert all(strip_positions(t).num_columns == 0 for t in tables)
+    assert [r for t in tables for r in t.column(ROW_COL).to_pylist()] == [0, 1, 2]
+    rep = run_pipeline(tmp_path, "jsonl", "a.jsonl")
+    assert rep.step("source").rows_in == 3 and rep.step("out").rows_out == 3 and rep.balanced
+
+
+@pytest.mark.parametrize("value", [b"null", b"1", b'"x"', b"[1, 2]", b"true", b"  null  "])
+def test_i8_05_jsonl_line_that_is_not_an_object_is_a_parse_error(
+    tmp_path: Path, value: bytes
+) -> None:
+    p = tmp_path / "a.jsonl"
+    p.write_bytes(b'{"a": 1}\n' + value + b'\n{"a": 3}')
+    tables, dead, _ = jsonl_run(p)
+    assert [r for t in tables for r in strip_positions(t).to_pylist()] == [{"a": 1}, {"a": 3}]
+    letters = dead.to_pylist()
+    assert [(d["reason"], d["position"], d["line"]) for d in letters] == [("parse_error", 1, 2)]
+    assert "must be an object" in letters[0]["message"]
+    # the fast path itself refuses the block: pyarrow would take a null line as a row of nulls
+    assert JsonlReader._fast(b'{"a": 1}\n' + value + b"\n", None) is None
+
+
+def test_i8_05_slow_path_never_changes_a_value_to_fit_the_pinned_schema(tmp_path: Path) -> None:
+    """A block parsed line by line builds its columns with the schema pinned from the first
+    block only where every value fits exactly: 1.5 must not become 1, true must not become 1."""
+    first = "".join(json.dumps({"n": i, "b": i, "s": "x"}) + "\n" for i in range(400))
+    second = '{"n": 1.5, "b": true, "s": "y"}\nnot json\n'
+    p = tmp_path / "a.jsonl"
+    p.write_text(first + second)
+    tables, dead, _ = jsonl_run(p, block_size=len(first))
+    rows = [r for t in tables for r in strip_positions(t).to_pylist()]
+    assert len(rows) == 401 and dead.column("position").to_pylist() == [401]
+    assert rows[400] == {"n": 1.5, "b": True, "s": "y"}
+    assert tables[-1].schema.field("s").type == pa.string()  # fits the pinned type: kept
+
+
+def test_i8_10_jsonl_invalid_utf8_is_an_encoding_letter_and_never_reaches_a_sink(
+    tmp_path: Path,
+) -> None:
+    lines = [json.dumps({"id": i, "s": f"v{i}"}).encode() for i in range(2000)]
+    lines[700] = b'{"id": 700, "s": "bad \xff\xfe here"}'
+    lines[1500] = b'{"id": 1500, "s": "\xed\xa0\x80"}'  # an encoded surrogate: not UTF-8
+    p = tmp_path / "a.jsonl"
+    p.write_bytes(b"\n".join(lines) + b"\n")
+    block = p.read_bytes()
+    assert not scan_lines(block).safe and JsonlReader._fast(block, None) is None
+    tables, dead, _ = jsonl_run(p)
+    ids = [i for t in tables for i in t.column("id").to_pylist()]
+    assert ids == [i for i in range(2000) if i not in (700, 1500)]
+    assert [(d["reason"], d["position"], d["line"]) for d in dead.to_pylist()] == [
+        ("encoding", 700, 701),
+        ("encoding", 1500, 1501),
+    ]
+    for t in tables:
+        t.validate(full=True)  # every string is valid UTF-8
+    rep = run_pipeline(tmp_path, "jsonl", "a.jsonl", sink="parquet")
+    assert rep.balanced and rep.dead_letters_by_reason == {"encoding": 2}
+    import duckdb
+
+    out = str(tmp_path / "out.parquet")
+    count = duckdb.sql(f"SELECT count(*) FROM read_parquet('{out}')").fetchall()
+    assert count == [(1998,)]
+
+
+def test_i8_bom_truncated_jsonl_line_is_a_dead_letter_not_an_object(tmp_path: Path) -> None:
+    """ "EF BB {}": two bytes of a byte-order mark before an object are not whitespace."""
+    p = tmp_path / "a.jsonl"
+    p.write_bytes(b'\xef\xbb{}\n{"a": 1}\n')
+    tables, dead, _ = jsonl_run(p)
+    assert [r for t in tables for r in strip_positions(t).to_pylist()] == [{"a": 1}]
+    assert [(d["reason"], d["position"], d["line"]) for d in dead.to_pylist()] == [
+        ("encoding", 0, 1)
+    ]
+    p.write_bytes(b'\xef\xbb\xbf{"a": 1}\n')  # a whole BOM is removed by the byte layer
+    tables, dead, _ = jsonl_run(p)
+    assert dead.num_rows == 0 and sum(t.num_rows for t in tables) == 1
+
+
+def test_i8_25_jsonl_positions_and_lines_never_shift(tmp_path: Path) -> None:
+    """Blank lines are skipped (and counted), rejected lines keep their record index, an
+    oversize line is a too_large letter in its place: every row's __sluice_row is its index."""
+    lines: list[str] = []
+    expect_rows: dict[int, int] = {}  # id -> record index
+    expect_dead: list[tuple[str, int, int]] = []
+    record = 0
+    for i in range(3000):
+        if i % 500 == 7:
+            lines.append("   ")
+            continue
+        if i % 700 == 3:
+            lines.append('{"id": broken')
+            expect_dead.append(("parse_error", record, len(lines)))
+        elif i % 900 == 5:
+            lines.append(json.dumps({"id": i, "pad": "x" * 5000}))
+            expect_dead.append(("too_large", record, len(lines)))
+        else:
+            lines.append(json.dumps({"id": i}))
+            expect_rows[i] = record
+        record += 1
+    p = tmp_path / "a.jsonl"
+    p.write_text("\n".join(lines) + "\n\n")
+    reader = JsonlReader(
+        JsonlSource(kind="jsonl", path=str(p), block_size=4096, max_record_bytes=4096)
+    )
+    tables, dead, skipped = totals(chunks(reader))
+    got = {
+        i: r
+        for t in tables
+        for i, r in zip(t.column("id").to_pylist(), t.column(ROW_COL).to_pylist(), strict=True)
+    }
+    assert got == expect_rows
+    assert sorted((d["reason"], d["position"], d["line"]) for d in dead.to_pylist()) == sorted(
+        expect_dead
+    )
+    assert set(dead.column("source").to_pylist()) == {str(p)}
+    assert skipped == 7  # six blank lines and the empty line at the end
+    assert len(got) + dead.num_rows + skipped == len(lines) + 1
+
+
+def test_i8_12_json_file_holding_json_lines_says_to_use_jsonl(tmp_path: Path) -> None:
+    p = tmp_path / "data.json"
+    p.write_text('{"a": 1}\n{"a": 2}\n')
+    rows, dead = json_run(p)
+    assert rows == []
+    d = dead.to_pylist()
+    assert [(x["reason"], x["position"], x["line"]) for x in d] == [("parse_error", 0, 2)]
+    assert "use kind: jsonl" in d[0]["message"]
+    p.write_text('{"a": 1} {"a": 2}')  # trailing content, but not JSON lines: no such hint
+    assert "jsonl" not in json_run(p)[1].column("message")[0].as_py()
+
+
+def test_i8_15_json_document_over_max_record_bytes_is_too_large(tmp_path: Path) -> None:
+    doc = json.dumps([{"i": i, "pad": "x" * 100} for i in range(200)]).encode()
+    p = tmp_path / "a.json.gz"
+    p.write_bytes(gzip.compress(doc))  # the limit counts decompressed bytes
+    rows, dead = json_run(p, max_record_bytes=len(doc) - 1)
+    d = dead.to_pylist()
+    assert rows == [] and [(x["reason"], x["position"], x["line"]) for x in d] == [
+        ("too_large", 0, 1)
+    ]
+    assert f"max_record_bytes={len(doc) - 1}" in d[0]["message"]
+    assert d[0]["payload"] == doc[:1024].decode()
+    rows, dead = json_run(p, max_record_bytes=len(doc))
+    assert len(rows) == 200 and dead.num_rows == 0
+    assert JsonSource(kind="json", path="x").max_record_bytes == 1 << 30  # the old max_bytes
+
+
+def test_i8_15_jsonl_huge_line_is_too_large_next_record_read_memory_bounded(
+    tmp_path: Path,
+) -> None:
+    """A 150 MB line with max_record_bytes = 1 MiB: a too_large letter with its line, the next
+    record is read, and the reader never holds the line (measured in a fresh process)."""
+    p = tmp_path / "big.jsonl"
+    with p.open("wb") as f:
+        f.write(b'{"id": 0}\n{"id": 1, "blob": "')
+        piece = b"y" * (1 << 20)
+        for _ in range(150):
+            f.write(piece)
+        f.write(b'"}\n{"id": 2}\n')
+    script = f"""
+import json, resource
+from sluice.config.models import JsonlSource
+from sluice.connectors.files.json import JsonlReader
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+reader = JsonlReader(JsonlSource(kind="jsonl", path={str(p)!r}, max_record_bytes=1 << 20))
+rows, dead = [], []
+for c in reader.read():
+    if c.table is not None:
+        rows += c.table.column("id").to_pylist()
+    if c.dead is not None:
+        dead += [(d["reason"], d["position"], d["line"]) for d in c.dead.to_pylist()]
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024
+print(json.dumps({{"rows": rows, "dead": dead, "grown_mb": grown}}))
+"""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["rows"] == [0, 2]
+    assert result["dead"] == [["too_large", 1, 2]]
+    assert result["grown_mb"] < 80, result  # the line is 150 MB; blocks are 8 MiB
+
+
+def test_i8_15_jsonl_block_size_is_bounded() -> None:
+    """Memory is about block_size + max_record_bytes: both have a checked range."""
+    from sluice.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="block_size"):
+        parse_pipeline(
+            {"pipeline": "p", "source": {"kind": "jsonl", "path": "x", "block_size": 10**20}}
+        )

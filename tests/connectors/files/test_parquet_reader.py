@@ -95,3 +95,26 @@ def test_streaming_big_file_mode(tmp_path: Path) -> None:
     assert t.column("a").to_pylist() == list(range(1000))
     assert t.column(ROW_COL).to_pylist() == list(range(1000))
     assert dead.num_rows == 0
+
+
+def test_i8_07_parquet_path_that_is_no_longer_a_file_is_file_unreadable(tmp_path: Path) -> None:
+    """Between the glob and the read a file became a folder: the operating system's refusal is
+    file_unreadable (pyarrow says so without an errno), while bytes that are not Parquet stay
+    corrupt_file."""
+    from sluice.plugins import RunContext
+
+    for name in ("a", "b"):
+        pq.write_table(pa.table({"x": [1, 2]}), tmp_path / f"{name}.parquet")
+    (tmp_path / "c.parquet").write_bytes(b"PAR1 not really PAR1")
+    reader = ParquetReader(ParquetSource(kind="parquet", path=str(tmp_path / "*.parquet")))
+    reader.open(RunContext("p", "r", tmp_path))
+    (tmp_path / "a.parquet").unlink()
+    (tmp_path / "a.parquet").mkdir()
+    chunks = list(reader.read())
+    dead = pa.concat_tables([c.dead for c in chunks if c.dead is not None]).to_pylist()
+    assert [(d["reason"], d["source"]) for d in dead] == [
+        ("file_unreadable", str(tmp_path / "a.parquet")),
+        ("corrupt_file", str(tmp_path / "c.parquet")),
+    ]
+    assert "not a regular file" in dead[0]["message"]
+    assert sum(c.table.num_rows for c in chunks if c.table is not None) == 2

@@ -355,3 +355,18 @@ def test_drop_first_records_orders_rows_and_letters_by_position() -> None:
     assert kept.dead is not None and kept.dead["position"].to_pylist() == [None]
     assert drop_first_records(chunk, 5).table is None
     assert drop_first_records(chunk, 0) is chunk
+
+
+def test_i8_08_blank_lines_of_a_watched_file_are_counted_as_skipped(tmp_path: Path) -> None:
+    """A block holding only blank lines has no record, but its skipped lines must still reach
+    the run report (the watcher used to drop such a chunk as empty)."""
+    blank = "\n" * 10_000  # a whole 4 KiB block of nothing but newlines in the middle
+    drop(tmp_path / "in", "a.jsonl", jsonl(3) + blank + jsonl(2, 3))
+    w = watcher(tmp_path, stop_when_idle=True, block_size=4096)
+    try:
+        chunks = drain(w)
+    finally:
+        w.close()
+    rows = sum(c.table.num_rows for c in chunks if c.table is not None)
+    assert rows == 5
+    assert sum(c.skipped for c in chunks) == 10_000

@@ -419,7 +419,49 @@ def _column(values: list[Any]) -> pa.Array:
             return pa.array(values, pa.float64())
         except (OverflowError, pa.ArrowInvalid):
             pass
-    return pa.array([None if v is None else orjson.dumps(v).decode() for v in values], pa.string())
+    return pa.array([None if v is None else json_text(v) for v in values], pa.string())
+
+
+def json_text(value: Any) -> str:
+    """``value`` (parsed JSON) as compact JSON text. orjson refuses to write nesting deeper than
+    255 levels, which a reader accepts up to 1024: those values are written iteratively."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        return _deep_json_text(value)
+
+
+class _Raw(str):
+    """Text already rendered (a separator or a closing bracket) on the encoder's stack."""
+
+
+def _deep_json_text(value: Any) -> str:
+    out: list[str] = []
+    todo: list[Any] = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, _Raw):
+            out.append(item)
+        elif isinstance(item, dict):
+            out.append("{")
+            todo.append(_Raw("}"))
+            entries = list(item.items())
+            for i in range(len(entries) - 1, -1, -1):
+                key, inner = entries[i]
+                todo.append(inner)
+                todo.append(_Raw(orjson.dumps(str(key)).decode() + ":"))
+                if i:
+                    todo.append(_Raw(","))
+        elif isinstance(item, list):
+            out.append("[")
+            todo.append(_Raw("]"))
+            for i in range(len(item) - 1, -1, -1):
+                todo.append(item[i])
+                if i:
+                    todo.append(_Raw(","))
+        else:
+            out.append(orjson.dumps(item).decode())
+    return "".join(out)
 
 
 def records_to_table(records: list[dict[str, Any]], schema: pa.Schema | None = None) -> pa.Table:
@@ -428,7 +470,14 @@ def records_to_table(records: list[dict[str, Any]], schema: pa.Schema | None = N
     Column types: strings, booleans, int64, float64 (ints mixed with floats) when a column holds
     only that kind of scalar; nested values (objects, arrays), integers beyond int64 and mixed kinds
     are kept as JSON text (strings keep their JSON quotes then, so the text round-trips). With
-    ``schema`` the columns it names are built with that type when every value fits.
+    ``schema`` the columns it names are built with that type when every value fits it exactly:
+    the values' own kind matches (a boolean never becomes 1, a number never becomes text), and the
+    conversion is Arrow's safe cast (``1.5`` never becomes ``1``, an object with a field the type
+    lacks is not cut down); otherwise the column is built as without ``schema``.
+
+    ``records`` of empty objects give a table with no columns and one row per record (its row
+    count is exact, but pyarrow's ``slice`` of a table without columns is not: attach the position
+    columns before slicing).
     """
     names: dict[str, None] = {}
     for r in records:
@@ -441,11 +490,7 @@ def records_to_table(records: list[dict[str, Any]], schema: pa.Schema | None = N
         values = [r.get(name) for r in records]
         arr = None
         if schema is not None and name in schema.names:
-            typ = schema.field(name).type
-            try:
-                arr = pa.array(values, typ)
-            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError):
-                arr = None
+            arr = _pinned_column(values, schema.field(name).type)
         if arr is None:
             arr = _column(values)
         arrays.append(arr)
@@ -453,3 +498,48 @@ def records_to_table(records: list[dict[str, Any]], schema: pa.Schema | None = N
     if not fields:  # only empty objects: rows without columns
         return pa.table({"_": pa.nulls(len(records))}).drop_columns(["_"])
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _pinned_column(values: list[Any], typ: pa.DataType) -> pa.Array | None:
+    """``values`` as an array of ``typ`` when they fit it exactly (see :func:`records_to_table`),
+    else ``None``."""
+    try:
+        natural = pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError):
+        return None
+    if not _fits(natural.type, typ):
+        return None
+    try:
+        return pc.cast(natural, typ, safe=True)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OverflowError):
+        return None
+
+
+def _fits(have: pa.DataType, want: pa.DataType) -> bool:
+    """Whether values of type ``have`` (inferred from JSON-like data) may be cast to ``want``
+    without changing their kind or dropping anything (the cast itself then checks each value)."""
+    t = pa.types
+    if t.is_null(have) or have == want:
+        return True
+    if t.is_boolean(have) or t.is_boolean(want):
+        return False
+    if t.is_integer(have) or t.is_floating(have):
+        return bool(t.is_integer(want) or t.is_floating(want))
+    if t.is_string(have) or t.is_large_string(have):
+        return bool(
+            t.is_string(want)
+            or t.is_large_string(want)
+            or t.is_timestamp(want)
+            or t.is_date(want)
+            or t.is_time(want)
+        )
+    if t.is_struct(have) and t.is_struct(want):
+        wanted = {want.field(i).name: want.field(i).type for i in range(want.num_fields)}
+        return all(
+            have.field(i).name in wanted and _fits(have.field(i).type, wanted[have.field(i).name])
+            for i in range(have.num_fields)
+        )
+    nested = (t.is_list, t.is_large_list)
+    if any(f(have) for f in nested) and any(f(want) for f in nested):
+        return _fits(have.value_type, want.value_type)
+    return False

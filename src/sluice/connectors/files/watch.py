@@ -83,7 +83,8 @@ def _records(chunk: Chunk) -> int:
 
 
 def _is_empty(chunk: Chunk) -> bool:
-    return _records(chunk) == 0
+    """Nothing to emit: no record, and no skipped line to count in the report."""
+    return _records(chunk) == 0 and not chunk.skipped
 
 
 def _keys(values: pa.Array | pa.ChunkedArray | None, n: int) -> np.ndarray:

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from sluice.quality.contract import Contract
 from sluice.types import parse_type
@@ -339,11 +347,44 @@ class SinkBase(Model):
         return [self.from_] if isinstance(self.from_, str) else list(self.from_)
 
 
+FileSinkMode = Literal["overwrite", "append", "error_if_exists"]
+
+
 class FileSinkBase(SinkBase):
     path: str = Field(
         description="A directory of part files, or a single file when it ends in the format's "
         "extension. Files appear only when complete (written under a temporary name, then renamed)."
     )
+    mode: FileSinkMode | None = Field(
+        None,
+        description="What a run does with the output already there. overwrite: a batch run "
+        "replaces it (its part files; the previous output stays intact until the new one is "
+        "complete and committed); append: add this run's part files next to the existing "
+        "ones (a folder only); error_if_exists: fail before reading any data if output is "
+        "already there. Default: overwrite in a batch run; a stream always appends, one set of "
+        "part files per checkpoint epoch.",
+    )
+
+    @property
+    def single_file(self) -> bool:
+        """True when ``path`` names one file (it ends in the format's extension)."""
+        kind = str(getattr(self, "kind", ""))
+        return bool(kind) and self.path.lower().endswith("." + kind)
+
+    def check_mode(self, *, streaming: bool) -> None:
+        """Refuse modes the output cannot honour (a ValueError names the sink and the fix)."""
+        if streaming and self.mode not in (None, "append"):
+            raise ValueError(
+                f"sink '{self.id}': mode '{self.mode}' is not possible in a stream pipeline, "
+                "whose file sinks add part files per checkpoint epoch. Fix: remove mode (or "
+                "write mode: append)"
+            )
+        if not streaming and self.mode == "append" and self.single_file:
+            raise ValueError(
+                f"sink '{self.id}': mode 'append' needs a folder: a single file "
+                f"({self.path!r}) cannot be appended to atomically. Fix: give a folder path "
+                "(without the extension), or use mode: overwrite"
+            )
 
 
 class ParquetSink(FileSinkBase):
@@ -360,6 +401,21 @@ class ParquetSink(FileSinkBase):
     rows_per_file: int = Field(
         5_000_000, ge=1, description="Start a new part file after this many rows."
     )
+    overwrite_partitions: bool = Field(
+        False,
+        description="With partition_by and mode overwrite: replace only the partitions this "
+        "run writes (their old part files are deleted at commit); other partitions stay.",
+    )
+
+    def check_mode(self, *, streaming: bool) -> None:
+        super().check_mode(streaming=streaming)
+        if self.overwrite_partitions and (
+            not self.partition_by or self.mode not in (None, "overwrite") or streaming
+        ):
+            raise ValueError(
+                f"sink '{self.id}': overwrite_partitions needs partition_by and mode overwrite "
+                "in a batch pipeline. Fix: add partition_by, or remove overwrite_partitions"
+            )
 
 
 class CsvSink(FileSinkBase):
@@ -492,6 +548,13 @@ class PipelineConfig(Model):
     dead_letter: DeadLetterConfig = Field(default_factory=DeadLetterConfig)
     settings: Settings = Field(default_factory=Settings)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _check_file_sink_modes(self) -> PipelineConfig:
+        for sink in self.sinks:
+            if isinstance(sink, FileSinkBase):
+                sink.check_mode(streaming=self.streaming)
+        return self
 
     @property
     def streaming(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -232,12 +233,21 @@ class DuckdbWriter:
         """Insert ``table`` (position columns dropped) and set the marker to ``epoch``, in one
         transaction; returns the dead letters of refused rows. An epoch not newer than the
         marker is skipped: nothing is written and no dead letters are returned."""
+        letters: list[pa.Table] = []
+        self.publish_journaled(epoch, table, letters.append)
+        return letters[0] if letters else empty_dead_letters()
+
+    def publish_journaled(
+        self, epoch: int, table: pa.Table, journal: Callable[[pa.Table], None]
+    ) -> None:
+        """:meth:`publish` for the runtime (:class:`~sluice.plugins.JournalingPublisher`): the
+        dead letters of refused rows go to ``journal`` before the transaction commits."""
         import duckdb
 
         con = self._stream_con("publish")
         published = self.published_epoch()
         if published is not None and epoch <= published:
-            return empty_dead_letters()
+            return
         try:
             self._exec(con, "BEGIN TRANSACTION")
             try:
@@ -261,6 +271,7 @@ class DuckdbWriter:
                     "ON CONFLICT (pipeline, sink) DO UPDATE SET epoch = excluded.epoch",
                     [self._pipeline, self._marker_key, epoch],
                 )
+                journal(dead)  # durable before the commit: a crash after it loses no letter
                 self._exec(con, "COMMIT")
             except BaseException:
                 self._stream_ready = False  # re-inspect the table in the next transaction
@@ -274,7 +285,6 @@ class DuckdbWriter:
                 fix="check constraints of the table; the epoch's transaction is rolled back",
             ) from exc
         self._stream_ready = True
-        return dead
 
     def close(self) -> None:
         """Close the connection (a batch transaction still open is rolled back)."""

@@ -13,17 +13,30 @@ in its final directory (``.{name}.{run_id}.tmp``), fsync'ed, and renamed into pl
   run before the rest -- the run is complete once :meth:`commit` returns;
 * :meth:`abort` deletes the temporary files (and the directories the run created, when empty).
 
-This module also holds :class:`SchemaAligner`, shared by every sink: the first batch with rows
-fixes the schema; later batches that differ by column order, by null-typed (all-null) columns,
-by missing nullable columns or by a lossless widening (int32 -> int64, string -> large_string)
-are aligned to it; a batch that cannot be aligned becomes dead letters (``sink_rejected``) whose
-message names the column.
+Which output a run replaces (``mode: overwrite``), keeps (``append``) or refuses
+(``error_if_exists``) is decided by the runtime's epoch protocol (:mod:`sluice.runtime.epochs`):
+the writers only write part files under temporary names and hand them over with
+:meth:`_FileWriter.prepare`. :func:`existing_output`, :func:`remove_temporaries` and
+:func:`replace_output` are the file-level helpers it uses.
+
+This module also holds :class:`SchemaAligner`, shared by every sink (the last line of defence
+before anything is written):
+
+* no string is ever written that is not valid UTF-8: every string column (also inside lists and
+  structs) is validated (``Array.validate(full=True)``, vectorized: about 5 ms per million
+  short strings); rows holding invalid bytes become ``encoding`` dead letters whose payload shows
+  the bytes escaped (``\\xff``), and the other rows of the batch are written;
+* the first batch with rows fixes the schema; later batches that differ by column order, by
+  null-typed (all-null) columns, by missing nullable columns or by a lossless widening (int32 ->
+  int64, string -> large_string) are aligned to it; a batch that cannot be aligned becomes dead
+  letters (``sink_rejected``) whose message names the column.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import urllib.parse
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -67,6 +80,93 @@ def normalize(table: pa.Table) -> pa.Table:
     return table
 
 
+def _has_text(t: pa.DataType) -> bool:
+    """Whether values of type ``t`` hold UTF-8 strings (directly or nested)."""
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return True
+    if pa.types.is_dictionary(t):
+        return _has_text(t.value_type)
+    return any(_has_text(t.field(i).type) for i in range(t.num_fields))
+
+
+def _valid(arr: pa.Array) -> bool:
+    try:
+        arr.validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
+
+
+def _invalid_rows(arr: pa.Array, offset: int, out: np.ndarray) -> None:
+    """Mark in ``out`` the rows of ``arr`` (at ``offset``) that fail full validation: bisect
+    down to small slices (a few invalid rows among millions cost a few validations), then test
+    row by row. Only called for an array that failed (the error path)."""
+    n = len(arr)
+    if n > 64:
+        half = n // 2
+        for start, length in ((0, half), (half, n - half)):
+            part = arr.slice(start, length)
+            if not _valid(part):
+                _invalid_rows(part, offset + start, out)
+        return
+    for i in range(n):
+        if not _valid(arr.slice(i, 1)):
+            out[offset + i] = True
+
+
+def invalid_utf8(table: pa.Table) -> np.ndarray | None:
+    """A boolean mask of the rows holding a string that is not valid UTF-8 (in any column, at
+    any nesting depth), or None when every string is valid (the common case: one vectorized
+    validation per string column chunk)."""
+    mask: np.ndarray | None = None
+    for col in table.columns:
+        if not _has_text(col.type):
+            continue
+        start = 0
+        for chunk in col.chunks:
+            if not _valid(chunk):
+                if mask is None:
+                    mask = np.zeros(table.num_rows, dtype=bool)
+                _invalid_rows(chunk, start, mask)
+            start += len(chunk)
+    return mask
+
+
+def _escape_invalid(table: pa.Table) -> pa.Table:
+    """The rows of ``table`` with every string made valid (invalid bytes escaped as ``\\xff``),
+    so that they can be shown in a dead letter. Nested columns that hold invalid strings are
+    replaced by their escaped text. Error path: a Python loop over few rows."""
+    for i, f in enumerate(table.schema):
+        if not _has_text(f.type):
+            continue
+        col = table.column(i)
+        if all(_valid(c) for c in col.chunks):
+            continue
+        if pa.types.is_dictionary(f.type):
+            col = pc.cast(col, f.type.value_type)
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            raw = pc.cast(col, pa.large_binary()).to_pylist()
+        else:  # nested: show the value's text form
+            raw = [None if v is None else str(v).encode("utf-8", "replace") for v in _rows(col)]
+        fixed = pa.array(
+            [None if b is None else b.decode("utf-8", "backslashreplace") for b in raw],
+            pa.string(),
+        )
+        table = table.set_column(i, pa.field(f.name, pa.string()), fixed)
+    return table
+
+
+def _rows(col: pa.ChunkedArray) -> list[object]:
+    out: list[object] = []
+    for chunk in col.chunks:
+        for j in range(len(chunk)):
+            try:
+                out.append(chunk[j].as_py())
+            except (UnicodeDecodeError, pa.ArrowException):
+                out.append("<value with invalid UTF-8>")
+    return out
+
+
 def _family(t: pa.DataType) -> str:
     if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
         return "number"
@@ -106,20 +206,40 @@ class SchemaAligner:
         when it is a 0-row batch that arrived before the schema was known.
         """
         data = normalize(strip_positions(table))
+        bad = invalid_utf8(data)
+        encoding = empty_dead_letters()
+        if bad is not None:
+            rejected = table.filter(pa.array(bad))
+            names = [
+                c
+                for c, f in zip(data.column_names, data.schema, strict=True)
+                if _has_text(f.type) and not all(_valid(x) for x in data.column(c).chunks)
+            ]
+            encoding = rows_dead_letters(
+                _escape_invalid(rejected),
+                step_id=self.step_id,
+                reason="encoding",
+                message=f"column(s) {', '.join(map(repr, names))} hold bytes that are not valid "
+                "UTF-8; the sink writes only valid strings",
+            )
+            keep = pa.array(~bad)
+            table, data = table.filter(keep), data.filter(keep)
         if self.schema is None:
             if data.num_rows == 0:
-                self.fallback = self._fix_nulls(data.schema)
-                return None, empty_dead_letters()
+                if bad is None:
+                    self.fallback = self._fix_nulls(data.schema)
+                return None, encoding
             self.schema = self._fix_nulls(data.schema)
             if self.schema.equals(data.schema):
-                return data, empty_dead_letters()
+                return data, encoding
         try:
-            return self.align(data), empty_dead_letters()
+            return self.align(data), encoding
         except _Incompatible as exc:
             message = f"batch does not match the sink's schema: {exc}"
-            return None, rows_dead_letters(
+            dead = rows_dead_letters(
                 table, step_id=self.step_id, reason="sink_rejected", message=message
             )
+            return None, pa.concat_tables([encoding, dead]) if encoding.num_rows else dead
 
     def _fix_nulls(self, schema: pa.Schema) -> pa.Schema:
         if self.null_as is None:
@@ -555,3 +675,72 @@ class JsonlWriter(_FileWriter):
         if fix:
             df = df.with_columns(fix)
         df.write_ndjson(part.fh)
+
+
+# --------------------------------------------------------------------- output-level file helpers
+
+#: temporary files of stream epochs (``.part-e<epoch>-...tmp``): a batch run never touches them
+STREAM_TMP = re.compile(r"^\.part-e\d{9}-.*\.tmp$")
+
+
+def output_parts(directory: Path, ext: str) -> list[Path]:
+    """The part files (``part-*.<ext>``, any run, any partition folder) of a folder output."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.rglob(f"part-*.{ext}") if p.is_file())
+
+
+def existing_output(root: Path, ext: str, *, single: bool) -> list[Path]:
+    """What ``mode: error_if_exists`` refuses: the file, or the folder's part files."""
+    if single:
+        return [root] if root.exists() else []
+    return output_parts(root, ext)
+
+
+def remove_temporaries(root: Path, *, single: bool) -> list[Path]:
+    """Delete the hidden temporary files a killed batch run of this output left behind
+    (``.part-*.tmp`` in the folder and its partition folders, or ``.<file>.*.tmp`` next to a
+    single file); temporary files of a stream's epochs are left alone. Returns what was
+    deleted."""
+    removed: list[Path] = []
+    if single:
+        candidates = root.parent.glob(f".{root.name}.*.tmp") if root.parent.is_dir() else []
+    else:
+        candidates = root.rglob(".part-*.tmp") if root.is_dir() else []
+    for path in candidates:
+        if STREAM_TMP.match(path.name) or not path.is_file():
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def replace_output(
+    directory: Path, ext: str, keep: set[Path], *, partitions: bool = False
+) -> set[Path]:
+    """``mode: overwrite`` at publish: delete every part file of the folder output that is not
+    in ``keep`` (the run's own parts, already renamed into place) — with ``partitions`` only in
+    the partition folders that hold a part of ``keep`` — and the partition folders left
+    empty. Idempotent. Returns the folders that changed (to fsync)."""
+    changed: set[Path] = set()
+    if partitions:
+        scopes = {p.parent for p in keep}
+        old = [p for d in scopes if d.is_dir() for p in d.glob(f"part-*.{ext}") if p.is_file()]
+    else:
+        old = output_parts(directory, ext)
+    for path in old:
+        if path not in keep:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            changed.add(path.parent)
+    if not partitions:
+        for d in sorted(changed, key=lambda p: len(p.parts), reverse=True):
+            while d != directory and d.is_relative_to(directory):
+                try:
+                    d.rmdir()  # only when empty
+                except OSError:
+                    break
+                changed.add(d.parent)
+                d = d.parent
+    return {d for d in changed if d.exists()}

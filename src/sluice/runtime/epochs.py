@@ -60,6 +60,7 @@ from sluice.batch import (
 )
 from sluice.config.models import CsvSink, FileSinkBase, JsonlSink, ParquetSink
 from sluice.connectors.files.writers import (
+    drop_invalid_utf8,
     existing_output,
     remove_temporaries,
     replace_output,
@@ -316,6 +317,10 @@ class StagedEpochSink:
     def write(self, table: pa.Table) -> pa.Table:
         if table.num_rows == 0:
             return empty_dead_letters()
+        # invalid strings are dead letters of this epoch now, not of the publish later
+        table, dead = drop_invalid_utf8(table, self.step_id)
+        if table.num_rows == 0:
+            return dead
         if SOURCE_COL in table.column_names:  # interned ids are per process: store the names
             i = table.column_names.index(SOURCE_COL)
             table = table.set_column(i, SOURCE_COL, source_names(table.column(SOURCE_COL)))
@@ -323,7 +328,7 @@ class StagedEpochSink:
             self._roll(table.schema)
         self._writer.write_table(table)
         self._rows += table.num_rows
-        return empty_dead_letters()
+        return dead
 
     def _roll(self, schema: pa.Schema) -> None:
         """Start the next staging file (the first, or one for a batch of another schema)."""

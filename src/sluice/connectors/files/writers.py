@@ -98,10 +98,30 @@ def _valid(arr: pa.Array) -> bool:
 
 
 def _invalid_rows(arr: pa.Array, offset: int, out: np.ndarray) -> None:
-    """Mark in ``out`` the rows of ``arr`` (at ``offset``) that fail full validation: bisect
-    down to small slices (a few invalid rows among millions cost a few validations), then test
-    row by row. Only called for an array that failed (the error path)."""
+    """Mark in ``out`` (at ``offset``) the rows of ``arr`` holding invalid UTF-8. Only called
+    for an array that failed validation (the error path). Strings: bisect down to small slices
+    (a few invalid rows among millions cost a few validations), then test row by row; nested
+    values: find the invalid child values and mark their parent rows."""
+    t = arr.type
     n = len(arr)
+    if pa.types.is_dictionary(t):
+        bad = np.zeros(len(arr.dictionary), dtype=bool)
+        _invalid_rows(arr.dictionary, 0, bad)
+        idx = arr.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        out[offset : offset + n] |= bad[idx] & arr.is_valid().to_numpy(zero_copy_only=False)
+        return
+    if pa.types.is_struct(t):
+        for child in arr.flatten():
+            if _has_text(child.type) and not _valid(child):
+                _invalid_rows(child, offset, out)
+        return
+    if t.num_fields:  # list, large list, fixed-size list, map
+        values = arr.flatten()
+        bad = np.zeros(len(values), dtype=bool)
+        _invalid_rows(values, 0, bad)
+        parents = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
+        out[offset + parents[bad]] = True
+        return
     if n > 64:
         half = n // 2
         for start, length in ((0, half), (half, n - half)):
@@ -156,6 +176,29 @@ def _escape_invalid(table: pa.Table) -> pa.Table:
     return table
 
 
+def drop_invalid_utf8(table: pa.Table, step_id: str) -> tuple[pa.Table, pa.Table]:
+    """Split off the rows of ``table`` that hold a string that is not valid UTF-8: ``(the other
+    rows, their encoding dead letters)``. One vectorized validation per string column when every
+    string is valid (the table is then returned as it is)."""
+    bad = invalid_utf8(table)
+    if bad is None:
+        return table, empty_dead_letters()
+    rejected = table.filter(pa.array(bad))
+    names = [
+        f.name
+        for f in table.schema
+        if _has_text(f.type) and not all(_valid(x) for x in table.column(f.name).chunks)
+    ]
+    dead = rows_dead_letters(
+        _escape_invalid(rejected),
+        step_id=step_id,
+        reason="encoding",
+        message=f"column(s) {', '.join(map(repr, names))} hold bytes that are not valid "
+        "UTF-8; no sink writes invalid strings",
+    )
+    return table.filter(pa.array(~bad)), dead
+
+
 def _rows(col: pa.ChunkedArray) -> list[object]:
     out: list[object] = []
     for chunk in col.chunks:
@@ -203,43 +246,35 @@ class SchemaAligner:
         """Strip positions and align ``table``: ``(data, dead_letters)``.
 
         ``data`` is None when the batch was rejected (then every row is in ``dead_letters``) or
-        when it is a 0-row batch that arrived before the schema was known.
+        when it is a 0-row batch that arrived before the schema was known. Otherwise **both**
+        may hold rows: rows with invalid UTF-8 are dead letters and not in ``data``; a sink that
+        needs the input rows matching ``data`` (positions for its own dead letters) calls
+        :meth:`split`.
         """
+        _, data, dead = self.split(table)
+        return data, dead
+
+    def split(self, table: pa.Table) -> tuple[pa.Table, pa.Table | None, pa.Table]:
+        """:meth:`prepare`, also returning the rows of ``table`` (with positions) that ``data``
+        holds, row for row: ``(kept, data, dead_letters)``."""
+        table, dead = drop_invalid_utf8(table, self.step_id)
         data = normalize(strip_positions(table))
-        bad = invalid_utf8(data)
-        encoding = empty_dead_letters()
-        if bad is not None:
-            rejected = table.filter(pa.array(bad))
-            names = [
-                c
-                for c, f in zip(data.column_names, data.schema, strict=True)
-                if _has_text(f.type) and not all(_valid(x) for x in data.column(c).chunks)
-            ]
-            encoding = rows_dead_letters(
-                _escape_invalid(rejected),
-                step_id=self.step_id,
-                reason="encoding",
-                message=f"column(s) {', '.join(map(repr, names))} hold bytes that are not valid "
-                "UTF-8; the sink writes only valid strings",
-            )
-            keep = pa.array(~bad)
-            table, data = table.filter(keep), data.filter(keep)
         if self.schema is None:
             if data.num_rows == 0:
-                if bad is None:
+                if not dead.num_rows:
                     self.fallback = self._fix_nulls(data.schema)
-                return None, encoding
+                return table, None, dead
             self.schema = self._fix_nulls(data.schema)
             if self.schema.equals(data.schema):
-                return data, encoding
+                return table, data, dead
         try:
-            return self.align(data), encoding
+            return table, self.align(data), dead
         except _Incompatible as exc:
             message = f"batch does not match the sink's schema: {exc}"
-            dead = rows_dead_letters(
+            refused = rows_dead_letters(
                 table, step_id=self.step_id, reason="sink_rejected", message=message
             )
-            return None, pa.concat_tables([encoding, dead]) if encoding.num_rows else dead
+            return table, None, pa.concat_tables([dead, refused]) if dead.num_rows else refused
 
     def _fix_nulls(self, schema: pa.Schema) -> pa.Schema:
         if self.null_as is None:

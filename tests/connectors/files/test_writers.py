@@ -342,10 +342,11 @@ def test_small_batches_are_gathered_into_row_groups(
     assert pq.read_table(tmp_path / "out.parquet")["id"].to_pylist() == list(range(10_000))
 
 
-def _raw_strings(values: list[bytes | None], typ: pa.DataType = pa.string()) -> pa.Array:
+def _raw_strings(values: list[bytes | None], typ: pa.DataType | None = None) -> pa.Array:
     """A string array holding exactly these bytes (Arrow does not check them on creation)."""
     import numpy as np
 
+    typ = typ or pa.string()
     sizes = [len(v or b"") for v in values]
     offsets = np.cumsum([0, *sizes]).astype(np.int64 if typ == pa.large_string() else np.int32)
     valid = pa.array([v is not None for v in values]).buffers()[1]

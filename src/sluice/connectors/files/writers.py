@@ -23,9 +23,11 @@ This module also holds :class:`SchemaAligner`, shared by every sink (the last li
 before anything is written):
 
 * no string is ever written that is not valid UTF-8: every string column (also inside lists and
-  structs) is validated (``Array.validate(full=True)``, vectorized: about 5 ms per million
-  short strings); rows holding invalid bytes become ``encoding`` dead letters whose payload shows
-  the bytes escaped (``\\xff``), and the other rows of the batch are written;
+  structs) is validated, vectorized (all-ASCII data in one SIMD pass, about 1 ms per million
+  short strings; other text by Arrow's UTF-8 validation, about 8 ms); rows holding invalid
+  bytes become ``encoding`` dead letters whose payload shows the bytes escaped (``\\xff``), and
+  the other rows of the batch are written (:meth:`SchemaAligner.split` returns the input rows
+  that match the written data);
 * the first batch with rows fixes the schema; later batches that differ by column order, by
   null-typed (all-null) columns, by missing nullable columns or by a lossless widening (int32 ->
   int64, string -> large_string) are aligned to it; a batch that cannot be aligned becomes dead
@@ -97,6 +99,32 @@ def _valid(arr: pa.Array) -> bool:
     return True
 
 
+def _text_valid(arr: pa.Array) -> bool:
+    """Whether every string of ``arr`` is valid UTF-8, as cheaply as possible: plain string
+    arrays whose bytes are all ASCII (the common case) are valid after one SIMD pass over their
+    data (about 1 ms per 25 MB); other string arrays are checked by Arrow's UTF-8 validation
+    (a cast from binary), nested ones by a full validation."""
+    t = arr.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        _, offsets_buf, data_buf = arr.buffers()
+        if data_buf is None or len(arr) == 0:
+            return True
+        offsets = np.frombuffer(
+            offsets_buf, np.int64 if pa.types.is_large_string(t) else np.int32
+        )
+        start, end = int(offsets[arr.offset]), int(offsets[arr.offset + len(arr)])
+        data = np.frombuffer(data_buf, np.uint8)[start:end]
+        if data.size == 0 or int(data.max()) < 0x80:
+            return True
+        binary = pa.large_binary() if pa.types.is_large_string(t) else pa.binary()
+        try:
+            pc.cast(arr.view(binary), t)
+        except pa.ArrowInvalid:
+            return False
+        return True
+    return _valid(arr)
+
+
 def _invalid_rows(arr: pa.Array, offset: int, out: np.ndarray) -> None:
     """Mark in ``out`` (at ``offset``) the rows of ``arr`` holding invalid UTF-8. Only called
     for an array that failed validation (the error path). Strings: bisect down to small slices
@@ -144,7 +172,7 @@ def invalid_utf8(table: pa.Table) -> np.ndarray | None:
             continue
         start = 0
         for chunk in col.chunks:
-            if not _valid(chunk):
+            if not _text_valid(chunk):
                 if mask is None:
                     mask = np.zeros(table.num_rows, dtype=bool)
                 _invalid_rows(chunk, start, mask)

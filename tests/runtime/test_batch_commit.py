@@ -501,7 +501,8 @@ schema:
     [
         ("derive", {"id": "d", "derive": {"n": "CAST(email AS INT)"}}, None),
         ("sql", {"id": "s", "sql": "SELECT id, CAST(email AS INTEGER) AS n FROM input"}, None),
-        ("corrupt_line", None, "id,email\n1,ok@x.org\n2,leak-ok@example.com,extra\n3,c@x.org\n"),
+        # a bad byte and a wrong field count: the parser quotes the raw line in its message
+        ("corrupt_line", None, "id,email\n1,ok@x.org\n\udcff,leak-ok@example.com,x\n3,c@x.org\n"),
         ("sink_refusal", None, None),
     ],
 )
@@ -510,8 +511,10 @@ def test_i8_21_no_pii_value_in_any_output_of_a_run(
 ) -> None:
     (tmp_path / "contract.yaml").write_text(CONTRACT)
     (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "a.csv").write_text(
-        data or "id,email\n1,first-leak@example.com\n2,leak-ok@example.com\n"
+    (tmp_path / "in" / "a.csv").write_bytes(
+        (data or "id,email\n1,first-leak@example.com\n2,leak-ok@example.com\n").encode(
+            "utf-8", "surrogateescape"
+        )
     )
     sinks: list[dict[str, Any]] = [{"id": "out", "kind": "jsonl", "path": "out"}]
     if case == "sink_refusal":

@@ -435,12 +435,14 @@ class Executor:
                 fix="wait until it has finished (runs of one pipeline commit one after the "
                 "other), or give this pipeline file its own checkpoint.path",
             ) from None
-        except CorruptCheckpoint as exc:
+        except (CorruptCheckpoint, OSError) as exc:
             raise ConfigError(
-                str(exc),
+                f"the state store that keeps this pipeline's commit records cannot be used: {exc}",
                 field="checkpoint.path",
-                fix="restore the file from a copy, or move it away (a run that was committed "
-                "but not completely published is then not rolled forward)",
+                value=str(self.store_path),
+                fix="make its folder writable or set checkpoint.path elsewhere; if the file is "
+                "damaged, restore it from a copy or move it away (a run that was committed but "
+                "not completely published is then not rolled forward)",
             ) from exc
 
     def _recover(self, store: CheckpointStore) -> None:

@@ -12,9 +12,10 @@ so that a row can be traced back to where it came from, whichever step rejects i
   later steps have ``line`` null.
 
 Steps keep them when they keep whole rows (filter, select, cast, ...); SQL that does not select
-them drops them, after which later dead letters carry no position. Sinks never write them
-(:func:`strip_positions`); :func:`rows_dead_letters` turns all three into the letter's
-``source``, ``position`` and ``line``.
+them drops them, after which later dead letters carry no position. :data:`POSITION_COLS` are
+the two every source adds, :data:`HIDDEN_COLS` all three (what a step must not take for data).
+Sinks never write them (:func:`strip_positions`); :func:`rows_dead_letters` turns them into the
+letter's ``source``, ``position`` and ``line``.
 
 Between steps a batch is a *frame*: a ``pyarrow.Table`` or a ``polars.DataFrame``. Sources
 produce Arrow tables; Polars-based steps hand DataFrames to the next step as they are, so a chain
@@ -41,7 +42,11 @@ import pyarrow.compute as pc
 SOURCE_COL: Final = "__sluice_source"
 ROW_COL: Final = "__sluice_row"
 LINE_COL: Final = "__sluice_line"
-POSITION_COLS: Final = (SOURCE_COL, ROW_COL, LINE_COL)
+#: the position columns every source adds
+POSITION_COLS: Final = (SOURCE_COL, ROW_COL)
+#: every hidden column a batch may carry (the position columns and the optional line column):
+#: never written by a sink, never a data column for a step
+HIDDEN_COLS: Final = (SOURCE_COL, ROW_COL, LINE_COL)
 
 #: Reason codes a dead letter may carry. Connectors may add their own; these are the common ones.
 REASONS: Final = {
@@ -286,8 +291,8 @@ def with_positions(
 
 
 def strip_positions(table: pa.Table) -> pa.Table:
-    """Drop the hidden position columns (sinks call this before writing)."""
-    drop = [c for c in POSITION_COLS if c in table.column_names]
+    """Drop the hidden columns (sinks call this before writing)."""
+    drop = [c for c in HIDDEN_COLS if c in table.column_names]
     return table.drop_columns(drop) if drop else table
 
 

@@ -314,6 +314,8 @@ def test_i8_F_batch_crash_before_the_commit_record_leaves_nothing_visible(
     assert _ids(tmp_path / "out") == list(range(100))
     assert _duckdb_ids(tmp_path / "w.duckdb") == list(range(100))
     assert _temporaries(tmp_path / "out") == []
+    staged = tmp_path / "state" / "orders.db.batch-staging" / "db"
+    assert staged.is_dir() and list(staged.iterdir()) == []  # the killed run's rows: deleted
 
 
 def test_i8_F_deleted_state_store_forgets_a_pending_run_and_overwrite_still_converges(

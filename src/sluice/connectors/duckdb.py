@@ -48,7 +48,11 @@ class DuckdbWriter:
     pipeline name and the sink's step id with the run id (in stream mode: the checkpoint
     history's id). ``mode: replace`` drops the old table in the
     transaction of the first epoch ever published (no marker yet); later epochs, also after a
-    restart, append. A failed insert rolls the epoch's transaction back and raises
+    restart, append (a batch run is one epoch with a marker of its own, so it replaces the table
+    each run). Rows refused while publishing (the aligner's dead letters) are handed to the
+    runtime's journal before the commit (:meth:`publish_journaled`,
+    :class:`~sluice.plugins.JournalingPublisher`). A failed insert rolls the epoch's
+    transaction back and raises
     :class:`SinkError`; the marker is then unchanged. A sink instance is used either in batch
     mode or in stream mode, not both. The marker belongs to the checkpoint store's epoch
     numbering: a new, empty checkpoint store has a new id, so it never takes old markers for

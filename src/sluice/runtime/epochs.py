@@ -433,6 +433,14 @@ class StagedEpochSink:
             if m and int(m.group(1)) > epoch:
                 path.unlink(missing_ok=True)
 
+    def clear(self) -> None:
+        """Delete everything staged (a batch run starting after the roll-forward: what is left
+        belongs to runs that never committed)."""
+        if self.dir.is_dir():
+            for path in self.dir.iterdir():
+                if re.match(r"^\.?(?:epoch|refused)-\d{9}", path.name):
+                    path.unlink(missing_ok=True)
+
     def close(self) -> None:
         """Abort the epoch in progress (its staging files are deleted; a prepared epoch stays
         for publish or roll-forward) and close the publisher."""

@@ -683,9 +683,11 @@ class Executor:
             store = self._open_store()
             if store is not None:
                 self._recover(store)
-            for es in self.epoch_sinks:
+            for es in self.epoch_sinks:  # what killed runs left behind; error_if_exists
                 if isinstance(es, FileEpochSink):
-                    es.check_start()  # error_if_exists; temporary files of killed runs
+                    es.check_start()
+                elif isinstance(es, StagedEpochSink):
+                    es.clear()
             self._clean_dead_letter_folder()
             self.epoch = store.next_epoch() if store is not None else 1
             for es in self.epoch_sinks:

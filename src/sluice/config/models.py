@@ -519,11 +519,14 @@ class Settings(Model):
 
 
 class CheckpointConfig(Model):
-    """Stream mode: where and how often the checkpoint (epoch, source positions, operator
-    state, sink commit tokens) is written."""
+    """Where and how often the checkpoint (epoch, source positions, operator state, sink commit
+    tokens) is written in stream mode. Batch runs keep their commit records (one per run, see
+    docs/commit.md) and the replay ledger in the same file."""
 
     path: str = Field(
-        "state/{pipeline}.db", description="SQLite file holding the checkpoints (created)."
+        "state/{pipeline}.db",
+        description="SQLite file holding the checkpoints of a stream and the commit records "
+        "of batch runs (created).",
     )
     every: str | float = Field("1s", description="Checkpoint interval.")
     keep: int = Field(3, ge=2, description="Checkpoints kept (older ones are the fallback).")

@@ -1,17 +1,22 @@
 """Batches and dead letters: what flows between sources, steps and sinks.
 
-A batch is a ``pyarrow.Table``. Two hidden *position columns* ride along with the user's columns
+A batch is a ``pyarrow.Table``. Hidden *position columns* ride along with the user's columns
 so that a row can be traced back to where it came from, whichever step rejects it later:
 
 * ``__sluice_source`` (int32): the interned id of the file (or topic/stream) the row came from;
   :func:`source_name` turns it back into the name (ids are process-wide, see :func:`source_id`)
-* ``__sluice_row`` (int64): the 0-based record number inside that source (a line number for
-  line-oriented formats is reported separately in dead letters when the reader knows it)
+* ``__sluice_row`` (int64): the 0-based record number inside that source
+* ``__sluice_line`` (int64, optional): the 1-based line where the record starts, for readers of
+  line-oriented formats that know it (:func:`with_positions` ``lines=``). It costs 8 bytes per
+  row, so a reader adds it only where it has the number anyway; when it is absent, letters of
+  later steps have ``line`` null.
 
 Steps keep them when they keep whole rows (filter, derive, select, cast, ...); a row-wise ``sql``
 statement carries them through (it never sees them: ``SELECT *`` does not return them); rows made
-from many rows (aggregates, window results) have none. Sinks never write them
-(:func:`strip_positions`).
+from many rows (aggregates, window results) have none. :data:`POSITION_COLS` are the two every
+source adds, :data:`HIDDEN_COLS` all three (what a step must not take for data). Sinks never write
+them (:func:`strip_positions`); :func:`rows_dead_letters` turns them into the letter's ``source``,
+``position`` and ``line``.
 
 Between steps a batch is a *frame*: a ``pyarrow.Table`` or a ``polars.DataFrame``. Sources
 produce Arrow tables; Polars-based steps hand DataFrames to the next step as they are, so a chain
@@ -25,6 +30,7 @@ Dead letters are an Arrow table with :data:`DEAD_LETTER_SCHEMA`; build them with
 from __future__ import annotations
 
 import datetime as dt
+import re
 import threading
 from collections.abc import Sequence
 from typing import Final, TypeAlias
@@ -36,7 +42,12 @@ import pyarrow.compute as pc
 
 SOURCE_COL: Final = "__sluice_source"
 ROW_COL: Final = "__sluice_row"
+LINE_COL: Final = "__sluice_line"
+#: the position columns every source adds
 POSITION_COLS: Final = (SOURCE_COL, ROW_COL)
+#: every hidden column a batch may carry (the position columns and the optional line column):
+#: never written by a sink, never a data column for a step
+HIDDEN_COLS: Final = (SOURCE_COL, ROW_COL, LINE_COL)
 
 #: Reason codes a dead letter may carry. Connectors may add their own; these are the common ones.
 REASONS: Final = {
@@ -225,6 +236,7 @@ def rows_dead_letters(frame: Frame, *, step_id: str, reason: str, message: objec
     names = table.column_names
     source = source_names(table.column(SOURCE_COL)) if SOURCE_COL in names else None
     position = table.column(ROW_COL) if ROW_COL in names else None
+    line = table.column(LINE_COL) if LINE_COL in names else None
     return dead_letters(
         step_id=step_id,
         reason=reason,
@@ -233,6 +245,7 @@ def rows_dead_letters(frame: Frame, *, step_id: str, reason: str, message: objec
         n=n,
         source=source,
         position=position,
+        line=line,
     )
 
 
@@ -260,17 +273,27 @@ def source_names(ids: pa.Array | pa.ChunkedArray) -> pa.Array:
     return pc.take(names, ids)
 
 
-def with_positions(table: pa.Table, source: str, first_row: int) -> pa.Table:
-    """Append the position columns to a freshly read table."""
+def with_positions(
+    table: pa.Table,
+    source: str,
+    first_row: int,
+    lines: pa.Array | pa.ChunkedArray | np.ndarray | None = None,
+) -> pa.Table:
+    """Append the position columns to a freshly read table; ``lines`` (1-based line of each
+    record, optional) adds the line column."""
     n = table.num_rows
     src = pa.array(np.full(n, source_id(source), dtype=np.int32))
     rows = pa.array(np.arange(first_row, first_row + n, dtype=np.int64))
-    return table.append_column(SOURCE_COL, src).append_column(ROW_COL, rows)
+    out = table.append_column(SOURCE_COL, src).append_column(ROW_COL, rows)
+    if lines is not None:
+        line_col = lines if isinstance(lines, (pa.Array, pa.ChunkedArray)) else pa.array(lines)
+        out = out.append_column(LINE_COL, pc.cast(line_col, pa.int64()))
+    return out
 
 
 def strip_positions(table: pa.Table) -> pa.Table:
-    """Drop the hidden position columns (sinks call this before writing)."""
-    drop = [c for c in POSITION_COLS if c in table.column_names]
+    """Drop the hidden columns (sinks call this before writing)."""
+    drop = [c for c in HIDDEN_COLS if c in table.column_names]
     return table.drop_columns(drop) if drop else table
 
 
@@ -292,24 +315,85 @@ def concat(frames: Sequence[Frame]) -> Frame:
 
 REDACTED: Final = "<redacted>"
 
+# A quoted literal: '...', "..." or `...`, opened and closed at a word boundary (so that the
+# apostrophe of "can't" opens nothing).
+_QUOTED = re.compile(r"""(?<![\w'"`])(['"`])([^\n]*?)\1(?![\w])""")
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+# the raw row that pyarrow's CSV parser appends after "got N:", DuckDB after "Original Line:"
+_RAW_TAIL = re.compile(r"((?:columns?, got \d+|Original Line)\s*:)[ \t]*\S.*")
+# type names inside quotes stay readable: `str`, `i64`, 'INT32', "timestamp[us]"...
+_TYPE_WORD = re.compile(
+    r"(?i)^(u?int\d*|[iuf]\d+|float\d*|double|real|str|string|utf-?8|varchar|text|large_string"
+    r"|bool(ean)?|date\d*|time\w*|timestamp.*|decimal.*|binary|blob|null|list.*|struct.*|json"
+    r"|bigint|smallint|tinyint|hugeint|integer|number|object|array|categorical|enum)$"
+)
+_SEPARATORS = re.compile(r"[,;\t|\r\n]")
+
+
+def redact_text(
+    message: str, *, keep: frozenset[str] | set[str] = frozenset(), values: Sequence[str] = ()
+) -> str:
+    """Remove record values from an error or dead-letter message: the one function every
+    message of a pipeline that declares PII goes through (see
+    :class:`sluice.runtime.redact.Redactor`).
+
+    * ``values`` (the record's own values, e.g. the fields of the dead letter's payload) are
+      replaced wherever they occur, longest first (values shorter than 3 characters are left:
+      they would tear words apart and cannot identify anyone alone);
+    * every quoted literal (``'...'``, ``"..."``, ```...```) becomes ``'<redacted>'`` unless it
+      is a name in ``keep`` (column names, step ids) or a type name;
+    * the raw row that parsers append to their messages (pyarrow after ``got N:``, DuckDB
+      after ``Original Line:``) and e-mail addresses are removed.
+    """
+    for v in sorted({v for v in values if len(v) >= 3}, key=len, reverse=True):
+        message = message.replace(v, REDACTED)
+
+    def quoted(m: re.Match[str]) -> str:
+        inner = m.group(2)
+        if inner in keep or inner == REDACTED or _TYPE_WORD.match(inner):
+            return m.group(0)
+        return f"{m.group(1)}{REDACTED}{m.group(1)}"
+
+    message = _QUOTED.sub(quoted, message)
+    message = _RAW_TAIL.sub(lambda m: f"{m.group(1)} {REDACTED}", message)
+    return _EMAIL.sub(REDACTED, message)
+
+
+def _payload_values(obj: object) -> list[str]:
+    """Every scalar value in a parsed JSON payload, as text."""
+    if isinstance(obj, dict):
+        return [v for x in obj.values() for v in _payload_values(x)]
+    if isinstance(obj, list):
+        return [v for x in obj for v in _payload_values(x)]
+    if obj is None or isinstance(obj, bool):
+        return []
+    return [str(obj)]
+
 
 def mask_pii(
-    dead: pa.Table, fields: set[str], *, trusted_steps: frozenset[str] | set[str] = frozenset()
+    dead: pa.Table,
+    fields: set[str],
+    *,
+    trusted_steps: frozenset[str] | set[str] = frozenset(),
+    keep: frozenset[str] | set[str] = frozenset(),
 ) -> pa.Table:
-    """Remove PII from dead letters before they are written.
+    """Remove PII from dead letters before they are written (the pipeline declares ``fields``).
 
     * a payload holding a JSON object: the PII keys get the value ``<redacted>``;
     * any other payload (a raw CSV line, a JSON line that did not parse): it cannot be taken
       apart safely, so the whole payload is redacted (such letters cannot be replayed);
-    * a message from a step other than a contract step that names a PII field, or that
-      contains the value of a PII field of its own payload (a database's "Failing row
-      contains (...)"): redacted (contract steps never put PII values in their messages).
+    * the message of a letter from any step but a contract step (``trusted_steps``: they never
+      put PII values in their messages) goes through :func:`redact_text` with the values of
+      its own record, so third-party messages ("Could not convert string 'x@y.z'", "Failing
+      row contains (...)", a parser quoting the raw line) keep their words and column names
+      (``keep``) but lose every value.
     """
     import orjson
 
     payloads = dead.column("payload").to_pylist()
     messages = dead.column("message").to_pylist()
     steps = dead.column("step_id").to_pylist()
+    keep = set(keep) | fields
     out_p: list[str | None] = []
     out_m: list[str | None] = []
     for payload, message, step in zip(payloads, messages, steps, strict=True):
@@ -320,19 +404,15 @@ def mask_pii(
             except orjson.JSONDecodeError:
                 obj = None
             if isinstance(obj, dict):
+                values = _payload_values(obj)
                 for key in fields & obj.keys():
-                    if obj[key] not in (None, ""):
-                        values.append(str(obj[key]))
                     obj[key] = REDACTED
                 payload = orjson.dumps(obj).decode()
             else:
+                values = [payload, *(p.strip() for p in _SEPARATORS.split(payload))]
                 payload = f"{REDACTED} (raw record; the pipeline declares PII fields)"
-        if (
-            message
-            and step not in trusted_steps
-            and (any(f in message for f in fields) or any(v in message for v in values))
-        ):
-            message = f"{REDACTED} (the message names a PII field)"
+        if message and step not in trusted_steps:
+            message = redact_text(message, keep=keep, values=values)
         out_p.append(payload)
         out_m.append(message)
     dead = dead.set_column(

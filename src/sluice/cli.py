@@ -111,12 +111,9 @@ def summary_table(rep: RunReport) -> Table:
 
 
 def report_written(rep: RunReport, path: Path) -> bool:
-    """True when ``path`` holds this run's report (checked, not assumed: writing it may have
-    failed, e.g. in a read-only folder)."""
-    try:
-        return bool(jsonlib.loads(path.read_text(encoding="utf-8")).get("run_id") == rep.run_id)
-    except (OSError, ValueError, AttributeError):
-        return False
+    """True when the run wrote its report to ``path`` (the report records where it was
+    written; writing may have failed, e.g. in a read-only folder)."""
+    return rep.written_to is not None and Path(rep.written_to) == Path(path)
 
 
 def _rel(path: str | Path | None) -> str:
@@ -150,6 +147,12 @@ def print_summary(rep: RunReport, report_path: Path) -> None:
             f"contract {q.get('contract')} v{q.get('version')} at step '{step_id}': "
             f"{len(checks)} checks"
             + (f"; failures: {', '.join(failing)}" if failing else ", all passed")
+        )
+    if rep.recovered:
+        r = rep.recovered
+        out.print(
+            f"recovered: run {r.get('run_id')} was committed but not completely published; "
+            f"its sinks {', '.join(map(str, r.get('sinks') or []))} were completed first"
         )
     if report_written(rep, report_path):
         out.print(f"run report → {_rel(report_path)}")
@@ -215,11 +218,11 @@ def run(
     code = ExitCode.OK
     try:
         rep = ex.run()
-    except SluiceError as exc:
-        _error("error", exc)
+    except SluiceError as exc:  # rendered by the run (redacted when it declares PII)
+        _error("error", ex.render_error(exc))
         rep, code = ex.report, ExitCode.RUN_FAILED
     except Exception as exc:  # a bug or an unexpected library error: still a clean exit
-        _error("unexpected error", f"{type(exc).__name__}: {exc} (please report it)")
+        _error("unexpected error", f"{ex.render_error(exc)} (please report it)")
         rep, code = ex.report, ExitCode.RUN_FAILED
     except KeyboardInterrupt:
         err.print("[red]interrupted[/red]: data sinks aborted, dead letters kept")

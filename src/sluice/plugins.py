@@ -49,7 +49,22 @@ Stream mode (:mod:`sluice.runtime.stream`) adds two interfaces:
     marker (newest epoch already visible, ``None`` if none): after a crash the runtime re-publishes
     a staged epoch only when the marker is older, so nothing is duplicated. A publisher without
     a transactional marker returns ``None`` and is at-least-once for the epoch in flight at a
-    crash; its documentation says so.
+    crash; its documentation says so. Batch runs use the same protocol, one epoch per run
+    (the rows of the whole run are staged on disk: ``table`` may be larger than memory, memory
+    mapped; a publisher that converts it should do so in slices). In a batch run the ``ctx``
+    given to ``open`` names the run (``batch-<run id>``), so the marker is per run and a mode
+    that replaces the target at the first epoch of a history (Delta ``overwrite``, DuckDB
+    ``replace``) replaces it in every run.
+
+``JournalingPublisher``
+    An ``EpochPublisher`` that can refuse rows at publish (constraint violations, the
+    :class:`~sluice.connectors.files.writers.SchemaAligner`) implements
+    ``publish_journaled(epoch, table, journal)``: the same as ``publish``, but it calls
+    ``journal(dead_letters)`` exactly once per attempt, after the rows are written and *before*
+    its transaction commits (an empty table when nothing was refused), and returns nothing. The
+    runtime makes the letters durable in that call, so a crash right after the commit loses
+    none. For a plain ``EpochPublisher`` the runtime journals what ``publish`` returned, right
+    after it returned (a crash in between loses those letters).
 """
 
 from __future__ import annotations
@@ -154,6 +169,13 @@ class EpochPublisher(Protocol):
     def published_epoch(self) -> int | None: ...
     def publish(self, epoch: int, table: pa.Table) -> pa.Table: ...
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class JournalingPublisher(EpochPublisher, Protocol):
+    def publish_journaled(
+        self, epoch: int, table: pa.Table, journal: Callable[[pa.Table], None]
+    ) -> None: ...
 
 
 Factory = Callable[[Any], Any]

@@ -24,8 +24,6 @@ runner = CliRunner()
 # test fails once they have one, so that the entry is removed here.
 PENDING = {
     ("CsvSource", "block_size"): "ge=4 KiB, le=256 MiB",
-    ("JsonlSource", "block_size"): "ge=4 KiB, le=256 MiB",
-    ("JsonSource", "max_bytes"): "ge=1, le=64 GiB",
 }
 # librdkafka settings passed through as given: the client library checks them.
 PASS_THROUGH = {("KafkaSource", "options"), ("KafkaSink", "options")}

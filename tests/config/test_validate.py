@@ -201,6 +201,7 @@ TRIGGERS: dict[str, Case] = {
 
 _ODCS = "`sluice contract import`: the ODCS file given to the command, not a pipeline"
 _REPLAY = "`sluice replay`: the dead letters given to replay, checked before anything is replayed"
+_BUSY = "another process holds the checkpoint store (a run of the same pipeline), not the file"
 _STATE = "the checkpoint store's content (a damaged or foreign checkpoint), not the pipeline file"
 NOT_PIPELINE_MISTAKES: dict[str, str] = {
     "cli.py::run#0": "`sluice run --until-idle`: a command-line option, checked before running",
@@ -223,7 +224,12 @@ NOT_PIPELINE_MISTAKES: dict[str, str] = {
     "runtime/replay.py::_replay_objects#0": _REPLAY,
     "runtime/replay.py::_run#0": _REPLAY,
     "runtime/stream.py::StreamExecutor._restore#0": _STATE,
-    "runtime/stream.py::StreamExecutor.run#0": _STATE,
+    "runtime/stream.py::StreamExecutor.run#0": _BUSY,
+    "runtime/stream.py::StreamExecutor.run#1": _STATE,
+    "runtime/executor.py::Executor._open_store#0": _BUSY,
+    "runtime/executor.py::Executor._open_store#1": _STATE
+    + " (or a folder for it that cannot be written: found when the store is opened)",
+    "runtime/replay.py::_skip_replayed#0": _REPLAY + " (every letter was replayed before)",
     "steps/window.py::Window.restore#0": _STATE,
 }
 

@@ -284,3 +284,48 @@ def test_postgres_connection_loss_is_transient(
     assert case.sink.write(batch(0, 5)).num_rows == 0
     case.sink.commit()
     check(case, expected(batch(0, 5)))
+
+
+def _invalid_utf8(values: list[bytes]) -> pa.Array:
+    """A string array holding exactly these bytes (Arrow does not check them on creation)."""
+    import numpy as np
+
+    offsets = np.cumsum([0, *map(len, values)]).astype(np.int32)
+    return pa.Array.from_buffers(
+        pa.string(),
+        len(values),
+        [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(b"".join(values))],
+    )
+
+
+def test_i8_10_sink_never_writes_invalid_utf8(
+    case: Case, ctx: RunContext, request: pytest.FixtureRequest
+) -> None:
+    """Every sink goes through the shared SchemaAligner: a row holding a string that is not
+    valid UTF-8 becomes an ``encoding`` dead letter (bytes shown escaped), the other rows of
+    the batch are written, and the output holds valid strings only."""
+    if "postgres" in request.node.name:
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="PostgresWriter.write() drops the aligner's dead letters when it also "
+                "gets rows (SchemaAligner.split gives rows, aligned input and letters); in a run "
+                "the staging step refuses invalid strings before the publisher sees them",
+            )
+        )
+    case.sink.open(ctx)
+    first = batch(0, 3)
+    second = batch(3, 3)
+    second = second.set_column(1, "name", _invalid_utf8([b"fine", b"bad \xff\xfe", b"ok"]))
+    assert case.sink.write(first).num_rows == 0
+    dead = case.sink.write(second)
+    if dead.num_rows == 0:
+        case.sink.abort()
+    assert dead["reason"].to_pylist() == ["encoding"]
+    assert dead["position"].to_pylist() == [4]
+    assert "'name'" in dead["message"][0].as_py()
+    assert "bad \\\\xff\\\\xfe" in dead["payload"][0].as_py()
+    case.sink.commit()
+    kept = second.filter(pa.array([True, False, True]))
+    kept = kept.set_column(1, "name", pa.array(["fine", "ok"]))
+    check(case, expected(first, kept))

@@ -99,3 +99,65 @@ def test_replaying_source_rows_with_inferred_types_is_refused(tmp_path: Path) ->
     assert rep.dead_letters_by_reason == {"cast_error": 1}
     with pytest.raises(ConfigError, match=r"step 'source', field 'schema'.*infers the types"):
         replay(parse_pipeline(raw), tmp_path / "dl", base_dir=tmp_path)
+
+
+def _out_ids(tmp_path: Path) -> list[int]:
+    parts = sorted((tmp_path / "out").glob("*.parquet"))
+    frames = [pl.read_parquet(p).select("id") for p in parts]
+    return sorted(pl.concat(frames)["id"].to_list()) if frames else []
+
+
+def test_i8_F_replaying_the_same_letters_twice_does_not_duplicate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The replay ledger (in the pipeline's state store, written with each replay run's
+    commit) makes a second replay of the same letters a clear refusal; letters added later are
+    replayed and the old ones skipped with a message."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.csv").write_text("id,amount\n1,10\n2,2.5\n4,7.25\n")
+    rep = Executor(parse_pipeline(_pipeline(tmp_path, "int")), base_dir=tmp_path).run()
+    assert rep.dead_letters == 2
+    fixed = parse_pipeline(_pipeline(tmp_path, "float"))
+    replay(fixed, tmp_path / "dl", base_dir=tmp_path, progress=False)
+    assert _out_ids(tmp_path) == [1, 2, 4]
+    with pytest.raises(ConfigError, match=r"all 2 dead letter\(s\) were replayed before"):
+        replay(fixed, tmp_path / "dl", base_dir=tmp_path, progress=False)
+    assert _out_ids(tmp_path) == [1, 2, 4]
+
+    # a later run adds letters to the folder: only those are replayed
+    (tmp_path / "in" / "a.csv").write_text("id,amount\n7,1.5\n")
+    Executor(parse_pipeline(_pipeline(tmp_path, "int")), base_dir=tmp_path).run()
+    capsys.readouterr()
+    reports = replay(fixed, tmp_path / "dl", base_dir=tmp_path, progress=False)
+    assert sum(r.steps[0].rows_in for r in reports) == 1
+    assert "2 of 3 dead letter(s) were replayed before" in capsys.readouterr().err
+    assert _out_ids(tmp_path) == [7]  # the second run replaced the output; the replay appends
+
+
+def test_i8_F_replay_killed_after_its_commit_is_completed_once(tmp_path: Path) -> None:
+    """kill -9 a replay right after its commit record: its letters are in the ledger (a new
+    replay refuses them) and the next start of the pipeline publishes what it committed:
+    every replayed row once."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.csv").write_text("id,amount\n1,10\n2,2.5\n3,4.5\n")
+    appending = _pipeline(tmp_path, "int")
+    appending["sinks"] = [{"id": "out", "kind": "parquet", "path": "out", "mode": "append"}]
+    Executor(parse_pipeline(appending), base_dir=tmp_path).run()
+    fixed = tmp_path / "fixed.yaml"
+    fixed.write_text(yaml.safe_dump({**appending, "steps": _pipeline(tmp_path, "float")["steps"]}))
+    command = [sys.executable, "-m", "sluice.cli", "replay", "dl", "-p", str(fixed)]
+    env = {**os.environ, "SLUICE_TEST_CRASH": "after_checkpoint:1"}
+    killed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, check=False)
+    assert killed.returncode == -9, killed.stderr
+    assert _out_ids(tmp_path) == [1]  # committed, not yet published
+    env.pop("SLUICE_TEST_CRASH")
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert again.returncode == 1 and "were replayed before" in again.stderr
+    assert _out_ids(tmp_path) == [1]
+    rep = Executor(parse_pipeline(appending), base_dir=tmp_path).run()
+    assert rep.recovered is not None and rep.recovered["sinks"] == ["out"]
+    assert _out_ids(tmp_path) == [1, 1, 2, 3]  # the run's [1] again, the replayed rows once

@@ -427,3 +427,46 @@ def test_a_store_that_is_not_a_database_is_a_clear_error(tmp_path: Path) -> None
             _cfg(tmp_path), base_dir=tmp_path, source=MemoryStream([]), handle_signals=False
         ).run()
     assert "cp.db" in str(err.value) and "checkpoint.path" in str(err.value)
+
+
+def test_i8_F_publish_dead_letters_stay_in_their_epoch_across_a_crash(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    """Rows a database refuses while an epoch is published are dead letters *of that epoch*:
+    killed right after the publish (before the next epoch could carry them, which is where they
+    went before), the restart writes them from the epoch's journal, exactly once."""
+    import duckdb
+    from redis_helpers import run_until_crash
+
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as con:
+        con.execute("CREATE TABLE t (id BIGINT, v BIGINT)")  # v is text in the messages
+    stream = f"{redis_prefix}:s"
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(
+        json.dumps(
+            {
+                "pipeline": "stream_late",
+                "source": {
+                    "kind": "redis_stream",
+                    "url": redis_url,
+                    "stream": stream,
+                    "schema": {"id": "int64", "v": "string"},
+                },
+                "sinks": [{"id": "db", "kind": "duckdb", "path": "w.duckdb", "table": "t"}],
+                "checkpoint": {"path": "state/cp.db", "every": "300ms"},
+            }
+        )
+    )
+    produce(redis_url, stream, [{"id": i, "v": f"x{i}"} for i in range(30)])
+    assert run_until_crash(pipeline, "mid_publish:1") == -signal.SIGKILL
+    _run(pipeline)
+    letters = pl.concat(
+        [pl.read_ndjson(f) for f in sorted((tmp_path / "dead_letters").rglob("*.jsonl"))]
+    )
+    ids = sorted(json.loads(x)["id"] for x in letters["payload"].to_list())
+    assert ids == list(range(30)) and letters["position"].n_unique() == 30
+    assert set(letters["reason"].to_list()) == {"sink_rejected"}
+    refused = [p.name for p in (tmp_path / "dead_letters" / "stream_late").glob("*refused*")]
+    assert refused == ["part-e000000001-refused-db.jsonl"]  # the epoch they come from
+    with duckdb.connect(str(tmp_path / "w.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM t").fetchone() == (0,)

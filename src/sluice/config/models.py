@@ -508,11 +508,51 @@ class SinkBase(Model):
         return [self.from_] if isinstance(self.from_, str) else list(self.from_)
 
 
+FileSinkMode = Literal["overwrite", "append", "error_if_exists"]
+
+
 class FileSinkBase(SinkBase):
     path: str = Field(
         description="A directory of part files, or a single file when it ends in the format's "
         "extension. Files appear only when complete (written under a temporary name, then renamed)."
     )
+    mode: FileSinkMode | None = Field(
+        None,
+        description="What a run does with the output already there. overwrite: a batch run "
+        "replaces it (its part files; the previous output stays intact until the new one is "
+        "complete and committed); append: add this run's part files next to the existing "
+        "ones (a folder only); error_if_exists: fail before reading any data if output is "
+        "already there. Default: overwrite in a batch run; a stream always appends, one set of "
+        "part files per checkpoint epoch.",
+    )
+
+    @property
+    def single_file(self) -> bool:
+        """True when ``path`` names one file (it ends in the format's extension)."""
+        kind = str(getattr(self, "kind", ""))
+        return bool(kind) and self.path.lower().endswith("." + kind)
+
+    def mode_problems(self, *, streaming: bool) -> list[tuple[str, str]]:
+        """``(field, message with the fix)`` for each mode the output cannot honour."""
+        if streaming and self.mode not in (None, "append"):
+            return [
+                (
+                    "mode",
+                    f"mode '{self.mode}' is not possible in a stream pipeline, whose file sinks "
+                    "add part files per checkpoint epoch. Fix: remove mode (or write mode: "
+                    "append)",
+                )
+            ]
+        if not streaming and self.mode == "append" and self.single_file:
+            return [
+                (
+                    "mode",
+                    f"mode 'append' needs a folder: a single file ({self.path!r}) cannot be "
+                    "appended to atomically. Fix: give a folder path (without the extension), "
+                    "or use mode: overwrite",
+                )
+            ]
+        return []
 
 
 class ParquetSink(FileSinkBase):
@@ -532,6 +572,25 @@ class ParquetSink(FileSinkBase):
     rows_per_file: int = Field(
         5_000_000, ge=1, le=1_000_000_000, description="Start a new part file after this many rows."
     )
+    overwrite_partitions: bool = Field(
+        False,
+        description="With partition_by and mode overwrite: replace only the partitions this "
+        "run writes (their old part files are deleted at commit); other partitions stay.",
+    )
+
+    def mode_problems(self, *, streaming: bool) -> list[tuple[str, str]]:
+        problems = super().mode_problems(streaming=streaming)
+        if self.overwrite_partitions and (
+            not self.partition_by or self.mode not in (None, "overwrite") or streaming
+        ):
+            problems.append(
+                (
+                    "overwrite_partitions",
+                    "overwrite_partitions needs partition_by and mode overwrite in a batch "
+                    "pipeline. Fix: add partition_by, or remove overwrite_partitions",
+                )
+            )
+        return problems
 
     @model_validator(mode="after")
     def _level_fits_codec(self) -> ParquetSink:
@@ -660,11 +719,14 @@ class Settings(Model):
 
 
 class CheckpointConfig(Model):
-    """Stream mode: where and how often the checkpoint (epoch, source positions, operator
-    state, sink commit tokens) is written."""
+    """Where and how often the checkpoint (epoch, source positions, operator state, sink commit
+    tokens) is written in stream mode. Batch runs keep their commit records (one per run, see
+    docs/commit.md) and the replay ledger in the same file."""
 
     path: str = Field(
-        "state/{pipeline}.db", description="SQLite file holding the checkpoints (created)."
+        "state/{pipeline}.db",
+        description="SQLite file holding the checkpoints of a stream and the commit records "
+        "of batch runs (created).",
     )
     every: Interval = Field(1.0, description="Checkpoint interval (a duration; default 1s).")
     keep: int = Field(
@@ -694,16 +756,27 @@ class PipelineConfig(Model):
 
     @model_validator(mode="wrap")
     @classmethod
-    def _stream_sql(cls, data: Any, handler: Any) -> Any:
-        """A stream never ends: a sql statement that needs the whole input cannot run in one.
-        The error is placed on the step's ``sql`` field, so it names the step."""
+    def _batch_or_stream(cls, data: Any, handler: Any) -> Any:
+        """Rules that depend on whether the pipeline is a stream, each error placed on its
+        node's field (so it names the step or sink): a stream never ends, so a sql statement
+        that needs the whole input cannot run in one; a file sink's mode must be one the
+        output can honour."""
         cfg = handler(data)
-        if not cfg.streaming:
-            return cfg
+        errors = []
+        for i, sink in enumerate(cfg.sinks):
+            if isinstance(sink, FileSinkBase):
+                for field, msg in sink.mode_problems(streaming=cfg.streaming):
+                    errors.append(
+                        InitErrorDetails(
+                            type="value_error",
+                            loc=("sinks", i, str(getattr(sink, "kind")), field),  # noqa: B009
+                            input=getattr(sink, field),
+                            ctx={"error": ValueError(msg)},
+                        )
+                    )
         from sluice.steps.sqlengine import plan_statement
 
-        errors = []
-        for i, step in enumerate(cfg.steps):
+        for i, step in enumerate(cfg.steps if cfg.streaming else ()):
             if not isinstance(step, SqlStep) or step.per_batch:
                 continue
             reason = plan_statement(step.sql, frozenset(step.tables)).whole_input

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -47,7 +48,11 @@ class DuckdbWriter:
     pipeline name and the sink's step id with the run id (in stream mode: the checkpoint
     history's id). ``mode: replace`` drops the old table in the
     transaction of the first epoch ever published (no marker yet); later epochs, also after a
-    restart, append. A failed insert rolls the epoch's transaction back and raises
+    restart, append (a batch run is one epoch with a marker of its own, so it replaces the table
+    each run). Rows refused while publishing (the aligner's dead letters) are handed to the
+    runtime's journal before the commit (:meth:`publish_journaled`,
+    :class:`~sluice.plugins.JournalingPublisher`). A failed insert rolls the epoch's
+    transaction back and raises
     :class:`SinkError`; the marker is then unchanged. A sink instance is used either in batch
     mode or in stream mode, not both. The marker belongs to the checkpoint store's epoch
     numbering: a new, empty checkpoint store has a new id, so it never takes old markers for
@@ -232,12 +237,21 @@ class DuckdbWriter:
         """Insert ``table`` (position columns dropped) and set the marker to ``epoch``, in one
         transaction; returns the dead letters of refused rows. An epoch not newer than the
         marker is skipped: nothing is written and no dead letters are returned."""
+        letters: list[pa.Table] = []
+        self.publish_journaled(epoch, table, letters.append)
+        return letters[0] if letters else empty_dead_letters()
+
+    def publish_journaled(
+        self, epoch: int, table: pa.Table, journal: Callable[[pa.Table], None]
+    ) -> None:
+        """:meth:`publish` for the runtime (:class:`~sluice.plugins.JournalingPublisher`): the
+        dead letters of refused rows go to ``journal`` before the transaction commits."""
         import duckdb
 
         con = self._stream_con("publish")
         published = self.published_epoch()
         if published is not None and epoch <= published:
-            return empty_dead_letters()
+            return
         try:
             self._exec(con, "BEGIN TRANSACTION")
             try:
@@ -261,6 +275,7 @@ class DuckdbWriter:
                     "ON CONFLICT (pipeline, sink) DO UPDATE SET epoch = excluded.epoch",
                     [self._pipeline, self._marker_key, epoch],
                 )
+                journal(dead)  # durable before the commit: a crash after it loses no letter
                 self._exec(con, "COMMIT")
             except BaseException:
                 self._stream_ready = False  # re-inspect the table in the next transaction
@@ -274,7 +289,6 @@ class DuckdbWriter:
                 fix="check constraints of the table; the epoch's transaction is rolled back",
             ) from exc
         self._stream_ready = True
-        return dead
 
     def close(self) -> None:
         """Close the connection (a batch transaction still open is rolled back)."""

@@ -1,26 +1,42 @@
-"""Sinks in stream mode: each checkpoint epoch is prepared, checkpointed, then published.
+"""Sinks per epoch: each epoch is prepared, committed (checkpoint), then published.
 
-The epoch protocol (see :mod:`sluice.runtime.stream`)::
+One protocol serves both loops: a stream cuts its output into an epoch per checkpoint (see
+:mod:`sluice.runtime.stream`), a batch run is one epoch (see :mod:`sluice.runtime.executor`)::
 
     begin(E) → write(rows)* → prepare() → token    # durable but invisible
-    [checkpoint E saved with every sink's token]    # the commit point
-    publish(E, token)                               # visible; idempotent
-    recover(E, token) on restart                    # roll E forward, discard anything newer
+    [commit record E saved with every sink's token] # the commit point
+    publish(E, token) → late dead letters           # visible; idempotent
+    forget(E)                                       # after the late letters are durable
+    recover(E, token) on restart                    # roll E forward
 
 Three adapters cover every sink:
 
-* :class:`FileEpochSink` (Parquet, CSV, JSONL, and the dead-letter output): one set of part files
-  per epoch, ``part-e<epoch>-<n>.<ext>``, written under hidden temporary names and fsynced at
-  ``prepare``; ``publish`` renames them. On restart the checkpointed epoch's files are renamed if
-  that had not happened yet, and every temporary file and every part of a newer epoch (output
-  of work the checkpoint does not cover) is deleted: the replayed epoch replaces, never
-  duplicates. No data is written twice.
+* :class:`FileEpochSink` (Parquet, CSV, JSONL, and the dead-letter output): part files written
+  under hidden temporary names and fsynced at ``prepare``; ``publish`` renames them. In a
+  stream each epoch has its own parts, ``part-e<epoch>-<n>.<ext>``; on restart the checkpointed
+  epoch's files are renamed if that had not happened yet, and every temporary file and every
+  part of a newer epoch (output of work the checkpoint does not cover) is deleted: the replayed
+  epoch replaces, never duplicates. In a batch run the parts are named after the run
+  (``part-<run id>-<n>.<ext>``) and the file sink's ``mode`` applies at publish: ``overwrite``
+  deletes every other part file of the folder (or, with ``overwrite_partitions``, of the
+  partition folders the run wrote) right after the new parts were renamed in; the previous
+  output is intact until the commit point.
 * :class:`StagedEpochSink` (PostgreSQL, Delta Lake, DuckDB, Redis Streams, Kafka: anything
-  implementing :class:`~sluice.plugins.EpochPublisher`): the epoch's rows are staged in an Arrow
-  IPC file next to the checkpoint store, then published in one transaction with the sink's epoch
-  marker. A staged epoch is re-published after a crash only if the marker is older.
+  implementing :class:`~sluice.plugins.EpochPublisher`): the epoch's rows are staged in Arrow IPC
+  files next to the checkpoint store, written as they arrive (memory stays bounded whatever the
+  epoch's size), then published in one transaction with the sink's epoch marker. A staged epoch
+  is re-published after a crash only if the marker is older.
 * :class:`PlainEpochSink`: any other batch :class:`~sluice.plugins.Sink` is opened per epoch and
   committed after the checkpoint — at-least-once across a crash.
+
+**Dead letters of the publish** (rows a database refuses while publishing) belong to the epoch
+they come from: the publisher hands them to a *journal* (an Arrow file per epoch, fsynced) —
+before its transaction commits when it implements
+:class:`~sluice.plugins.JournalingPublisher`, right after otherwise — and the runtime writes
+them into that epoch's dead-letter output (:meth:`FileEpochSink.write_extra`, a file named after
+the epoch and the sink, skipped when already there) before :meth:`StagedEpochSink.forget`
+deletes the journal. A restart reads the journal of the epoch it rolls forward: the letters are
+neither lost nor doubled.
 """
 
 from __future__ import annotations
@@ -35,10 +51,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
-from sluice.batch import SOURCE_COL, concat, empty_dead_letters, source_id, source_names
-from sluice.config.models import FileSinkBase
+from sluice.batch import (
+    DEAD_LETTER_SCHEMA,
+    SOURCE_COL,
+    empty_dead_letters,
+    source_id,
+    source_names,
+)
+from sluice.config.models import CsvSink, FileSinkBase, JsonlSink, ParquetSink
+from sluice.connectors.files.writers import (
+    drop_invalid_utf8,
+    existing_output,
+    remove_temporaries,
+    replace_output,
+)
 from sluice.errors import ConfigError, SinkError
-from sluice.plugins import EpochPublisher, RunContext, Sink, lookup
+from sluice.plugins import EpochPublisher, JournalingPublisher, RunContext, Sink, lookup
+from sluice.runtime.faults import crash_point
 
 
 def _intern_sources(table: pa.Table) -> pa.Table:
@@ -56,6 +85,11 @@ def _intern_sources(table: pa.Table) -> pa.Table:
 
 _PART = re.compile(r"^part-e(\d{9})-")
 _TMP = re.compile(r"^\.part-e(\d{9})-.*\.tmp$")
+_FILE_CONFIGS: dict[str, type[FileSinkBase]] = {
+    "parquet": ParquetSink,
+    "csv": CsvSink,
+    "jsonl": JsonlSink,
+}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -67,16 +101,47 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-class FileEpochSink:
-    """Part files per epoch for a file sink config (see the module docstring)."""
+def _write_arrow(path: Path, table: pa.Table) -> None:
+    """Write ``table`` as an Arrow IPC file atomically and durably."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        with ipc.new_file(fh, table.schema) as writer:
+            writer.write_table(table)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
-    def __init__(self, config: FileSinkBase, ctx: RunContext) -> None:
+
+def _read_arrow(path: Path) -> pa.Table:
+    with pa.memory_map(str(path)) as source:
+        return ipc.open_file(source).read_all()
+
+
+class FileEpochSink:
+    """Part files per epoch for a file sink config (see the module docstring).
+
+    ``batch`` selects the batch-run behaviour: a single-file path is allowed, parts are named
+    after ``name`` (the run id) and the config's ``mode`` applies (default ``overwrite``).
+    """
+
+    def __init__(
+        self,
+        config: FileSinkBase,
+        ctx: RunContext,
+        *,
+        batch: bool = False,
+        name: str | None = None,
+    ) -> None:
         self.config = config
         self.step_id = config.id
         self.ctx = ctx
+        self.batch = batch
+        self.name = name
+        self.ext = str(getattr(config, "kind"))  # noqa: B009 - every file sink config has a kind
         self.root = ctx.resolve(config.path)
-        ext = str(getattr(config, "kind"))  # noqa: B009 - every file sink config has a kind
-        if self.root.name.lower().endswith("." + ext):
+        self.single = self.root.name.lower().endswith("." + self.ext)
+        if self.single and not batch:
             raise ConfigError(
                 "in stream mode a file sink writes part files per checkpoint epoch into a folder",
                 step_id=config.id,
@@ -84,11 +149,40 @@ class FileEpochSink:
                 value=config.path,
                 fix=f"give a directory, e.g. {self.root.with_suffix('').name}/",
             )
+        self.dir = self.root.parent if self.single else self.root
+        self.mode = config.mode or ("overwrite" if batch else "append")
+        self.partitions = bool(getattr(config, "overwrite_partitions", False))
+        # where the token says the files are: the configured folder (resolved again at publish)
+        self._dir_text = str(Path(config.path).parent) if self.single else config.path
         self._writer: Any = None
+        self._epoch = 0
+
+    # ------------------------------------------------------------------ batch-run checks
+
+    def check_start(self) -> None:
+        """Before a batch run reads data: ``error_if_exists`` refuses existing output, and the
+        temporary files a killed run of this output left behind are deleted."""
+        if self.mode == "error_if_exists":
+            found = existing_output(self.root, self.ext, single=self.single)
+            if found:
+                what = str(found[0]) if self.single else f"{len(found)} part file(s) in {self.dir}"
+                raise SinkError(
+                    self.step_id,
+                    f"mode error_if_exists: output already exists ({what})",
+                    fix="delete the old output, or set mode: overwrite or mode: append",
+                )
+        remove_temporaries(self.root, single=self.single)
+
+    # ------------------------------------------------------------------ protocol
+
+    @property
+    def stem(self) -> str:
+        return self.name or f"e{self._epoch:09d}"
 
     def begin(self, epoch: int) -> None:
-        ctx = RunContext(self.ctx.pipeline, f"e{epoch:09d}", self.ctx.base_dir)
-        self._writer = lookup("sink", str(getattr(self.config, "kind")))(self.config)  # noqa: B009
+        self._epoch = epoch
+        ctx = RunContext(self.ctx.pipeline, self.stem, self.ctx.base_dir)
+        self._writer = lookup("sink", self.ext)(self.config)
         self._writer.open(ctx)
 
     def write(self, table: pa.Table) -> pa.Table:
@@ -98,20 +192,44 @@ class FileEpochSink:
     def prepare(self) -> Any:
         pairs = self._writer.prepare() if self._writer is not None else []
         self._writer = None
-        return [[self._rel(t), self._rel(f)] for t, f in pairs]
+        replace = None
+        if self.batch and self.mode == "overwrite" and not self.single:
+            replace = "partitions" if self.partitions else "all"
+        return {
+            "dir": self._dir_text,
+            "ext": self.ext,
+            "stem": self.stem,
+            "files": [[self._rel(t), self._rel(f)] for t, f in pairs],
+            "replace": replace,
+        }
+
+    def _token_dir(self, token: Any) -> Path:
+        if isinstance(token, dict) and token.get("dir") is not None:
+            return self.ctx.resolve(str(token["dir"]))
+        return self.dir
 
     def publish(self, epoch: int, token: Any) -> pa.Table:
+        d = self._token_dir(token)
+        files = (token.get("files") if isinstance(token, dict) else token) or []
         dirs: set[Path] = set()
-        for tmp, final in token or []:
-            t, f = self.root / tmp, self.root / final
+        keep: set[Path] = set()
+        for tmp, final in files:
+            t, f = d / tmp, d / final
+            keep.add(f)
             if t.exists():
                 os.replace(t, f)
                 dirs.add(f.parent)
-        for d in dirs:
-            _fsync_dir(d)
+        replace = token.get("replace") if isinstance(token, dict) else None
+        if replace:
+            ext = str(token.get("ext") or self.ext)
+            dirs |= replace_output(d, ext, keep, partitions=replace == "partitions")
+        for path in dirs:
+            _fsync_dir(path)
         return empty_dead_letters()
 
     def recover(self, epoch: int, token: Any) -> pa.Table:
+        """Stream restart: roll the checkpointed epoch forward, delete newer and temporary
+        parts."""
         self.publish(epoch, token)
         if self.root.exists():
             for path in self.root.rglob("*"):
@@ -120,26 +238,68 @@ class FileEpochSink:
                     path.unlink(missing_ok=True)
         return empty_dead_letters()
 
+    def write_extra(self, epoch: int, token: Any, label: str, table: pa.Table) -> Path:
+        """Write ``table`` as one more file of the epoch (the dead letters of a publish), named
+        after the epoch and ``label``; atomic, and skipped when the file is already there."""
+        d = self._token_dir(token)
+        ext = str(token.get("ext") or self.ext) if isinstance(token, dict) else self.ext
+        stem = str(token.get("stem") or self.stem) if isinstance(token, dict) else self.stem
+        name = f"{stem}-{label}.{ext}" if self.batch else f"part-{stem}-{label}.{ext}"
+        final = d / name
+        if final.exists():
+            return final
+        config = _FILE_CONFIGS[ext](id=self.step_id, kind=ext, path=str(final))  # type: ignore[call-arg]
+        writer = lookup("sink", ext)(config)
+        writer.open(RunContext(self.ctx.pipeline, f"{stem}-{label}", self.ctx.base_dir))
+        try:
+            refused = writer.write(table)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        if refused.num_rows:
+            raise SinkError(self.step_id, f"{refused.num_rows} dead letter(s) could not be written")
+        return final
+
+    def forget(self, epoch: int) -> None:
+        return None
+
     def close(self) -> None:
+        """Abort the epoch in progress (its temporary files are deleted). A prepared epoch
+        is not touched: its files wait for publish or for the roll-forward at the next start."""
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
 
     def _rel(self, path: Path) -> str:
-        return str(path.relative_to(self.root))
+        return str(path.relative_to(self.dir))
 
 
 class StagedEpochSink:
-    """Stage each epoch in an Arrow IPC file, publish through an :class:`EpochPublisher`."""
+    """Stage each epoch in Arrow IPC files, publish through an :class:`EpochPublisher`."""
 
     def __init__(self, publisher: EpochPublisher, staging: Path, ctx: RunContext) -> None:
         self.publisher = publisher
         self.step_id = publisher.step_id
         self.dir = staging / publisher.step_id
         self.ctx = ctx
-        self._tables: list[pa.Table] = []
         self._epoch = 0
         self._opened = False
+        self._files: list[str] = []
+        self._fh: Any = None
+        self._writer: Any = None
+        self._schema: pa.Schema | None = None
+        self._rows = 0
+
+    def use_context(self, ctx: RunContext) -> None:
+        """Publish under another run context from now on (the publisher's epoch marker is keyed
+        by its run id: a batch run rolling an earlier run forward uses that run's)."""
+        if ctx == self.ctx:
+            return
+        if self._opened:
+            self.publisher.close()
+            self._opened = False
+        self.ctx = ctx
 
     def _open(self) -> None:
         if not self._opened:
@@ -150,48 +310,101 @@ class StagedEpochSink:
     def begin(self, epoch: int) -> None:
         self._open()
         self._epoch = epoch
-        self._tables = []
+        self._files = []
+        self._schema = None
+        self._rows = 0
 
     def write(self, table: pa.Table) -> pa.Table:
-        if table.num_rows:
-            self._tables.append(table)
-        return empty_dead_letters()
+        if table.num_rows == 0:
+            return empty_dead_letters()
+        # invalid strings are dead letters of this epoch now, not of the publish later
+        table, dead = drop_invalid_utf8(table, self.step_id)
+        if table.num_rows == 0:
+            return dead
+        if SOURCE_COL in table.column_names:  # interned ids are per process: store the names
+            i = table.column_names.index(SOURCE_COL)
+            table = table.set_column(i, SOURCE_COL, source_names(table.column(SOURCE_COL)))
+        if self._writer is None or not table.schema.equals(self._schema):
+            self._roll(table.schema)
+        self._writer.write_table(table)
+        self._rows += table.num_rows
+        return dead
+
+    def _roll(self, schema: pa.Schema) -> None:
+        """Start the next staging file (the first, or one for a batch of another schema)."""
+        self._close_file()
+        name = f"epoch-{self._epoch:09d}-{len(self._files):05d}.arrow"
+        self._fh = open(self.dir / f".{name}.tmp", "wb")  # noqa: SIM115 - closed in _close_file
+        self._writer = ipc.new_file(self._fh, schema)
+        self._schema = schema
+        self._files.append(name)
+
+    def _close_file(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._writer = self._fh = None
 
     def prepare(self) -> Any:
-        tables, self._tables = self._tables, []
-        if not tables:
-            return {"rows": 0}
-        merged = concat(tables)
-        assert isinstance(merged, pa.Table)
-        if SOURCE_COL in merged.column_names:  # interned ids are per process: store the names
-            i = merged.column_names.index(SOURCE_COL)
-            merged = merged.set_column(i, SOURCE_COL, source_names(merged.column(SOURCE_COL)))
-        name = f"epoch-{self._epoch:09d}.arrow"
-        tmp = self.dir / f".{name}.tmp"
-        with open(tmp, "wb") as fh:
-            with ipc.new_file(fh, merged.schema) as writer:
-                writer.write_table(merged)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.dir / name)
-        _fsync_dir(self.dir)
-        return {"rows": merged.num_rows, "file": name}
+        self._close_file()
+        files, self._files = self._files, []
+        for name in files:
+            os.replace(self.dir / f".{name}.tmp", self.dir / name)
+        if files:
+            _fsync_dir(self.dir)
+        rows, self._rows = self._rows, 0
+        return {"rows": rows, "files": files}
+
+    def _journal(self, epoch: int) -> Path:
+        return self.dir / f"refused-{epoch:09d}.arrow"
 
     def publish(self, epoch: int, token: Any) -> pa.Table:
+        """Publish the staged epoch unless the marker says it is in already; return the dead
+        letters of the publish (from the epoch's journal, also when an earlier attempt
+        published it before a crash)."""
         self._open()
-        dead = empty_dead_letters()
-        name = (token or {}).get("file")
-        if name:
+        token = token or {}
+        names = list(token.get("files") or ([token["file"]] if token.get("file") else []))
+        journal = self._journal(epoch)
+        if names:
             done = self.publisher.published_epoch()
-            path = self.dir / name
-            if (done is None or done < epoch) and path.exists():
-                with pa.memory_map(str(path)) as source:
-                    table = ipc.open_file(source).read_all()
-                dead = self.publisher.publish(epoch, _intern_sources(table))
-        for old in self.dir.glob("epoch-*.arrow"):
-            if old.name != name:
-                old.unlink(missing_ok=True)
-        return dead
+            paths = [self.dir / n for n in names]
+            if (done is None or done < epoch) and all(p.exists() for p in paths):
+                tables = [_read_arrow(p) for p in paths]
+                table = (
+                    tables[0]
+                    if len(tables) == 1
+                    else pa.concat_tables(tables, promote_options="permissive")
+                )
+                table = _intern_sources(table)
+
+                def write_journal(dead: pa.Table) -> None:
+                    if dead.num_rows:
+                        _write_arrow(journal, dead.cast(DEAD_LETTER_SCHEMA))
+                    else:
+                        journal.unlink(missing_ok=True)
+
+                if isinstance(self.publisher, JournalingPublisher):
+                    self.publisher.publish_journaled(epoch, table, write_journal)
+                else:
+                    dead = self.publisher.publish(epoch, table)
+                    crash_point("before_journal")
+                    write_journal(dead)
+        if journal.exists():
+            return _read_arrow(journal)
+        return empty_dead_letters()
+
+    def forget(self, epoch: int) -> None:
+        """The epoch and its dead letters are safe elsewhere: delete its staged files and
+        journal (and any older ones)."""
+        if not self.dir.is_dir():
+            return
+        for path in self.dir.iterdir():
+            m = re.match(r"^(?:epoch|refused)-(\d{9})", path.name)
+            if m and int(m.group(1)) <= epoch:
+                path.unlink(missing_ok=True)
 
     def recover(self, epoch: int, token: Any) -> pa.Table:
         self._open()
@@ -208,13 +421,37 @@ class StagedEpochSink:
                 "the sink's rows written after epoch "
                 f"{epoch} together with its epoch marker, then restart",
             )
-        for path in self.dir.glob("*"):
-            m = re.match(r"^\.?epoch-(\d{9})", path.name)
-            if m and int(m.group(1)) > epoch:
-                path.unlink(missing_ok=True)
+        self.discard_newer(epoch)
         return self.publish(epoch, token)
 
+    def discard_newer(self, epoch: int) -> None:
+        """Delete staged files and journals of epochs after ``epoch`` (work no commit covers)."""
+        if not self.dir.is_dir():
+            return
+        for path in self.dir.iterdir():
+            m = re.match(r"^\.?(?:epoch|refused)-(\d{9})", path.name)
+            if m and int(m.group(1)) > epoch:
+                path.unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        """Delete everything staged (a batch run starting after the roll-forward: what is left
+        belongs to runs that never committed)."""
+        if self.dir.is_dir():
+            for path in self.dir.iterdir():
+                if re.match(r"^\.?(?:epoch|refused)-\d{9}", path.name):
+                    path.unlink(missing_ok=True)
+
     def close(self) -> None:
+        """Abort the epoch in progress (its staging files are deleted; a prepared epoch stays
+        for publish or roll-forward) and close the publisher."""
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+                self._fh.close()
+            self._writer = self._fh = None
+        for name in self._files:
+            (self.dir / f".{name}.tmp").unlink(missing_ok=True)
+        self._files = []
         if self._opened:
             self.publisher.close()
             self._opened = False
@@ -223,14 +460,16 @@ class StagedEpochSink:
 class PlainEpochSink:
     """A batch sink opened per epoch and committed after the checkpoint: at-least-once."""
 
-    def __init__(self, sink: Sink, ctx: RunContext) -> None:
+    def __init__(self, sink: Sink, ctx: RunContext, *, batch: bool = False) -> None:
         self.sink = sink
         self.step_id = sink.step_id
         self.ctx = ctx
+        self.batch = batch
         self._open = False
 
     def begin(self, epoch: int) -> None:
-        self.sink.open(RunContext(self.ctx.pipeline, f"e{epoch:09d}", self.ctx.base_dir))
+        run_id = self.ctx.run_id if self.batch else f"e{epoch:09d}"
+        self.sink.open(RunContext(self.ctx.pipeline, run_id, self.ctx.base_dir))
         self._open = True
 
     def write(self, table: pa.Table) -> pa.Table:
@@ -248,10 +487,13 @@ class PlainEpochSink:
     def recover(self, epoch: int, token: Any) -> pa.Table:
         return empty_dead_letters()
 
+    def forget(self, epoch: int) -> None:
+        return None
+
     def close(self) -> None:
         if self._open:
-            self.sink.abort()
             self._open = False
+            self.sink.abort()
 
 
 EpochSink = FileEpochSink | StagedEpochSink | PlainEpochSink

@@ -10,9 +10,25 @@ Queues are bounded (``settings.queue_size`` batches), so a slow sink pauses the 
 reader: memory does not grow with the input. Arrow, Polars and DuckDB release the GIL while they
 work, so reading, computing and writing overlap on separate cores.
 
-At the end every sink commits (files appear atomically, databases commit their transaction). If
-anything fails, the data sinks abort (no partial output), while the dead letters collected so far
-are still committed, so nothing is lost; the error is re-raised after the report is written.
+**A batch run is one epoch** of the stream's commit protocol (:mod:`sluice.runtime.epochs`):
+every sink thread writes its epoch sink (file parts under temporary names; database and broker
+rows staged in Arrow files on disk), then at the end of the input every sink *prepares* (its
+output durable, still invisible), one **commit record** is saved in the pipeline's state store
+(``checkpoint.path``, default ``state/{pipeline}.db``, table ``batch_runs``), and every sink
+*publishes* (rename; one transaction with the run's marker). A crash or a failed publish after
+the commit record is rolled forward at the next start of the same pipeline, before it reads
+anything; a crash before it leaves nothing visible (temporary files are deleted at the next
+start). So the sinks of a run are never half-visible for good and never doubled. The file
+sinks' ``mode`` (overwrite by default) is applied at publish. A pipeline whose only sinks are
+custom batch sinks (:class:`~sluice.plugins.Sink`, e.g. the test kit's) needs no state store:
+they are committed one after the other.
+
+If anything fails before the commit record, the data sinks abort (no partial output) — each on
+its own thread once its write in progress returned, so an abort never races a write — while the
+dead letters collected so far are still committed, so nothing is lost; the error is re-raised
+after the report is written. Every message that leaves the run (dead letters, the report's
+error, the exception re-raised, stderr) goes through the run's
+:class:`~sluice.runtime.redact.Redactor`: with PII declared, no value of a record is in it.
 """
 
 from __future__ import annotations
@@ -21,13 +37,13 @@ import contextlib
 import datetime as dt
 import queue
 import resource
-import sys
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +54,31 @@ from sluice.batch import (
     DEAD_LETTER_SCHEMA,
     Frame,
     as_arrow,
+    column_names,
     concat,
     frame_rows,
-    mask_pii,
     rows_dead_letters,
 )
-from sluice.config.models import JsonlSink, ParquetSink, PipelineConfig
+from sluice.config.models import FileSinkBase, JsonlSink, ParquetSink, PipelineConfig
 from sluice.config.validate import build_components, step_kind
-from sluice.errors import SinkError, SluiceError, TerminalError, TransientError
-from sluice.plugins import Chunk, RunContext, Sink, Source, Step, StepResult, lookup
+from sluice.connectors.files.writers import STREAM_TMP
+from sluice.errors import ConfigError, SinkError, SluiceError, TerminalError, TransientError
+from sluice.plugins import (
+    Chunk,
+    EpochPublisher,
+    RunContext,
+    Sink,
+    Source,
+    Step,
+    StepResult,
+)
+from sluice.runtime.epochs import EpochSink, FileEpochSink, PlainEpochSink, StagedEpochSink
+from sluice.runtime.faults import crash_point
 from sluice.runtime.progress import RunProgress, progress_wanted
+from sluice.runtime.redact import Redactor, describe
 from sluice.runtime.report import RunReport, StepStats
 from sluice.runtime.retry import retry
+from sluice.state.checkpoints import Checkpoint, CheckpointStore, CorruptCheckpoint, StoreBusy
 
 _END: Any = object()
 
@@ -59,9 +88,11 @@ class _Failed:
     exc: BaseException
 
 
-def dead_letter_sink(config: PipelineConfig, path: str) -> JsonlSink | ParquetSink:
+def dead_letter_sink(
+    config: PipelineConfig, path: str, kind: str | None = None
+) -> JsonlSink | ParquetSink:
     """The file sink config of the dead-letter output at ``path`` (a file, or a folder)."""
-    if config.dead_letter.kind == "jsonl":
+    if (kind or config.dead_letter.kind) == "jsonl":
         return JsonlSink(id="dead_letter", kind="jsonl", path=path)
     return ParquetSink(id="dead_letter", kind="parquet", path=path)
 
@@ -72,34 +103,65 @@ def new_run_id() -> str:
 
 
 class _Worker(threading.Thread):
-    """Feeds one sink from a bounded queue; records its failure instead of dying silently."""
+    """Feeds one sink from a bounded queue; records its failure instead of dying silently.
+
+    :meth:`request_abort` stops it cooperatively: it writes nothing more, and runs
+    ``on_abort`` itself once the write in progress has returned, so an abort never runs while
+    this thread is still writing."""
 
     def __init__(
-        self, name: str, handle: Callable[[pa.Table], None], queue_size: int, stop: threading.Event
+        self,
+        name: str,
+        handle: Callable[[Any], None],
+        queue_size: int,
+        stop: threading.Event,
+        on_abort: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(name=name, daemon=True)
         self.q: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self.handle = handle
         self.stop_event = stop
         self.error: BaseException | None = None
+        self.on_abort = on_abort
+        self.aborting = threading.Event()
+        self.abort_done = False
+        self.abort_error: BaseException | None = None
 
     def run(self) -> None:
-        while True:
-            item = self.q.get()
-            if item is _END:
-                return
-            if self.error is not None:
-                continue  # drain so producers never block on a dead worker
-            try:
-                self.handle(item)
-            except BaseException as exc:
-                self.error = exc
-                self.stop_event.set()
+        try:
+            while True:
+                try:
+                    item = self.q.get(timeout=0.1)
+                except queue.Empty:
+                    if self.aborting.is_set():
+                        return
+                    continue
+                if item is _END:
+                    return
+                if self.error is not None or self.aborting.is_set():
+                    continue  # drain so producers never block on a dead worker
+                try:
+                    self.handle(item)
+                except BaseException as exc:
+                    self.error = exc
+                    self.stop_event.set()
+        finally:
+            if self.aborting.is_set() and self.on_abort is not None:
+                try:
+                    self.on_abort()
+                except BaseException as exc:
+                    self.abort_error = exc
+                self.abort_done = True
+
+    def request_abort(self) -> None:
+        self.aborting.set()
 
     def put(self, item: Any) -> None:
         while True:
             if self.error is not None and item is not _END:
                 raise self.error
+            if item is _END and not self.is_alive():
+                return
             try:
                 self.q.put(item, timeout=0.1)
                 return
@@ -110,8 +172,12 @@ class _Worker(threading.Thread):
 class Executor:
     """Run a :class:`PipelineConfig` in this process. Build once, call :meth:`run` once."""
 
-    #: components are built for stream mode (:class:`~sluice.runtime.stream.StreamExecutor`)
+    #: batch (one epoch per run) or stream (:class:`~sluice.runtime.stream.StreamExecutor`);
+    #: components are built for that mode
     streaming = False
+    #: how long a failed run waits for the sink threads to stop before it returns; a sink still
+    #: writing then aborts on its own thread when its write returns
+    join_timeout = 30.0
 
     def __init__(
         self,
@@ -123,9 +189,11 @@ class Executor:
         report_path: Path | None = None,
         source: Source | None = None,
         sinks: Mapping[str, Sink] | None = None,
+        replayed: Sequence[str] = (),
     ) -> None:
         """``source`` and ``sinks`` (by sink id) replace the configured connectors; the test kit
-        (:mod:`sluice.testing`) uses them."""
+        (:mod:`sluice.testing`) uses them. ``replayed`` (``sluice replay``) are the keys of the
+        dead letters this run replays: they enter the replay ledger with the run's commit."""
         self.cfg = config
         self.run_id = run_id or new_run_id()
         self.ctx = RunContext(config.pipeline, self.run_id, (base_dir or Path.cwd()).resolve())
@@ -137,6 +205,8 @@ class Executor:
         )
         self.report = RunReport(config.pipeline, self.run_id)
         self.stop = threading.Event()
+        self.redactor = Redactor()
+        self.replayed = list(replayed)
         self._dl_lock = threading.Lock()
         self._dl_reasons: Counter[str] = Counter()
         self._dl_count = 0
@@ -154,11 +224,17 @@ class Executor:
         self.steps: list[tuple[Step, list[str]]] = built.steps
         self.last = built.last
         self.sinks: list[tuple[Sink, list[str]]] = built.sinks
-        dl_dir = config.dead_letter.path.format(**fmt)
-        dl_path = f"{dl_dir}/{self.run_id}.{config.dead_letter.kind}"
-        dl_cfg = dead_letter_sink(config, dl_path)
-        self.dl_sink: Sink = lookup("sink", dl_cfg.kind)(dl_cfg)
-        self.dl_path = self.ctx.resolve(dl_path)
+        self.store_path = self.ctx.resolve(config.checkpoint.path.format(**fmt))
+        staging = ".staging" if self.streaming else ".batch-staging"
+        self.staging = self.store_path.with_name(self.store_path.name + staging)
+        #: the context staged sinks publish under (it keys their epoch markers)
+        self.sink_ctx = RunContext(config.pipeline, f"batch-{self.run_id}", self.ctx.base_dir)
+        self.epoch_sinks: list[EpochSink] = [
+            self._epoch_sink(sink, sk)
+            for (sink, _), sk in zip(self.sinks, config.sinks, strict=True)
+        ]
+        self.dl_path, self.dl_epoch = self._dead_letter_output()
+        self.epoch = 0
 
         self.stats: dict[str, StepStats] = {
             config.source.id: StepStats(config.source.id, config.source.kind)
@@ -171,33 +247,72 @@ class Executor:
         self.report.steps = list(self.stats.values())
         self._retry = (s.retry_attempts, s.retry_backoff)
         self._dl_open = False
+        self._dl_token: Any = None
+        self._dl_published = False
+        self._dl_finished = False
         self._dl_worker = _Worker("sluice-dead-letters", self._write_dead, 64, self.stop)
         self._workers: list[_Worker] = []
-        self._pii: set[str] = set()
-        self._pii_steps: set[str] = set()
+        self._committed: int | None = None
+        self.redactor.learn(self.stats)
+        self.redactor.learn(getattr(config.source, "columns", None) or {})
+
+    # ------------------------------------------------------------------ construction
+
+    def _epoch_sink(self, sink: Sink, cfg: Any) -> EpochSink:
+        if isinstance(cfg, FileSinkBase) and type(sink).__module__.startswith(
+            "sluice.connectors.files"
+        ):
+            name = self.run_id if not self.streaming else None
+            return FileEpochSink(cfg, self.ctx, batch=not self.streaming, name=name)
+        if isinstance(sink, EpochPublisher):
+            return StagedEpochSink(sink, self.staging, self.sink_ctx)
+        return PlainEpochSink(sink, self.ctx, batch=not self.streaming)
+
+    def _dead_letter_output(self) -> tuple[Path, FileEpochSink]:
+        """A batch run writes its dead letters to one file named after the run."""
+        fmt = {"pipeline": self.cfg.pipeline, "run_id": self.run_id}
+        dl_dir = self.cfg.dead_letter.path.format(**fmt)
+        dl_path = f"{dl_dir}/{self.run_id}.{self.cfg.dead_letter.kind}"
+        sink = FileEpochSink(
+            dead_letter_sink(self.cfg, dl_path), self.ctx, batch=True, name=self.run_id
+        )
+        return self.ctx.resolve(dl_path), sink
+
+    def render_error(self, exc: BaseException) -> str:
+        """The text of ``exc`` for a person, through this run's redactor (``sluice run``
+        prints its error line with it)."""
+        return self.redactor.render(exc)
 
     # ------------------------------------------------------------------ dead letters
+
+    def _render_dead(self, table: pa.Table, run_id: str | None = None) -> pa.Table:
+        """Dead letters as they are written: pipeline and run id filled in, PII removed."""
+        n = table.num_rows
+        table = self.redactor.dead_letters(table)
+        table = table.set_column(0, "pipeline", pa.array([self.cfg.pipeline] * n, pa.string()))
+        table = table.set_column(1, "run_id", pa.array([run_id or self.run_id] * n, pa.string()))
+        return table.cast(DEAD_LETTER_SCHEMA)
+
+    def _count_dead(self, table: pa.Table) -> None:
+        counts = pc.value_counts(table.column("reason")).to_pylist()
+        with self._dl_lock:
+            self._dl_count += table.num_rows
+            for c in counts:
+                self._dl_reasons[c["values"]] += c["counts"]
 
     def _dead(self, table: pa.Table | None) -> None:
         if table is None or table.num_rows == 0:
             return
-        n = table.num_rows
-        if self._pii:
-            table = mask_pii(table, self._pii, trusted_steps=self._pii_steps)
-        table = table.set_column(0, "pipeline", pa.array([self.cfg.pipeline] * n, pa.string()))
-        table = table.set_column(1, "run_id", pa.array([self.run_id] * n, pa.string()))
-        counts = pc.value_counts(table.column("reason")).to_pylist()
+        table = self._render_dead(table)
+        self._count_dead(table)
         with self._dl_lock:
-            self._dl_count += n
-            for c in counts:
-                self._dl_reasons[c["values"]] += c["counts"]
             if not self._dl_open:
-                self.dl_sink.open(self.ctx)
+                self.dl_epoch.begin(self.epoch)
                 self._dl_open = True
-        self._dl_worker.put(table.cast(DEAD_LETTER_SCHEMA))
+        self._dl_worker.put(table)
 
     def _write_dead(self, table: pa.Table) -> None:
-        refused = self.dl_sink.write(table)
+        refused = self.dl_epoch.write(table)
         if refused.num_rows:
             raise SinkError(
                 "dead_letter",
@@ -205,9 +320,32 @@ class Executor:
                 fix="check the dead_letter path and its format",
             )
 
+    def _late_letters(
+        self,
+        dl: FileEpochSink,
+        epoch: int,
+        dl_token: Any,
+        sink_id: str,
+        table: pa.Table,
+        *,
+        run_id: str | None = None,
+        this_run: bool = True,
+    ) -> Path:
+        """Dead letters of a sink's publish: written into the dead-letter output of the epoch
+        they come from (before the sink's journal is forgotten)."""
+        table = self._render_dead(table, run_id)
+        path = dl.write_extra(epoch, dl_token, f"refused-{sink_id}", table)
+        if this_run:
+            self._count_dead(table)
+            stats = self.stats.get(sink_id)
+            if stats is not None:  # counted as written when staged; refused at publish
+                stats.rows_out -= table.num_rows
+                stats.dead += table.num_rows
+        return path
+
     # ------------------------------------------------------------------ sinks
 
-    def _sink_handler(self, sink: Sink) -> Callable[[pa.Table], None]:
+    def _sink_handler(self, sink: EpochSink) -> Callable[[Frame], None]:
         stats = self.stats[sink.step_id]
         attempts, backoff = self._retry
 
@@ -226,6 +364,165 @@ class Executor:
 
         return handle
 
+    def _publish_epoch(
+        self,
+        epoch: int,
+        tokens: Mapping[str, Any],
+        dl: FileEpochSink,
+        *,
+        recovering: bool = False,
+        run_id: str | None = None,
+    ) -> tuple[list[str], int]:
+        """Publish every sink of a committed epoch (retried), put each sink's publish-time dead
+        letters into the epoch's dead-letter output, publish that, forget the staged data.
+        Returns the sinks published and the number of late letters."""
+        attempts, backoff = self._retry
+        dl_token = tokens.get("dead_letter")
+        done: list[str] = []
+        late_total = 0
+        by_id = {es.step_id: es for es in self.epoch_sinks}
+        for sid, token in tokens.items():
+            if sid == "dead_letter":
+                continue
+            es = by_id.get(sid)
+            if es is None:
+                self.redactor.warn(
+                    f"sink '{sid}' of the committed run {run_id or epoch} is no longer in the "
+                    "pipeline: its output of that run was not published"
+                )
+                continue
+            roll = recovering and not isinstance(es, FileEpochSink)
+            late = retry(
+                partial(es.recover if roll else es.publish, epoch, token),
+                attempts=attempts,
+                backoff=max(backoff, 0.5),
+            )
+            crash_point("mid_publish")
+            if late.num_rows:
+                self._late_letters(
+                    dl, epoch, dl_token, sid, late, run_id=run_id, this_run=not recovering
+                )
+                late_total += late.num_rows
+            done.append(sid)
+        dl.publish(epoch, dl_token)
+        for es in self.epoch_sinks:
+            es.forget(epoch)
+        return done, late_total
+
+    # ------------------------------------------------------------------ batch commit protocol
+
+    def _open_store(self) -> CheckpointStore | None:
+        """The state store holding this pipeline's batch commit records (and the replay ledger);
+        None when no sink needs it (only custom sinks, which cannot be rolled forward)."""
+        durable = any(not isinstance(es, PlainEpochSink) for es in self.epoch_sinks)
+        if not durable and not self.replayed:
+            return None
+        try:
+            return CheckpointStore(
+                self.store_path, self.cfg.checkpoint.keep, table="batch_runs", lock=True
+            )
+        except StoreBusy as exc:
+            raise ConfigError(
+                f"{exc}: another run of pipeline '{self.cfg.pipeline}' is going on",
+                field="checkpoint.path",
+                fix="wait until it has finished (runs of one pipeline commit one after the "
+                "other), or give this pipeline file its own checkpoint.path",
+            ) from None
+        except (CorruptCheckpoint, OSError) as exc:
+            raise ConfigError(
+                f"the state store that keeps this pipeline's commit records cannot be used: {exc}",
+                field="checkpoint.path",
+                value=str(self.store_path),
+                fix="make its folder writable or set checkpoint.path elsewhere; if the file is "
+                "damaged, restore it from a copy or move it away (a run that was committed but "
+                "not completely published is then not rolled forward)",
+            ) from exc
+
+    def _recover(self, store: CheckpointStore) -> None:
+        """Roll forward the newest commit record if its publish did not finish (a crash, a
+        failed publish): every sink publishes that run's output (idempotently) before this run
+        reads anything."""
+        cp, warnings = store.load()
+        for w in warnings:
+            self.redactor.warn(w)
+        if cp is None:
+            return
+        published = store.published_epoch()
+        if published is not None and published >= cp.epoch:
+            return
+        old = str((cp.position or {}).get("batch_run", "")) if isinstance(cp.position, dict) else ""
+        dl_token = cp.sinks.get("dead_letter") or {}
+        ext = str(dl_token.get("ext") or self.cfg.dead_letter.kind)
+        dl_dir = str(dl_token.get("dir") or self.dl_path.parent)
+        dl = FileEpochSink(
+            dead_letter_sink(self.cfg, f"{dl_dir}/{old}.{ext}", ext), self.ctx, batch=True, name=old
+        )
+        old_ctx = RunContext(self.cfg.pipeline, f"batch-{old}", self.ctx.base_dir)
+        for es in self.epoch_sinks:
+            if isinstance(es, StagedEpochSink):
+                es.use_context(old_ctx)
+        try:
+            done, late = self._publish_epoch(cp.epoch, cp.sinks, dl, recovering=True, run_id=old)
+        finally:
+            for es in self.epoch_sinks:
+                if isinstance(es, StagedEpochSink):
+                    es.use_context(self.sink_ctx)
+        store.mark_published(cp.epoch)
+        self.report.recovered = {
+            "run_id": old,
+            "epoch": cp.epoch,
+            "sinks": done,
+            "dead_letters": late,
+        }
+        self.redactor.warn(
+            f"run {old} of pipeline '{self.cfg.pipeline}' was committed but not completely "
+            f"published (a crash or a failed publish): its output is now published "
+            f"(sinks: {', '.join(done) or 'none'})"
+        )
+
+    def _clean_dead_letter_folder(self) -> None:
+        """Delete hidden temporary dead-letter files that killed runs left behind."""
+        folder = self.dl_path.parent
+        if not folder.is_dir():
+            return
+        for path in folder.glob(f".*.{self.cfg.dead_letter.kind}.*.tmp"):
+            if not STREAM_TMP.match(path.name):
+                path.unlink(missing_ok=True)
+
+    def _finish_dead_letters(self) -> None:
+        """Wait until every dead letter queued so far is written; raise if writing failed."""
+        if self._dl_finished:
+            return
+        self._dl_finished = True
+        if self._dl_worker.ident is not None:
+            self._dl_worker.put(_END)
+            self._dl_worker.join()
+        if self._dl_worker.error is not None:
+            raise self._dl_worker.error
+
+    def _commit(self, store: CheckpointStore | None, epoch: int) -> None:
+        """Prepare every sink, save the commit record, publish (see the module docstring)."""
+        self._finish_dead_letters()
+        tokens: dict[str, Any] = {es.step_id: es.prepare() for es in self.epoch_sinks}
+        self._dl_token = tokens["dead_letter"] = self.dl_epoch.prepare()
+        if store is None:
+            for es in self.epoch_sinks:  # custom sinks only: committed one after the other
+                es.publish(epoch, tokens[es.step_id])
+            self.dl_epoch.publish(epoch, self._dl_token)
+            self._dl_published = True
+            return
+        crash_point("before_checkpoint")
+        store.save(
+            Checkpoint(epoch=epoch, position={"batch_run": self.run_id}, sinks=tokens),
+            replayed=self.replayed,
+            run_id=self.run_id,
+        )
+        self._committed = epoch
+        crash_point("after_checkpoint")
+        self._publish_epoch(epoch, tokens, self.dl_epoch)
+        self._dl_published = True
+        store.mark_published(epoch)
+
     # ------------------------------------------------------------------ steps
 
     def _process(self, outputs: dict[str, Frame | None], start: int = 0) -> None:
@@ -237,6 +534,8 @@ class Executor:
                 outputs[step.step_id] = None
                 continue
             table = ins[0] if len(ins) == 1 else concat(ins)
+            if self.redactor.active:  # column names stay readable in redacted messages
+                self.redactor.learn(column_names(table))
             t0 = time.perf_counter()
             try:
                 res = self._call_step(step, table)
@@ -342,6 +641,15 @@ class Executor:
                 with contextlib.suppress(queue.Empty):
                     q.get(timeout=0.05)
 
+    def _open_parts(self, opened: list[Source | Step]) -> None:
+        parts: list[Source | Step] = [self.source, *(s for s, _ in self.steps)]
+        for obj in parts:
+            obj.open(self.ctx)
+            opened.append(obj)
+            fields = getattr(obj, "pii_fields", None)
+            if fields:  # a contract names PII fields: no message of the run may hold them
+                self.redactor.declare(obj.step_id, fields)
+
     def run(self) -> RunReport:
         """Run to the end of the input; return the report (also written as JSON)."""
         rep = self.report
@@ -350,30 +658,33 @@ class Executor:
         rep.dead_letter_path = str(self.dl_path)
         self._workers = [
             _Worker(
-                f"sluice-sink-{sink.step_id}",
-                self._sink_handler(sink),
+                f"sluice-sink-{es.step_id}",
+                self._sink_handler(es),
                 self.cfg.settings.queue_size,
                 self.stop,
+                on_abort=es.close,
             )
-            for sink, _ in self.sinks
+            for es in self.epoch_sinks
         ]
-        opened: list[Source | Step | Sink] = []
+        opened: list[Source | Step] = []
         error: BaseException | None = None
+        store: CheckpointStore | None = None
         src_stats = self.stats[self.cfg.source.id]
         try:
             self._dl_worker.start()
-            parts: list[Source | Step | Sink] = [
-                self.source,
-                *(s for s, _ in self.steps),
-                *(s for s, _ in self.sinks),
-            ]
-            for obj in parts:
-                obj.open(self.ctx)
-                opened.append(obj)
-                fields = getattr(obj, "pii_fields", None)
-                if fields:  # a contract names PII fields: mask them in every dead letter
-                    self._pii |= set(fields)
-                    self._pii_steps.add(obj.step_id)
+            self._open_parts(opened)
+            store = self._open_store()
+            if store is not None:
+                self._recover(store)
+            for es in self.epoch_sinks:  # what killed runs left behind; error_if_exists
+                if isinstance(es, FileEpochSink):
+                    es.check_start()
+                elif isinstance(es, StagedEpochSink):
+                    es.clear()
+            self._clean_dead_letter_folder()
+            self.epoch = store.next_epoch() if store is not None else 1
+            for es in self.epoch_sinks:
+                es.begin(self.epoch)
             for w in self._workers:
                 w.start()
             pending: list[pa.Table] = []
@@ -413,8 +724,7 @@ class Executor:
                     w.join()
                     if w.error is not None:
                         raise w.error
-                for sink, _ in self.sinks:
-                    sink.commit()
+                self._commit(store, self.epoch)
                 progress.update(
                     rep.bytes_read, rep.rows_read, self._dl_count, time.perf_counter() - started
                 )
@@ -422,27 +732,28 @@ class Executor:
         except BaseException as exc:
             error = exc
             rep.status = "failed"
-            rep.error = _describe(exc)
+            rep.error = self.redactor.render(exc)
+            if self._committed is not None:
+                rep.error += (
+                    f"; the run was committed (epoch {self._committed}) but not completely "
+                    "published: the next start of this pipeline publishes the rest"
+                )
             self.stop.set()
-            for w in self._workers:
-                if w.is_alive():
-                    w.put(_END)
-            for w in self._workers:
-                if w.ident is not None:  # started
-                    w.join(timeout=30)
-            for sink, _ in self.sinks:
-                if sink in opened:
-                    try:
-                        sink.abort()
-                    except Exception as abort_exc:  # keep the original error
-                        rep.error += f"; abort of sink '{sink.step_id}' failed: {abort_exc}"
+            self._abort_sinks(rep)
         finally:
             self._close_dead_letters(rep)
-            closable: list[Source | Step] = [self.source, *(s for s, _ in self.steps)]
-            for obj in reversed(closable):
-                if obj in opened:
-                    with contextlib.suppress(Exception):  # closing never hides the outcome
-                        obj.close()
+            for es, w in zip(self.epoch_sinks, self._workers, strict=True):
+                if not w.is_alive() and not w.abort_done:
+                    try:
+                        es.close()  # release connections; a prepared epoch stays as it is
+                    except Exception as exc:
+                        if error is None:
+                            self.redactor.warn(f"closing sink '{es.step_id}' failed: {exc}")
+            for obj in reversed(opened):
+                with contextlib.suppress(Exception):  # closing never hides the outcome
+                    obj.close()
+            if store is not None:
+                store.close()
             rep.seconds = time.perf_counter() - started
             rep.finished_at = dt.datetime.now(dt.UTC).isoformat()
             rep.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -455,39 +766,73 @@ class Executor:
             rep.dead_letters_by_reason = dict(self._dl_reasons)
             if not self._dl_count:
                 rep.dead_letter_path = None
+            elif not self.dl_path.exists():  # only letters of a publish: point at their folder
+                rep.dead_letter_path = str(self.dl_path.parent)
+            if rep.error:
+                rep.error = self.redactor.text(rep.error)
             rep.write(self.report_path)
         if error is not None:
+            self.redactor.scrub(error)
             raise error
         return rep
 
+    def _abort_sinks(self, rep: RunReport) -> None:
+        """After a failure: every sink thread stops taking batches and aborts its sink itself,
+        after the write in progress returned (never concurrently with it). A sink still writing
+        after :attr:`join_timeout` is left to abort on its own thread; the run returns."""
+        for w in self._workers:
+            w.request_abort()
+        deadline = time.monotonic() + self.join_timeout
+        for w in self._workers:
+            if w.ident is not None:
+                w.join(timeout=max(0.0, deadline - time.monotonic()))
+        for es, w in zip(self.epoch_sinks, self._workers, strict=True):
+            if w.ident is None:  # never started: nothing can be writing
+                try:
+                    es.close()
+                except Exception as exc:
+                    rep.error = f"{rep.error}; abort of sink '{es.step_id}' failed: {exc}"
+                w.abort_done = True
+            elif w.is_alive():
+                msg = (
+                    f"sink '{es.step_id}' was still writing {self.join_timeout:g} s after the run "
+                    "failed; it aborts on its own thread when that write returns (temporary "
+                    "output left by an exit before that is deleted at the next start)"
+                )
+                rep.error = f"{rep.error}; {msg}"
+                self.redactor.warn(msg)
+            elif w.abort_error is not None:
+                rep.error = (
+                    f"{rep.error}; abort of sink '{es.step_id}' failed: "
+                    f"{self.redactor.render(w.abort_error)}"
+                )
+
     def _close_dead_letters(self, rep: RunReport) -> None:
         """Dead letters are committed even when the run failed: they are never lost."""
-        self._dl_worker.put(_END)
-        self._dl_worker.join()
-        if not self._dl_open:
-            return
-        if self._dl_worker.error is not None:
-            self.dl_sink.abort()
-            msg = f"writing dead letters failed: {_describe(self._dl_worker.error)}"
+        try:
+            self._finish_dead_letters()
+        except BaseException as exc:
+            self.dl_epoch.close()
+            msg = f"writing dead letters failed: {self.redactor.render(exc)}"
             rep.status = "failed"
             rep.error = f"{rep.error}; {msg}" if rep.error else msg
-            print(f"sluice: {msg}", file=sys.stderr)
+            self.redactor.warn(msg)
+            return
+        if self._dl_published or not self._dl_open:
             return
         try:
-            self.dl_sink.commit()
+            if self._dl_token is None:
+                self._dl_token = self.dl_epoch.prepare()
+            self.dl_epoch.publish(self.epoch, self._dl_token)
+            self._dl_published = True
         except Exception as exc:  # keep the run's own outcome; say the letters were not saved
-            msg = f"committing dead letters failed: {_describe(exc)}"
+            msg = f"committing dead letters failed: {self.redactor.render(exc)}"
             rep.status = "failed"
             rep.error = f"{rep.error}; {msg}" if rep.error else msg
-            print(f"sluice: {msg}", file=sys.stderr)
+            self.redactor.warn(msg)
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, SluiceError):
-        return str(exc)
-    if isinstance(exc, KeyboardInterrupt):
-        return "interrupted"
-    return f"{type(exc).__name__}: {exc}"
+_describe = describe
 
 
 def run_pipeline(

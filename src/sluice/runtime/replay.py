@@ -10,15 +10,28 @@ Each dead letter re-enters where it left:
 * a letter for a **whole file** (``corrupt_file``, an unparseable JSON document) has no payload;
   the original file (its path is in ``source``) is read again.
 
-Replay appends: it refuses pipelines with a single-file sink, whose file it would replace.
-Records that fail again become new dead letters in a subfolder ``replay-<time>/`` of the
-pipeline's dead-letter folder, so replaying the original folder again never picks them up
-(only files directly inside the given folder are read).
+Replay appends: every sink with a ``mode`` that replaces its target (file sinks' default
+``overwrite``, Delta ``overwrite``, DuckDB ``replace``) appends instead, and pipelines with a
+single-file sink, whose file it would replace, are refused. Records that fail again become new
+dead letters in a subfolder ``replay-<time>/`` of the pipeline's dead-letter folder, so
+replaying the original folder again never picks them up (only files directly inside the given
+folder are read).
+
+**Each letter is replayed once.** A letter's key is a hash of its run id, step, reason, source,
+position, line and payload (and which occurrence of identical letters it is). Each replay run
+is a batch run with its own commit record in the pipeline's state store
+(``checkpoint.path``); the keys of the letters it replays go into the store's ``replayed``
+ledger in the same transaction as that commit record. A later replay skips the letters already
+in the ledger, with a message on stderr, and refuses when nothing is left. A replay that
+crashed after its commit is completed at the next start of the pipeline (or of a replay),
+like any batch run. Deleting the state store forgets the ledger.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,10 +42,15 @@ import polars as pl
 from sluice.config.loader import parse_pipeline
 from sluice.config.models import PipelineConfig
 from sluice.errors import ConfigError
+from sluice.plugins import RunContext
 from sluice.runtime.executor import Executor
 from sluice.runtime.report import RunReport
+from sluice.state.checkpoints import CheckpointStore
 
 _SINGLE_FILE_EXT = {"parquet": ".parquet", "csv": ".csv", "jsonl": ".jsonl"}
+_KEY_COLS = ["run_id", "step_id", "reason", "source", "position", "line", "payload"]
+#: modes that replace a sink's target: a replay appends instead
+_REPLACING = {"overwrite", "replace", "error_if_exists"}
 
 
 def read_dead_letters(path: Path) -> pl.DataFrame:
@@ -53,7 +71,64 @@ def read_dead_letters(path: Path) -> pl.DataFrame:
         for f in files
     ]
     cols = ["step_id", "reason", "source", "payload"]
-    return pl.concat([f.select([pl.col(c).cast(pl.String) for c in cols]) for f in frames])
+    keyed = [
+        f.select(
+            *[pl.col(c).cast(pl.String) for c in cols],
+            *[
+                (pl.col(c) if c in f.columns else pl.lit(None)).cast(pl.String).alias(f"_k_{c}")
+                for c in _KEY_COLS
+            ],
+        )
+        for f in frames
+    ]
+    letters = pl.concat(keyed)
+    parts = [pl.col(f"_k_{c}").fill_null("\x00") for c in _KEY_COLS]
+    content = pl.concat_str(parts, separator="\x1f")
+    letters = letters.with_columns(_content=content, _n=pl.int_range(pl.len()).over(content)).drop(
+        [f"_k_{c}" for c in _KEY_COLS]
+    )
+    keys = [
+        hashlib.sha256(f"{c}\x1e{n}".encode()).hexdigest()[:40]
+        for c, n in zip(letters["_content"], letters["_n"], strict=True)
+    ]
+    return letters.drop("_content", "_n").with_columns(key=pl.Series(keys, dtype=pl.String))
+
+
+def _ledger(cfg: PipelineConfig, base_dir: Path) -> Path:
+    fmt = {"pipeline": cfg.pipeline, "run_id": "replay"}
+    return RunContext(cfg.pipeline, "replay", base_dir.resolve()).resolve(
+        cfg.checkpoint.path.format(**fmt)
+    )
+
+
+def _skip_replayed(cfg: PipelineConfig, letters: pl.DataFrame, base_dir: Path) -> pl.DataFrame:
+    """Drop the letters a replay already consumed (the ledger in the state store)."""
+    path = _ledger(cfg, base_dir)
+    if not path.exists() or letters.height == 0:
+        return letters
+    store = CheckpointStore(path, cfg.checkpoint.keep, table="batch_runs")
+    try:
+        done = store.replayed(letters["key"].to_list())
+    finally:
+        store.close()
+    if not done:
+        return letters
+    runs = sorted({run for _, run, _ in done.values()})
+    total = letters.height
+    left = letters.filter(~pl.col("key").is_in(list(done)))
+    if left.height == 0:
+        raise ConfigError(
+            f"all {total} dead letter(s) were replayed before (replay run(s) "
+            f"{', '.join(runs)}); replaying them again would write their records twice",
+            fix="nothing to do; a letter that failed again in a replay is in that replay's "
+            "replay-<time>/ folder: replay that folder after the next fix",
+        )
+    print(
+        f"sluice: {len(done)} of {total} dead letter(s) were replayed before (replay run(s) "
+        f"{', '.join(runs)}) and are skipped",
+        file=sys.stderr,
+    )
+    return left
 
 
 def replay(
@@ -75,6 +150,9 @@ def replay(
                 fix="write to a folder (a path without the file extension)",
             )
     letters = read_dead_letters(dead_letters)
+    if reasons:
+        letters = letters.filter(pl.col("reason").is_in(reasons))
+    letters = _skip_replayed(cfg, letters, base_dir)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     cfg = cfg.model_copy(
         update={
@@ -83,8 +161,6 @@ def replay(
             )
         }
     )
-    if reasons:
-        letters = letters.filter(pl.col("reason").is_in(reasons))
     reports: list[RunReport] = []
     with tempfile.TemporaryDirectory(prefix="sluice-replay-") as tmp:
         tmpdir = Path(tmp)
@@ -106,20 +182,24 @@ def _replay_source(
     cfg: PipelineConfig, letters: pl.DataFrame, tmpdir: Path, base_dir: Path, progress: bool | None
 ) -> list[RunReport]:
     raw: dict[str, list[str]] = {}
+    raw_keys: dict[str, list[str]] = {}
     objects: list[str] = []
-    whole_files: list[str] = []
+    object_keys: list[str] = []
+    whole_files: dict[str, list[str]] = {}
     for row in letters.iter_rows(named=True):  # dead letters are few; a loop is fine here
-        payload, source = row["payload"], row["source"]
+        payload, source, key = row["payload"], row["source"], row["key"]
         if payload is None:
             if source:
-                whole_files.append(source)
+                whole_files.setdefault(source, []).append(key)
         elif _is_object(payload) and cfg.source.kind != "jsonl":
             objects.append(payload)
+            object_keys.append(key)
         else:
             raw.setdefault(source or "", []).append(payload)
+            raw_keys.setdefault(source or "", []).append(key)
     reports: list[RunReport] = []
     kind = cfg.source.kind
-    files: list[str] = list(dict.fromkeys(whole_files))
+    files: list[tuple[str, list[str]]] = list(whole_files.items())
     for n, (origin, lines) in enumerate(raw.items()):
         if kind not in ("csv", "jsonl"):
             raise ConfigError(f"cannot replay raw {kind} records", step_id=cfg.source.id)
@@ -132,19 +212,19 @@ def _replay_source(
                 fh.write(header)
             for line in lines:
                 fh.write(line if line.endswith("\n") else line + "\n")
-        files.append(str(target))
-    for f in files:
+        files.append((str(target), raw_keys[origin]))
+    for f, keys in files:
         src = cfg.source.model_dump(by_alias=True, exclude_none=True)
         src["path"] = f
         src["watch"] = False  # a replay reads these records once, as a batch
         if f.startswith(str(tmpdir)) and "encoding" in src:
             src["encoding"] = "utf-8"
-        reports.append(_run(cfg, src, None, tmpdir, base_dir, progress))
+        reports.append(_run(cfg, src, None, tmpdir, base_dir, progress, keys))
     if objects:
         declared = dict(getattr(cfg.source, "columns", None) or {})
         if getattr(cfg.source, "infer_types", False):
-            keys = {k for p in objects for k in orjson.loads(p)}
-            missing = sorted(keys - set(declared))
+            keys_seen = {k for p in objects for k in orjson.loads(p)}
+            missing = sorted(keys_seen - set(declared))
             if missing:
                 raise ConfigError(
                     f"cannot replay {len(objects)} record(s) that the source rejected while "
@@ -156,7 +236,9 @@ def _replay_source(
                     "false and type them with a cast step), then replay",
                 )
         reports.append(
-            _replay_objects(cfg, None, objects, tmpdir, base_dir, progress, schema=declared)
+            _replay_objects(
+                cfg, None, objects, tmpdir, base_dir, progress, object_keys, schema=declared
+            )
         )
     return reports
 
@@ -181,8 +263,11 @@ def _replay_rows(
     base_dir: Path,
     progress: bool | None,
 ) -> RunReport:
-    payloads = [p for p in letters["payload"].to_list() if p]
-    return _replay_objects(cfg, step_id, payloads, tmpdir, base_dir, progress)
+    kept = letters.filter(pl.col("payload").is_not_null() & (pl.col("payload") != ""))
+    payloads = kept["payload"].to_list()
+    return _replay_objects(
+        cfg, step_id, payloads, tmpdir, base_dir, progress, letters["key"].to_list()
+    )
 
 
 def _replay_objects(
@@ -192,6 +277,7 @@ def _replay_objects(
     tmpdir: Path,
     base_dir: Path,
     progress: bool | None,
+    keys: list[str],
     schema: dict[str, str] | None = None,
 ) -> RunReport:
     target = tmpdir / f"rows-{step_id or 'source'}.jsonl"
@@ -211,7 +297,7 @@ def _replay_objects(
     src: dict[str, Any] = {"kind": "jsonl", "path": str(target)}
     if schema:
         src["schema"] = schema
-    return _run(cfg, src, step_id, tmpdir, base_dir, progress)
+    return _run(cfg, src, step_id, tmpdir, base_dir, progress, keys)
 
 
 def _run(
@@ -221,8 +307,10 @@ def _run(
     tmpdir: Path,
     base_dir: Path,
     progress: bool | None,
+    keys: list[str],
 ) -> RunReport:
-    """Run the part of the pipeline downstream of ``entry`` (the whole pipeline when None)."""
+    """Run the part of the pipeline downstream of ``entry`` (the whole pipeline when None),
+    appending to the sinks; ``keys`` (the letters replayed) enter the ledger with its commit."""
     raw = cfg.model_dump(by_alias=True, exclude_none=True)
     src_id = f"replay_{entry}" if entry else cfg.source.id
     raw["source"] = {**source, "id": src_id}
@@ -265,7 +353,11 @@ def _run(
                 step_id=entry,
                 fix="replay with the pipeline that wrote them",
             )
+    for sink in sinks:
+        if sink.get("kind") in _SINGLE_FILE_EXT or sink.get("mode") in _REPLACING:
+            sink["mode"] = "append"
+            sink.pop("overwrite_partitions", None)
     raw["steps"] = new_steps
     raw["sinks"] = sinks
     sub = parse_pipeline(raw, env={})
-    return Executor(sub, base_dir=base_dir, progress=progress).run()
+    return Executor(sub, base_dir=base_dir, progress=progress, replayed=keys).run()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,13 @@ class RunReport:
     steps: list[StepStats] = field(default_factory=list)
     quality: dict[str, Any] = field(default_factory=dict)
     stream: dict[str, Any] | None = None  # stream mode: epoch, checkpoints, restored_from...
+    #: batch runs: the earlier run whose committed output this run's start rolled forward
+    #: (``run_id``, ``epoch``, ``sinks`` published, ``dead_letters``); None when none was pending
+    recovered: dict[str, Any] | None = None
+    #: where :meth:`write` wrote this report; None when it was not written (e.g. a read-only
+    #: ``report_dir``: then :attr:`write_error` says why and a warning went to stderr)
+    written_to: Path | None = None
+    write_error: str | None = None
 
     def step(self, step_id: str) -> StepStats:
         for s in self.steps:
@@ -96,7 +105,11 @@ class RunReport:
         return all(s.balanced for s in self.steps)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k not in ("steps", "quality")}
+        d = {
+            k: v
+            for k, v in asdict(self).items()
+            if k not in ("steps", "quality", "written_to", "write_error")
+        }
         d["seconds"] = round(self.seconds, 3)
         d["rows_per_second"] = round(self.rows_read / self.seconds) if self.seconds else None
         d["balanced"] = self.balanced
@@ -104,8 +117,25 @@ class RunReport:
         d["quality"] = self.quality
         return d
 
-    def write(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def write(self, path: Path) -> bool:
+        """Write the report as JSON (atomically). A failure does not fail the run and is not
+        hidden either: :attr:`written_to` stays None, :attr:`write_error` holds the OS error and
+        a warning naming the path goes to stderr. Returns whether the file was written."""
+        self.written_to = None
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
-        tmp.replace(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
+            tmp.replace(path)
+        except OSError as exc:
+            self.write_error = f"{type(exc).__name__}: {exc}"
+            print(
+                f"sluice: warning: the run report was not written to {path}: {self.write_error}",
+                file=sys.stderr,
+            )
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            return False
+        self.write_error = None
+        self.written_to = path
+        return True

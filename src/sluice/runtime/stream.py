@@ -56,20 +56,16 @@ import polars as pl
 import pyarrow as pa
 
 from sluice.batch import Frame, as_arrow, concat, frame_rows, rows_dead_letters
-from sluice.config.models import (
-    STREAM_SOURCE_KINDS,
-    FileSinkBase,
-    PipelineConfig,
-)
+from sluice.config.models import STREAM_SOURCE_KINDS, PipelineConfig
 from sluice.errors import ConfigError, StepError, TerminalError
-from sluice.plugins import EpochPublisher, RunContext, Sink, Step, StepResult, StreamSource
+from sluice.plugins import RunContext, Sink, Step, StepResult, StreamSource
 from sluice.quality.engine import ContractFailure
-from sluice.runtime.epochs import EpochSink, FileEpochSink, PlainEpochSink, StagedEpochSink
-from sluice.runtime.executor import Executor, _describe, dead_letter_sink
+from sluice.runtime.epochs import EpochSink, FileEpochSink, StagedEpochSink
+from sluice.runtime.executor import Executor, dead_letter_sink
 from sluice.runtime.faults import crash_point
 from sluice.runtime.report import RunReport
 from sluice.runtime.retry import retry
-from sluice.state.checkpoints import Checkpoint, CheckpointStore, CorruptCheckpoint
+from sluice.state.checkpoints import Checkpoint, CheckpointStore, CorruptCheckpoint, StoreBusy
 
 _END: Any = object()
 
@@ -128,20 +124,6 @@ class _Acker(threading.Thread):
                 return
 
 
-class _NoOpen:
-    """The dead-letter epoch sink seen through the batch executor's lazy ``open``."""
-
-    def __init__(self, inner: FileEpochSink) -> None:
-        self.inner = inner
-        self.step_id = inner.step_id
-
-    def open(self, ctx: RunContext) -> None:
-        return None
-
-    def write(self, table: pa.Table) -> pa.Table:
-        return self.inner.write(table)
-
-
 # Errors a record's values can cause in a step (a cast that fails, a division, bad JSON, a
 # DuckDB conversion). Anything else (AttributeError, TypeError, ...) is a bug or an outage and
 # stops the run instead of turning every record into a dead letter.
@@ -189,7 +171,6 @@ class StreamExecutor(Executor):
             sinks=sinks,
         )
         stream_source: StreamSource = self.source  # type: ignore[assignment]
-        fmt = {"pipeline": config.pipeline, "run_id": self.run_id}
         self.linger = config.settings.linger  # durations are seconds, checked by the config
         self.every = config.checkpoint.every
         self.until_idle = until_idle
@@ -197,15 +178,6 @@ class StreamExecutor(Executor):
         self.stream_source: StreamSource = stream_source
         self._acker = _Acker(stream_source)
         self._last_step_error = ""
-        self.store_path = self.ctx.resolve(config.checkpoint.path.format(**fmt))
-        self.staging = self.store_path.with_name(self.store_path.name + ".staging")
-        self.epoch_sinks: list[EpochSink] = []
-        for (sink, _), sk in zip(self.sinks, config.sinks, strict=True):
-            self.epoch_sinks.append(self._epoch_sink(sink, sk))
-        dl_dir = config.dead_letter.path.format(**fmt)
-        self.dl_epoch = FileEpochSink(dead_letter_sink(config, dl_dir), self.ctx)
-        self.dl_sink = _NoOpen(self.dl_epoch)  # type: ignore[assignment]
-        self.dl_path = self.ctx.resolve(dl_dir)
         self._stateful = [s for s, _ in self.steps if hasattr(s, "snapshot")]
         self._stop_requested = threading.Event()
         self.epoch = 0
@@ -217,14 +189,11 @@ class StreamExecutor(Executor):
 
     # ------------------------------------------------------------------ construction
 
-    def _epoch_sink(self, sink: Sink, cfg: Any) -> EpochSink:
-        if isinstance(cfg, FileSinkBase) and type(sink).__module__.startswith(
-            "sluice.connectors.files"
-        ):
-            return FileEpochSink(cfg, self.ctx)
-        if isinstance(sink, EpochPublisher):
-            return StagedEpochSink(sink, self.staging, self.ctx)
-        return PlainEpochSink(sink, self.ctx)
+    def _dead_letter_output(self) -> tuple[Path, FileEpochSink]:
+        """A stream writes its dead letters like a file sink: part files per epoch."""
+        fmt = {"pipeline": self.cfg.pipeline, "run_id": self.run_id}
+        dl_dir = self.cfg.dead_letter.path.format(**fmt)
+        return self.ctx.resolve(dl_dir), FileEpochSink(dead_letter_sink(self.cfg, dl_dir), self.ctx)
 
     def _configure_step(self, step: Step) -> None:
         if hasattr(step, "per_partition") and self.cfg.source.kind in STREAM_SOURCE_KINDS:
@@ -292,7 +261,7 @@ class StreamExecutor(Executor):
         except (ConfigError, ContractFailure):
             raise
         except _DATA_ERRORS as exc:  # what a record's value can cause: isolate the record
-            self._last_step_error = _describe(exc)
+            self._last_step_error = self.redactor.render(exc)
             return None
 
     def _bisect(self, step: Step, table: Frame) -> StepResult:
@@ -339,11 +308,8 @@ class StreamExecutor(Executor):
         crash_point("before_checkpoint")
         store.save(Checkpoint(epoch=epoch, position=self.position, state=state, sinks=tokens))
         crash_point("after_checkpoint")
-        late: list[pa.Table] = []
-        for s in self.epoch_sinks:
-            late.append(self._publish(s, epoch, tokens[s.step_id]))
-            crash_point("mid_publish")
-        self.dl_epoch.publish(epoch, tokens["dead_letter"])
+        # rows a database refuses while publishing are dead letters of this same epoch
+        self._publish_epoch(epoch, tokens, self.dl_epoch)
         crash_point("before_ack")
         if self.position is not None:
             self._acker.q.put(self.position)
@@ -351,20 +317,14 @@ class StreamExecutor(Executor):
         for s in self.epoch_sinks:
             s.begin(self.epoch)
         self.dl_epoch.begin(self.epoch)
-        for d in late:  # rows a database refused while publishing: letters of the next epoch
-            self._dead(d)
         self.checkpoints += 1
         self.checkpoint_seconds += time.perf_counter() - t0
-
-    def _publish(self, s: EpochSink, epoch: int, token: Any) -> pa.Table:
-        attempts, backoff = self._retry
-        return retry(lambda: s.publish(epoch, token), attempts=attempts, backoff=max(backoff, 0.5))
 
     def _restore(self, store: CheckpointStore) -> None:
         cp, warnings = store.load()
         self.warnings.extend(warnings)
         for w in warnings:
-            print(f"sluice: {w}", file=sys.stderr)
+            self.redactor.warn(w)
         if cp is None and warnings:
             raise ConfigError(
                 f"no intact checkpoint in {self.store_path}: every kept checkpoint is damaged, "
@@ -375,16 +335,22 @@ class StreamExecutor(Executor):
             )
         epoch = cp.epoch if cp is not None else 0
         tokens = cp.sinks if cp is not None else {}
-        attempts, backoff = self._retry
-        refused = [
-            retry(
-                lambda s=s: s.recover(epoch, tokens.get(s.step_id)),  # type: ignore[misc]
-                attempts=attempts,
-                backoff=max(backoff, 0.5),
-            )
-            for s in self.epoch_sinks
-        ]
+        if cp is not None:
+            # roll the checkpointed epoch forward; refused rows become its dead letters
+            self._publish_epoch(epoch, tokens, self.dl_epoch, recovering=True)
+        else:  # a new history: a database sink must not hold epochs of it already
+            attempts, backoff = self._retry
+            for s in self.epoch_sinks:
+                if isinstance(s, StagedEpochSink):
+                    retry(
+                        lambda s=s: s.recover(0, None),  # type: ignore[misc]
+                        attempts=attempts,
+                        backoff=max(backoff, 0.5),
+                    )
         self.dl_epoch.recover(epoch, tokens.get("dead_letter"))
+        for s in self.epoch_sinks:
+            if isinstance(s, FileEpochSink):
+                s.recover(epoch, tokens.get(s.step_id))
         if cp is not None:
             self.restored_from = cp.epoch
             for step in self._stateful:
@@ -396,8 +362,6 @@ class StreamExecutor(Executor):
         for s in self.epoch_sinks:
             s.begin(self.epoch)
         self.dl_epoch.begin(self.epoch)
-        for dead in refused:  # rows a database refused while the restored epoch was published
-            self._dead(dead)
 
     # ------------------------------------------------------------------ reading
 
@@ -456,7 +420,13 @@ class StreamExecutor(Executor):
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     old_handlers[sig] = signal.signal(sig, lambda *_: self.request_stop())
             try:
-                store = CheckpointStore(self.store_path, self.cfg.checkpoint.keep)
+                store = CheckpointStore(self.store_path, self.cfg.checkpoint.keep, lock=True)
+            except StoreBusy as exc:
+                raise ConfigError(
+                    f"{exc}: another process runs stream pipeline '{self.cfg.pipeline}'",
+                    field="checkpoint.path",
+                    fix="stop the other process first (one process per checkpoint store)",
+                ) from None
             except CorruptCheckpoint as exc:
                 raise ConfigError(
                     str(exc),
@@ -465,17 +435,17 @@ class StreamExecutor(Executor):
                     "outputs of the old history are then replaced)",
                 ) from exc
             sink_ctx = RunContext(self.cfg.pipeline, f"stream-{store.stream_id}", self.ctx.base_dir)
+            self.sink_ctx = sink_ctx
             for es in self.epoch_sinks:
                 if isinstance(es, StagedEpochSink):
-                    es.ctx = sink_ctx
+                    es.use_context(sink_ctx)
             for step, _ in self.steps:
                 step.open(self.ctx)
                 opened.append(step)
                 self._configure_step(step)
                 fields = getattr(step, "pii_fields", None)
                 if fields:
-                    self._pii |= set(fields)
-                    self._pii_steps.add(step.step_id)
+                    self.redactor.declare(step.step_id, fields)
             self._restore(store)
             self._dl_open = True
             self.stream_source.open(self.ctx, self.position)
@@ -558,7 +528,7 @@ class StreamExecutor(Executor):
         except BaseException as exc:
             error = exc
             rep.status = "failed"
-            rep.error = _describe(exc)
+            rep.error = self.redactor.render(exc)
         finally:
             self.stop.set()
             status.close()
@@ -596,8 +566,11 @@ class StreamExecutor(Executor):
             }
             if not self._dl_count:
                 rep.dead_letter_path = None
+            if rep.error:
+                rep.error = self.redactor.text(rep.error)
             rep.write(self.report_path)
         if error is not None:
+            self.redactor.scrub(error)
             raise error
         return rep
 

@@ -340,3 +340,54 @@ def test_small_batches_are_gathered_into_row_groups(
     # 10 batches of 1000 rows: flushed at 3000, 6000, 9000 rows, then the rest at commit
     assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [3000] * 3 + [1000]
     assert pq.read_table(tmp_path / "out.parquet")["id"].to_pylist() == list(range(10_000))
+
+
+def _raw_strings(values: list[bytes | None], typ: pa.DataType | None = None) -> pa.Array:
+    """A string array holding exactly these bytes (Arrow does not check them on creation)."""
+    import numpy as np
+
+    typ = typ or pa.string()
+    sizes = [len(v or b"") for v in values]
+    offsets = np.cumsum([0, *sizes]).astype(np.int64 if typ == pa.large_string() else np.int32)
+    valid = pa.array([v is not None for v in values]).buffers()[1]
+    data = b"".join(v or b"" for v in values)
+    return pa.Array.from_buffers(
+        typ, len(values), [valid, pa.py_buffer(offsets.tobytes()), pa.py_buffer(data)]
+    )
+
+
+def test_i8_10_invalid_utf8_rows_are_encoding_letters_and_the_file_stays_readable(
+    tmp_path: Path,
+) -> None:
+    """What a reader let through (invalid UTF-8 in a JSON line) never reaches a file: DuckDB
+    reads the Parquet output, the bad rows are dead letters with their positions."""
+    import duckdb
+
+    texts = _raw_strings([b"ok", b"\xff\xfebad", None, b"caf\xc3\xa9", b"half \xc3"])
+    nested = pa.array([["a"], ["b"], ["c"], ["d"], ["e"]])
+    big = _raw_strings([b"x", b"y", b"z", b"w", b"v\x80"], pa.large_string())
+    t = with_positions(pa.table({"s": texts, "l": nested, "b": big}), "in.jsonl", 10)
+    w = ParquetWriter(ParquetSink(id="pq", kind="parquet", path="out"))
+    w.open(RunContext("p", "r1", tmp_path))
+    dead = w.write(t)
+    w.commit()
+    assert dead["reason"].to_pylist() == ["encoding"] * 2
+    assert dead["position"].to_pylist() == [11, 14]
+    assert dead["source"].to_pylist() == ["in.jsonl"] * 2
+    payloads = [json.loads(p) for p in dead["payload"].to_pylist()]
+    assert payloads[0]["s"] == "\\xff\\xfebad" and payloads[1]["b"] == "v\\x80"
+    assert "'s'" in dead["message"][0].as_py() and "'b'" in dead["message"][0].as_py()
+    out = tmp_path / "out"
+    rows = duckdb.sql(f"SELECT s, b FROM '{out}/*.parquet' ORDER BY b").fetchall()
+    assert rows == [("café", "w"), ("ok", "x"), (None, "z")]
+
+
+def test_i8_10_invalid_utf8_nested_in_a_list_is_found() -> None:
+    inner = _raw_strings([b"fine", b"\xc0\xaf"])
+    lists = pa.ListArray.from_arrays(pa.array([0, 1, 2], pa.int32()), inner)
+    t = with_positions(pa.table({"tags": lists, "n": [1, 2]}), "f", 0)
+    aligner = writers.SchemaAligner("out")
+    kept, data, dead = aligner.split(t)
+    assert data is not None and data["n"].to_pylist() == [1]
+    assert kept[ROW_COL].to_pylist() == [0]
+    assert dead["position"].to_pylist() == [1] and dead["reason"][0].as_py() == "encoding"

@@ -138,7 +138,9 @@ class CsvSource(TextSourceBase):
     kind: Literal["csv"]
     delimiter: str = Field(",", description="The field separator: one ASCII character.")
     quote: str | None = Field(
-        '"', description="Quote character (one ASCII character); null disables quoting."
+        '"',
+        description="Quote character (one ASCII character); null disables quoting.",
+        validate_default=True,
     )
     escape: str | None = Field(
         None,

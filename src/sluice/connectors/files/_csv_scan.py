@@ -50,6 +50,9 @@ CR: Final = 13
 
 _EMPTY: Final = np.zeros(0, dtype=np.int64)
 
+#: The buffers the scanner reads (the reader fills bytearrays straight from the stream).
+Bytes = bytes | bytearray
+
 
 @dataclass(frozen=True)
 class Dialect:
@@ -60,7 +63,7 @@ class Dialect:
     escape: int | None = None
     comment: int | None = None
 
-    def plain(self, data: bytes) -> bool:
+    def plain(self, data: Bytes) -> bool:
         """True when ``data`` holds no quote and no escape byte: every line end ends a record."""
         return (self.quote is None or bytes((self.quote,)) not in data) and (
             self.escape is None or bytes((self.escape,)) not in data
@@ -97,7 +100,7 @@ class Scan:
 class Text:
     """A buffer and the positions of its special bytes (computed once, lazily)."""
 
-    def __init__(self, data: bytes, dialect: Dialect, *, final: bool) -> None:
+    def __init__(self, data: Bytes, dialect: Dialect, *, final: bool) -> None:
         self.data = data
         self.d = dialect
         self.final = final
@@ -151,7 +154,7 @@ class Text:
     def is_field_start(self, q: np.ndarray) -> np.ndarray:
         """Whether the byte before each position in ``q`` (all > 0) ends a field."""
         prev = self.a[q - 1]
-        ok = (prev == self.d.delimiter) | (prev == LF) | (prev == CR)
+        ok: np.ndarray = (prev == self.d.delimiter) | (prev == LF) | (prev == CR)
         if self.escaped is not None:
             ok &= ~self.escaped[q - 1]
         return ok
@@ -171,7 +174,7 @@ class Text:
 
 
 def scan(
-    data: bytes | Text,
+    data: Bytes | Text,
     dialect: Dialect | None = None,
     *,
     final: bool,
@@ -369,7 +372,7 @@ def _assemble(
     return Scan(starts, ends, nexts, kinds, tail, tail_state)
 
 
-def line_breaks(data: bytes, *, final: bool) -> np.ndarray:
+def line_breaks(data: Bytes, *, final: bool) -> np.ndarray:
     """Positions of the physical line breaks of ``data`` (``\\n``, and ``\\r`` not followed by
     ``\\n``), escaped or quoted or not: line ``k`` (1-based) starts after break ``k - 1``."""
     a = np.frombuffer(data, dtype=np.uint8)

@@ -55,6 +55,7 @@ from sluice.connectors.files._csv_scan import (
     RECORD_START,
     STRAY,
     TRUNCATED,
+    Bytes,
     Dialect,
     Scan,
     Text,
@@ -135,7 +136,7 @@ def _invalid_rows(col: pa.Array) -> np.ndarray:
 class _Block:
     """Whole records of the input."""
 
-    data: bytes
+    data: Bytes
     offset: int  # stream offset of data[0]
     line: int  # 1-based line of data[0]
     final: bool  # the input ends with this block
@@ -144,11 +145,11 @@ class _Block:
     scan: Scan | None = None  # the records of data, when they were scanned
 
 
-def _count_lf(data: bytes, k: int) -> int:
+def _count_lf(data: Bytes, k: int) -> int:
     return int(np.count_nonzero(np.frombuffer(data, dtype=np.uint8, count=k) == 10))
 
 
-def _count_breaks(data: bytes, k: int) -> tuple[int, int]:
+def _count_breaks(data: Bytes, k: int) -> tuple[int, int]:
     """(line breaks, b"\\n") in data[:k] (k at a line or record boundary)."""
     lf = _count_lf(data, k)
     if data.find(b"\r", 0, k) < 0:
@@ -159,7 +160,7 @@ def _count_breaks(data: bytes, k: int) -> tuple[int, int]:
     return lf + cr - crlf, lf
 
 
-def _last_end(buf: bytes, hi: int, final: bool) -> int:
+def _last_end(buf: Bytes, hi: int, final: bool) -> int:
     """Offset after the last line end in ``buf[:hi]`` (0: none) — a buffer without quotes."""
     nl = buf.rfind(b"\n", 0, hi)
     cr = buf.rfind(b"\r", nl + 1, hi)
@@ -168,7 +169,7 @@ def _last_end(buf: bytes, hi: int, final: bool) -> int:
     return max(nl, cr) + 1
 
 
-def _first_end(buf: bytes, final: bool) -> int:
+def _first_end(buf: Bytes, final: bool) -> int:
     """Offset after the first line end of ``buf`` (0: none) — a buffer without quotes."""
     nl = buf.find(b"\n")
     cr = buf.find(b"\r", 0, nl if nl >= 0 else len(buf))
@@ -179,7 +180,7 @@ def _first_end(buf: bytes, final: bool) -> int:
     return nl + 1
 
 
-def _plain_cut(buf: bytes, final: bool, target: int) -> int:
+def _plain_cut(buf: Bytes, final: bool, target: int) -> int:
     """Where to cut a buffer without quotes: after the last line end within ``target`` bytes,
     or after the first line end when the first line is longer; 0 when no line is complete."""
     if len(buf) <= target and final:
@@ -192,7 +193,7 @@ def _plain_cut(buf: bytes, final: bool, target: int) -> int:
     return cut
 
 
-def _held_back(data: bytes, d: Dialect) -> int:
+def _held_back(data: Bytes, d: Dialect) -> int:
     """How many trailing bytes of a non-final buffer depend on what follows (quote, \\r,
     escape): the oversize skipper keeps them for the next read."""
     special = {13} | {c for c in (d.quote, d.escape) if c is not None}
@@ -208,6 +209,7 @@ class _Input:
 
     def __init__(self, stream: IO[bytes], d: Dialect, *, block_size: int, limit: int) -> None:
         self.stream = stream
+        self._readinto: Callable[[memoryview], int | None] = stream.readinto  # type: ignore[attr-defined]
         self.d = d
         self.block_size = block_size
         self.limit = limit
@@ -223,7 +225,7 @@ class _Input:
         have = len(self.buf)
         buf = bytearray(have + n)
         buf[:have] = self.buf
-        got = self.stream.readinto(memoryview(buf)[have:])
+        got = self._readinto(memoryview(buf)[have:])
         if not got:
             self.eof = True
             return
@@ -276,7 +278,7 @@ class _Input:
             sc = scan(self.buf, self.d, final=self.eof)
             if len(sc):
                 s, e, nx = int(sc.starts[0]), int(sc.ends[0]), int(sc.nexts[0])
-                return self.buf[s:e], int(sc.kinds[0]), nx
+                return bytes(self.buf[s:e]), int(sc.kinds[0]), nx
             if len(self.buf) > self.limit:
                 raise _FileProblem(
                     "too_large",
@@ -336,7 +338,7 @@ class _Input:
         machine's state through the input, keeping only its first bytes."""
         d = self.d
         start_line, start_offset = self.line, self.offset
-        head = self.buf[:OVERSIZE_HEAD]
+        head = bytes(self.buf[:OVERSIZE_HEAD])
         length = 0
         state = RECORD_START
         pending, self.buf = self.buf, b""
@@ -379,10 +381,11 @@ class _Prepared:
     """A block's records sorted out: what pyarrow gets, and the letters found so far."""
 
     block: _Block
-    clean: bytes  # the records for pyarrow
+    clean: Bytes  # the records for pyarrow
     n_records: int  # records of the block that get a position
     skipped: int = 0
     simple: bool = False  # not scanned: records = lines (to be confirmed by pyarrow's row count)
+    checked: bool = False  # the field counts of the clean records were checked
     index: np.ndarray | None = None  # record index (in the block) of each clean record
     starts: np.ndarray | None = None  # block offset of each clean record
     ends: np.ndarray | None = None  # block offset of the end of each clean record's content
@@ -424,7 +427,7 @@ class _Prepared:
         ]
 
 
-def _gather(data: bytes, sc: Scan, rec: np.ndarray) -> bytes:
+def _gather(data: Bytes, sc: Scan, rec: np.ndarray) -> Bytes:
     """The bytes of records ``rec`` (sorted ids of ``sc``), each with its terminator."""
     if not len(rec):
         return b""
@@ -650,9 +653,8 @@ class CsvReader(FileReader):
                     item = next(blocks, None)
                 inferred: dict[str, pa.DataType | None] = {}
                 if item is not None:
-                    first = self._prepare(item, names)
+                    inferred, first = self._infer(self._prepare(item, names), names, open_cols)
                     ahead.append(first)
-                    inferred = self._infer(first, names, open_cols)
                     still = [c for c in open_cols if not _settled(inferred.get(c))]
                     if still and not item.final:
                         inferred = self._infer_rest(blocks, names, inferred, still, first)
@@ -737,12 +739,36 @@ class CsvReader(FileReader):
 
     def _infer(
         self, p: _Prepared, names: list[str], cols: list[str]
-    ) -> dict[str, pa.DataType | None]:
-        """pyarrow's type inference over the block's records, for ``cols``."""
-        if not p.clean:
-            return dict.fromkeys(cols)
-        table, _ = self._parse(p, names, None, include=cols)
-        return {c: table.schema.field(c).type for c in cols}
+    ) -> tuple[dict[str, pa.DataType | None], _Prepared]:
+        """pyarrow's type inference over the block's good records, for ``cols`` (and the block,
+        checked record by record if that was needed)."""
+        try:
+            table = self._parse(p, names, None, include=cols) if p.clean else None
+        except pa.ArrowInvalid:
+            p = self._checked(p, names)
+            try:
+                table = self._parse(p, names, None, include=cols) if p.clean else None
+            except pa.ArrowInvalid:
+                p = self._isolate(p, names)
+                table = self._parse(p, names, None, include=cols) if p.clean else None
+        if table is None:
+            return dict.fromkeys(cols), p
+        types: dict[str, pa.DataType | None] = {c: table.schema.field(c).type for c in cols}
+        if any(pa.types.is_binary(t) for t in types.values()):
+            # bytes that are not UTF-8 make pyarrow fall back to binary; those records become
+            # encoding letters: infer from the others
+            p = self._checked(p, names)
+            assert p.starts is not None and p.ends is not None
+            pos = np.asarray(invalid_utf8(p.block.data), dtype=np.int64)
+            rec = np.searchsorted(p.starts, pos, side="right") - 1
+            rec = np.unique(rec[(rec >= 0) & (pos < p.ends[np.maximum(rec, 0)])])
+            rest = p.drop(rec) if len(rec) else p
+            if rest.clean:
+                table = self._parse(rest, names, None, include=cols)
+                types = {c: table.schema.field(c).type for c in cols}
+            else:
+                types = dict.fromkeys(cols)
+        return types, p
 
     def _infer_rest(
         self,
@@ -760,7 +786,7 @@ class CsvReader(FileReader):
                 if isinstance(item, Oversize):
                     continue
                 p = self._prepare(item, names)
-                got = self._infer(p, names, cols)
+                got, p = self._infer(p, names, cols)
                 for c in cols:
                     g = got[c]
                     if g == pa.int64() and _hexy(p.clean):
@@ -781,12 +807,8 @@ class CsvReader(FileReader):
         d = self.dialect
         data = b.data
         if not full and b.scan is None and b.plain and self._simple(data):
-            # records = lines. With several columns a blank line has a wrong field count, so
-            # pyarrow's row count (and skipped count) tells whether each line was a data row
-            # without counting lines here; one column: count them to find blank lines
-            n = -1
-            if len(names) == 1:
-                n = _count_lf(data, len(data)) + (0 if data.endswith(b"\n") else 1)
+            # records = lines; pyarrow's row count confirms it (it skips blank lines)
+            n = _count_lf(data, len(data)) + (0 if data.endswith(b"\n") else 1)
             return _Prepared(block=b, clean=data, n_records=n, simple=True)
         text = b.text if b.text is not None else Text(data, d, final=True)
         sc = b.scan if b.scan is not None else scan(text, final=True)
@@ -853,7 +875,7 @@ class CsvReader(FileReader):
         p.clean = _gather(data, sc, rec)
         return p
 
-    def _simple(self, data: bytes) -> bool:
+    def _simple(self, data: Bytes) -> bool:
         """A block whose records are exactly its lines, with no check needed on them."""
         d = self.dialect
         if len(data) > self._limit and self._longest_line(data) > self._limit:
@@ -871,23 +893,20 @@ class CsvReader(FileReader):
         return True
 
     @staticmethod
-    def _longest_line(data: bytes) -> int:
+    def _longest_line(data: Bytes) -> int:
         nl = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
         edges = np.concatenate(([-1], nl, [len(data)]))
         return int(np.max(np.diff(edges))) - 1
 
     # ---------------------------------------------------------------- rows
 
-    def _parse_options(
-        self, handler: Callable[[Any], str] | None, *, newlines: bool, skip_empty: bool = True
-    ) -> Any:
+    def _parse_options(self, handler: Callable[[Any], str] | None, *, newlines: bool) -> Any:
         cfg = self.config
         return pacsv.ParseOptions(
             delimiter=cfg.delimiter,
             quote_char=cfg.quote if cfg.quote is not None else False,
             escape_char=cfg.escape if cfg.escape is not None else False,
             newlines_in_values=newlines,
-            ignore_empty_lines=skip_empty,
             invalid_row_handler=handler,
         )
 
@@ -899,16 +918,10 @@ class CsvReader(FileReader):
         *,
         include: list[str] | None = None,
         nulls: bool = True,
-    ) -> tuple[pa.Table, int]:
-        """pyarrow over the prepared records; returns the table and the number of records with
-        a wrong field count it skipped. Raises ``pa.ArrowInvalid`` when a value does not convert.
-        """
-        invalid: list[int] = []
-
-        def handler(row: Any) -> str:  # never touches row.text: it may not be valid UTF-8
-            invalid.append(1)
-            return "skip"
-
+    ) -> pa.Table:
+        """pyarrow over the prepared records. Raises ``pa.ArrowInvalid`` when a record has
+        another number of fields (pyarrow's invalid-row handler is not used: it decodes the row
+        as UTF-8 first and fails on bad bytes) or a value does not convert."""
         data = p.clean
         plain = p.simple or (p.block.plain and not p.stray) or self.dialect.plain(data)
         one_chunk = p.stray or len(data) < 2 * PARSE_CHUNK
@@ -929,55 +942,60 @@ class CsvReader(FileReader):
                     read_options=pacsv.ReadOptions(
                         column_names=names, block_size=size, use_threads=True
                     ),
-                    parse_options=self._parse_options(
-                        handler, newlines=not plain, skip_empty=len(names) == 1
-                    ),
+                    parse_options=self._parse_options(None, newlines=not plain),
                     convert_options=convert,
                 )
-                return table, len(invalid)
             except pa.ArrowInvalid as exc:
                 if attempt or "straddl" not in str(exc):
                     raise
-                invalid.clear()  # one record is longer than a chunk: parse in one chunk
+                continue  # one record is longer than a chunk: parse in one chunk
+            if p.simple and table.num_rows != p.n_records:  # blank lines pyarrow skipped
+                raise pa.ArrowInvalid("the block holds blank lines")
+            return table
         raise AssertionError("unreachable")
 
     def _rows(self, p: _Prepared, names: list[str], targets: dict[str, pa.DataType]) -> _Out:
+        """The block's rows: one typed parse when every record is good (the common case);
+        otherwise the records are checked one by one (structure, then values)."""
         trim = self.config.trim_spaces
-        while True:
-            if not p.clean:
-                return self._out(p, None)
-            failed = trim
-            table: pa.Table | None = None
-            invalid = 0
-            if not trim:
-                try:
-                    table, invalid = self._parse(p, names, targets)
-                except pa.ArrowInvalid:
-                    failed = True
-            if p.simple:
-                if failed or invalid or table is None or p.n_records not in (-1, table.num_rows):
-                    p = self._prepare(p.block, names, full=True)
-                    continue
-                p.n_records = table.num_rows
-            if invalid:
-                p = self._drop_bad_counts(p, len(names))
-                continue
-            if not failed:
-                assert table is not None
-                return self._out(p, table)
-            raw, invalid = self._parse(p, names, dict.fromkeys(names, pa.binary()), nulls=not trim)
-            if invalid:
-                p = self._drop_bad_counts(p, len(names))
-                continue
-            return self._values(p, raw, names, targets)
+        if not trim and p.clean:
+            try:
+                return self._out(p, self._parse(p, names, targets))
+            except pa.ArrowInvalid:
+                pass
+        p = self._checked(p, names)
+        if not p.clean:
+            return self._out(p, None)
+        if not trim:
+            try:
+                return self._out(p, self._parse(p, names, targets))
+            except pa.ArrowInvalid:
+                pass
+        binary = dict.fromkeys(names, pa.binary())
+        try:
+            raw = self._parse(p, names, binary, nulls=not trim)
+        except pa.ArrowInvalid:  # the scanner and pyarrow disagree on a record: isolate it
+            p = self._isolate(p, names)
+            raw = self._parse(p, names, binary, nulls=not trim)
+        return self._values(p, raw, names, targets)
+
+    def _checked(self, p: _Prepared, names: list[str]) -> _Prepared:
+        """``p`` scanned, without the records whose number of fields is wrong (letters)."""
+        if p.checked:
+            return p
+        if p.simple:
+            p = self._prepare(p.block, names, full=True)
+        p = self._drop_bad_counts(p, len(names))
+        p.checked = True
+        return p
 
     def _drop_bad_counts(self, p: _Prepared, n: int) -> _Prepared:
         assert p.sc is not None and p.text is not None and p.rec_ids is not None
         assert p.index is not None and p.starts is not None
         counts = field_counts(p.text, p.sc, p.rec_ids)
         bad = np.flatnonzero(counts != n)
-        if not len(bad):  # pyarrow and the scanner disagree: isolate record by record
-            return self._isolate(p, n)
+        if not len(bad):
+            return p
         p.letters.append(
             (
                 p.index[bad],
@@ -989,39 +1007,32 @@ class CsvReader(FileReader):
         )
         return p.drop(bad)
 
-    def _isolate(self, p: _Prepared, n: int) -> _Prepared:
+    def _isolate(self, p: _Prepared, names: list[str]) -> _Prepared:
         """Last resort: parse each record alone to find the ones pyarrow rejects."""
         assert p.sc is not None and p.rec_ids is not None and p.index is not None
         assert p.starts is not None
-        names = [f"c{i}" for i in range(n)]
+        binary = dict.fromkeys(names, pa.binary())
         bad: list[int] = []
         for i, r in enumerate(p.rec_ids):
-            one = _Prepared(
-                block=p.block,
-                clean=_gather(p.block.data, p.sc, np.array([r])),
-                n_records=1,
-                stray=True,
-            )
+            clean = _gather(p.block.data, p.sc, np.array([r]))
+            one = _Prepared(block=p.block, clean=clean, n_records=1, stray=True)
             try:
-                table, invalid = self._parse(one, names, dict.fromkeys(names, pa.binary()))
+                if self._parse(one, names, binary).num_rows != 1:
+                    bad.append(i)
             except pa.ArrowInvalid:
-                invalid = 1
-            else:
-                invalid = invalid or int(table.num_rows != 1)
-            if invalid:
                 bad.append(i)
         rows = np.asarray(bad, dtype=np.int64)
+        if not len(rows):
+            raise RuntimeError("pyarrow rejects a block of records but none of them alone")
         p.letters.append(
             (
                 p.index[rows],
                 p.starts[rows],
                 ["column_count"] * len(rows),
-                [f"pyarrow cannot split this record into {n} fields"] * len(rows),
+                [f"pyarrow cannot split this record into {len(names)} fields"] * len(rows),
                 p.record_text(rows),
             )
         )
-        if not len(rows):
-            raise RuntimeError("a block of records pyarrow rejects as a whole but not one by one")
         return p.drop(rows)
 
     def _values(
@@ -1225,7 +1236,7 @@ def _bisect(values: pa.Array, typ: pa.DataType, offset: int, out: list[int]) -> 
 # ------------------------------------------------------------------------- inferred types
 
 
-def _hexy(data: bytes) -> bool:
+def _hexy(data: Bytes) -> bool:
     """Whether integers of this block may be hexadecimal (``0x1f``: int64 but not float64)."""
     return b"0x" in data or b"0X" in data
 

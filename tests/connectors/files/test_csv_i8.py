@@ -562,3 +562,35 @@ def test_i8_27_strict_quotes(tmp_path: Path) -> None:
     ]
     plain = pacsv.read_csv(pa.py_buffer(p.read_bytes())).to_pylist()
     assert [str(r["a"]) for r in plain] == [r["a"] for r in out.rows]  # pyarrow's own reading
+
+
+def test_i8_25_replay_of_csv_letters_from_a_compressed_file_with_a_preamble(
+    tmp_path: Path,
+) -> None:
+    """A source letter's payload is the record's text; replay writes it under the original
+    header, which it reads like the source does (decompressed, after the skipped lines)."""
+    from sluice.runtime.executor import Executor
+    from sluice.runtime.replay import replay
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.csv.gz").write_bytes(
+        gzip.compress(b"exported 2024\nid,v\n1,2\n2,x,9\n3,4\n")
+    )
+    raw = {
+        "pipeline": "r",
+        "source": {"kind": "csv", "path": "in/*.csv.gz", "skip_rows": 1, "schema": {"v": "int"}},
+        "sinks": [{"id": "out", "kind": "jsonl", "path": "out"}],
+        "dead_letter": {"kind": "jsonl", "path": "dl"},
+    }
+    rep = Executor(parse_pipeline(raw), base_dir=tmp_path, progress=False).run()
+    assert rep.dead_letters_by_reason == {"column_count": 1}
+    [letter] = dead_letter_files(tmp_path)
+    assert (letter["payload"], letter["position"], letter["line"]) == ("2,x,9", 1, 4)
+    reports = replay(parse_pipeline(raw), tmp_path / "dl", base_dir=tmp_path)
+    assert [(r.rows_read, r.dead_letters) for r in reports] == [(0, 1)]  # fails again, alone
+    again = [
+        json.loads(x)
+        for f in (tmp_path / "dl").glob("replay-*/*.jsonl")
+        for x in f.read_text().splitlines()
+    ]
+    assert [(d["reason"], d["payload"]) for d in again] == [("column_count", "2,x,9")]

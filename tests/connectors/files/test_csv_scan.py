@@ -122,9 +122,7 @@ def reference(data: bytes, d: Dialect, final: bool) -> tuple[list[tuple[int, int
 def scanned(data: bytes, d: Dialect, final: bool) -> tuple[list[tuple[int, int, int, int]], int]:
     sc = scan(data, d, final=final)
     recs = list(
-        zip(
-            sc.starts.tolist(), sc.ends.tolist(), sc.nexts.tolist(), sc.kinds.tolist(), strict=True
-        )
+        zip(sc.starts.tolist(), sc.ends.tolist(), sc.nexts.tolist(), sc.kinds.tolist(), strict=True)
     )
     return recs, sc.tail
 
@@ -197,9 +195,7 @@ def test_each_record_is_one_pyarrow_row_with_the_counted_fields(data: bytes, d: 
         assert len(_pyarrow_rows(rec, d, count)) == 1, rec
         if count > 1:
             assert _pyarrow_rows(rec, d, count - 1) == [], rec
-    clean = b"".join(
-        data[sc.starts[i] : sc.ends[i]] + b"\n" for i in idx if sc.kinds[i] == DATA
-    )
+    clean = b"".join(data[sc.starts[i] : sc.ends[i]] + b"\n" for i in idx if sc.kinds[i] == DATA)
     if clean and len(set(counts.tolist())) == 1:
         assert len(_pyarrow_rows(clean, d, int(counts[0]))) == sum(
             1 for i in idx if sc.kinds[i] == DATA

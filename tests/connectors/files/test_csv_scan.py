@@ -216,3 +216,91 @@ def test_examples() -> None:
 def test_line_breaks() -> None:
     assert line_breaks(b"a\r\nb\rc\nd\r", final=False).tolist() == [2, 4, 6]
     assert line_breaks(b"a\r\nb\rc\nd\r", final=True).tolist() == [2, 4, 6, 8]
+
+
+# ------------------------------------------------------------------ value by value conversion
+
+VALUES = st.lists(
+    st.lists(
+        st.sampled_from(
+            [
+                "1",
+                "0",
+                "-",
+                "+",
+                ".",
+                "e",
+                "x",
+                "0x1f",
+                " ",
+                "\t",
+                ":",
+                "T",
+                "Z",
+                "2023",
+                "-01",
+                "-31",
+                "12",
+                "true",
+                "True",
+                "nan",
+                "inf",
+                "9" * 20,
+                "1.5",
+                "é",
+                '"',
+                ",",
+            ]
+        ),
+        max_size=5,
+    ).map("".join)
+    | st.none(),
+    min_size=1,
+    max_size=30,
+)
+TYPES = [
+    pa.int64(),
+    pa.int8(),
+    pa.uint32(),
+    pa.float64(),
+    pa.bool_(),
+    pa.date32(),
+    pa.timestamp("us"),
+    pa.timestamp("us", tz="UTC"),
+    pa.decimal128(10, 2),
+]
+
+
+@settings(max_examples=400, deadline=None)
+@given(values=VALUES, typ=st.sampled_from(TYPES))
+def test_value_by_value_verdicts_are_the_csv_converters(
+    values: list[str | None], typ: pa.DataType
+) -> None:
+    """The failing values found by the reader's slow path are exactly those pyarrow's CSV
+    converter refuses one at a time, and the good ones convert to the same values as when the
+    whole file is parsed directly (the fast path)."""
+    from sluice.connectors.files.csv import _convert_values, _csv_convert
+
+    arr = pa.array(values, pa.string())
+    truth = []
+    for i, v in enumerate(values):
+        try:
+            _csv_convert(pa.array([v], pa.string()), typ)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            truth.append(i)
+    converted, bad = _convert_values(arr, typ)
+    assert sorted(bad) == truth
+    good = [v for i, v in enumerate(values) if i not in truth]
+    if good:
+        text = "v\n" + "".join(
+            ("" if v is None else '"' + v.replace('"', '""') + '"') + "\n" for v in good
+        )
+        direct = pacsv.read_csv(
+            pa.py_buffer(text.encode()),
+            parse_options=pacsv.ParseOptions(ignore_empty_lines=False),
+            convert_options=pacsv.ConvertOptions(
+                column_types={"v": typ}, null_values=[""], quoted_strings_can_be_null=False
+            ),
+        ).column(0)
+        kept = converted.filter(pa.array([i not in truth for i in range(len(values))]))
+        assert kept.to_pylist() == direct.to_pylist()

@@ -1198,9 +1198,10 @@ def _convert_values(values: pa.Array, typ: pa.DataType) -> tuple[pa.Array, list[
         )
         bad_mask = pc.and_(present, pc.invert(pc.fill_null(known, False)))
     else:
-        # the converter trims spaces and tabs, then parses like pyarrow's cast; find the values
-        # it refuses among the distinct ones
-        trimmed = pc.utf8_trim(values, _TRIM)
+        # the converter parses like pyarrow's cast, after trimming spaces and tabs around numbers
+        # and dates (not timestamps); find the values it refuses among the distinct ones
+        trims = not (pa.types.is_timestamp(typ) or pa.types.is_time(typ))
+        trimmed = pc.utf8_trim(values, _TRIM) if trims else values
         uniq = pc.unique(trimmed.drop_null())
         _, bad_u = safe_cast(uniq, typ)
         bad_vals = uniq.take(pa.array(bad_u, pa.int64()))

@@ -303,4 +303,4 @@ def test_value_by_value_verdicts_are_the_csv_converters(
             ),
         ).column(0)
         kept = converted.filter(pa.array([i not in truth for i in range(len(values))]))
-        assert kept.to_pylist() == direct.to_pylist()
+        assert [repr(x) for x in kept.to_pylist()] == [repr(x) for x in direct.to_pylist()]

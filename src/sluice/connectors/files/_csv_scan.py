@@ -117,6 +117,11 @@ class Text:
             target = active + 1
             self.escaped = np.zeros(self.n + 1, dtype=bool)
             self.escaped[target] = True
+        #: bytes that may stand next to a quote: delimiter, line ends, the quote (doubled)
+        self.edge = np.zeros(256, dtype=bool)
+        for c in (dialect.delimiter, LF, CR, dialect.quote):
+            if c is not None:
+                self.edge[c] = True
         self.quotes = self._positions(dialect.quote)
         self.line_ends = self._line_ends()
         self._delims: np.ndarray | None = None
@@ -162,6 +167,8 @@ class Text:
     def content_end(self, terminators: np.ndarray, starts: np.ndarray) -> np.ndarray:
         """Where the content of records ending at ``terminators`` ends (``\\r\\n`` → before
         the ``\\r``)."""
+        if b"\r" not in self.data:
+            return terminators
         ends = terminators.copy()
         at = terminators < self.n
         t = terminators[at]
@@ -190,7 +197,7 @@ def scan(
     s = r = 0  # scan position; start of the current record
     st = state
     stray = False
-    window = 4096
+    window = max(len(Q), 256)  # all quotes at once; after a stray quote, small windows
     tail = -1
     tail_state = RECORD_START
     truncated = False
@@ -202,36 +209,9 @@ def scan(
         pending = False  # a closing quote at the end of a non-final buffer: undecidable yet
         if kk > qi:
             q = Q[qi:kk]
-            j = np.arange(kk - qi)
-            closing = (j + inside0) % 2 == 1
-            legal = np.zeros(len(q), dtype=bool)
-            # openers: at the start of a field, or the second quote of a doubled pair
-            op = ~closing
-            qo = q[op]
-            ok = np.zeros(len(qo), dtype=bool)
-            pos = qo > 0
-            ok[pos] = t.is_field_start(qo[pos])
-            if st in (RECORD_START, FIELD_START):
-                ok |= qo == s
-            else:
-                ok &= qo != s
-            jo = j[op]
-            cont = jo > 0
-            ok[cont] |= q[jo[cont] - 1] == qo[cont] - 1
-            legal[op] = ok
-            # closers: followed by a delimiter, a line end, another quote, or the end
-            qc = q[closing]
-            nxt = qc + 1
-            okc = np.zeros(len(qc), dtype=bool)
-            within = nxt < n
-            b = a[nxt[within]]
-            gi = qi + j[closing][within]  # global index of each closer
-            doubled = (b == d.quote) & (gi + 1 < len(Q))
-            doubled[doubled] &= Q[np.minimum(gi[doubled] + 1, len(Q) - 1)] == nxt[within][doubled]
-            okc[within] = (b == d.delimiter) | (b == LF) | (b == CR) | doubled
-            at_end = ~within
-            okc[at_end] = final
-            legal[closing] = okc
+            closing = np.zeros(len(q), dtype=bool)
+            closing[1 - inside0 :: 2] = True  # parity: every other quote closes
+            legal = _legal(t, q, qi, closing, s, st)
             bad = np.flatnonzero(~legal)
             if len(bad):
                 jb = int(bad[0])
@@ -334,6 +314,56 @@ def scan(
                 tail_state = FIELD_START if a[n - 1] == d.delimiter and not esc else FIELD
         break
     return _assemble(t, out_first, out_stray, out_term, tail, tail_state, truncated)
+
+
+def _legal(
+    t: Text, q: np.ndarray, qi: int, closing: np.ndarray, s: int, st: int
+) -> np.ndarray:
+    """Whether each quote ``q`` (``Q[qi:]``) is where the strict grammar allows it, assuming
+    the parity ``closing``: an opening quote at the start of a field (or the second quote of a
+    doubled pair), a closing one before a delimiter, a line end, another quote or the end."""
+    d, a, n, Q = t.d, t.a, t.n, t.quotes
+    if t.escaped is None:  # every quote byte is a quote: look at the neighbours only
+        first_closer = 0 if len(q) and closing[0] else 1
+        qo = q[1 - first_closer :: 2]
+        qc = q[first_closer::2]
+        legal = np.empty(len(q), dtype=bool)
+        before = qo - 1
+        if len(before) and before[0] < 0:
+            before[0] = 0  # a quote at offset 0: decided below (it is at the scan position)
+        legal[1 - first_closer :: 2] = t.edge[a[before]]
+        after = qc + 1
+        end = len(after) and after[-1] >= n
+        if end:
+            after[-1] = n - 1
+        legal[first_closer::2] = t.edge[a[after]]
+        if end:
+            legal[first_closer + 2 * (len(qc) - 1)] = t.final
+    else:
+        legal = np.zeros(len(q), dtype=bool)
+        op = ~closing
+        qo = q[op]
+        ok = np.zeros(len(qo), dtype=bool)
+        pos = qo > 0
+        ok[pos] = t.is_field_start(qo[pos])
+        jo = np.flatnonzero(op)
+        cont = jo > 0
+        ok[cont] |= q[jo[cont] - 1] == qo[cont] - 1
+        legal[op] = ok
+        qc = q[closing]
+        nxt_i = qc + 1
+        okc = np.zeros(len(qc), dtype=bool)
+        within = nxt_i < n
+        b = a[nxt_i[within]]
+        gi = qi + np.flatnonzero(closing)[within]  # global index of each closer
+        doubled = (b == d.quote) & (gi + 1 < len(Q))
+        doubled[doubled] &= Q[np.minimum(gi[doubled] + 1, len(Q) - 1)] == nxt_i[within][doubled]
+        okc[within] = (b == d.delimiter) | (b == LF) | (b == CR) | doubled
+        okc[~within] = t.final
+        legal[closing] = okc
+    if len(q) and not closing[0] and q[0] == s:  # an opener right at the scan position
+        legal[0] = st in (RECORD_START, FIELD_START)
+    return legal
 
 
 def _assemble(

@@ -104,7 +104,7 @@ def _collect_invalid(exc: UnicodeError) -> tuple[str, int]:
 codecs.register_error("sluice.csv.collect", _collect_invalid)
 
 
-def invalid_utf8(data: bytes | memoryview) -> list[int]:
+def invalid_utf8(data: Bytes | memoryview) -> list[int]:
     """Offsets of the invalid UTF-8 sequences in ``data`` (one pass at C speed)."""
     _found.positions = []
     codecs.utf_8_decode(data, "sluice.csv.collect", True)
@@ -323,10 +323,16 @@ class _Input:
                     more = True
                 continue
             rest = len(buf) - cut
-            block = buf if not rest else buf[:cut]
             offset = self.offset
             self.offset += cut
             self.buf = buf[cut:] if rest else b""
+            if not rest:
+                block = buf
+            elif text is None and isinstance(buf, bytearray):
+                del buf[cut:]  # the block is the buffer, cut in place (no copy of the block)
+                block = buf
+            else:
+                block = buf[:cut]
             # the consumer counts the block's lines (often for free) and adds them to self.line
             # before it asks for the next block
             yield _Block(block, offset, self.line, final and not rest, plain, text, sc)
@@ -391,14 +397,25 @@ class _Prepared:
     ends: np.ndarray | None = None  # block offset of the end of each clean record's content
     rec_ids: np.ndarray | None = None  # scan ids of the clean records
     stray: bool = False  # clean holds records with stray quotes (lenient mode)
+    multiline: bool = False  # a clean record spans lines (a line end inside quotes, escaped)
     sc: Scan | None = None
     text: Text | None = None
     letters: list[tuple[np.ndarray, np.ndarray, list[str], list[str], list[str | None]]] = field(
         default_factory=list
     )  # (record index, block offset, reasons, messages, payloads)
 
+    def materialize(self) -> None:
+        """Fill the per-record arrays of a scanned block whose records are all data."""
+        if self.index is None and self.sc is not None:
+            n = len(self.sc)
+            self.rec_ids = np.arange(n, dtype=np.int64)
+            self.index = self.rec_ids
+            self.starts = self.sc.starts
+            self.ends = self.sc.ends
+
     def drop(self, rows: np.ndarray) -> _Prepared:
         """Without the clean records ``rows`` (their letters must already be recorded)."""
+        self.materialize()
         assert self.index is not None and self.starts is not None and self.rec_ids is not None
         assert self.ends is not None and self.sc is not None
         keep = np.ones(len(self.index), dtype=bool)
@@ -414,12 +431,14 @@ class _Prepared:
             ends=self.ends[keep],
             rec_ids=rec,
             stray=self.stray,
+            multiline=self.multiline,
             sc=self.sc,
             text=self.text,
             letters=self.letters,
         )
 
     def record_text(self, rows: np.ndarray) -> list[str | None]:
+        self.materialize()
         assert self.starts is not None and self.ends is not None
         data = self.block.data
         return [
@@ -780,17 +799,18 @@ class CsvReader(FileReader):
     ) -> dict[str, pa.DataType | None]:
         """Pass 1: the types of ``cols`` over the rest of the file (until all are strings)."""
         types = dict(types)
-        hexy = {c: types[c] == pa.int64() and _hexy(first.clean) for c in cols}
+        first_hexy = any(types[c] == pa.int64() for c in cols) and _hexy(first.clean)
+        hexy = {c: types[c] == pa.int64() and first_hexy for c in cols}
         try:
             for item in blocks:
                 if isinstance(item, Oversize):
                     continue
                 p = self._prepare(item, names)
                 got, p = self._infer(p, names, cols)
+                block_hexy = any(got[c] == pa.int64() for c in cols) and _hexy(p.clean)
                 for c in cols:
                     g = got[c]
-                    if g == pa.int64() and _hexy(p.clean):
-                        hexy[c] = True
+                    hexy[c] = hexy[c] or (g == pa.int64() and block_hexy)
                     types[c] = _unify(types[c], g, hexy[c])
                 cols = [c for c in cols if not _settled(types[c])]
                 if not cols:
@@ -813,6 +833,16 @@ class CsvReader(FileReader):
         text = b.text if b.text is not None else Text(data, d, final=True)
         sc = b.scan if b.scan is not None else scan(text, final=True)
         kinds = sc.kinds
+        # every record with a terminator ends at one line end: any other one is inside a record
+        line_ends = int(np.searchsorted(text.line_ends, len(data)))
+        terminated = int(np.count_nonzero(sc.nexts > sc.ends))
+        multiline = text.escaped is not None or line_ends > terminated
+        if not kinds.any() and (
+            self._limit >= len(data) or not np.any(sc.ends - sc.starts > self._limit)
+        ):  # all data records (the common case): the arrays of positions only if needed
+            return _Prepared(
+                block=b, clean=data, n_records=len(sc), sc=sc, text=text, multiline=multiline
+            )
         counted = (kinds != BLANK) & (kinds != COMMENT)
         rel = np.cumsum(counted) - 1
         lengths = sc.ends - sc.starts
@@ -872,6 +902,7 @@ class CsvReader(FileReader):
         p.starts = sc.starts[rec]
         p.ends = sc.ends[rec]
         p.stray = bool(np.any(stray & keep))
+        p.multiline = multiline
         p.clean = _gather(data, sc, rec)
         return p
 
@@ -923,7 +954,8 @@ class CsvReader(FileReader):
         another number of fields (pyarrow's invalid-row handler is not used: it decodes the row
         as UTF-8 first and fails on bad bytes) or a value does not convert."""
         data = p.clean
-        plain = p.simple or (p.block.plain and not p.stray) or self.dialect.plain(data)
+        # without a line end inside a record, pyarrow may cut the block at any line end
+        newlines = p.multiline or p.stray
         one_chunk = p.stray or len(data) < 2 * PARSE_CHUNK
         convert = pacsv.ConvertOptions(
             column_types=types or {},
@@ -942,7 +974,7 @@ class CsvReader(FileReader):
                     read_options=pacsv.ReadOptions(
                         column_names=names, block_size=size, use_threads=True
                     ),
-                    parse_options=self._parse_options(None, newlines=not plain),
+                    parse_options=self._parse_options(None, newlines=newlines),
                     convert_options=convert,
                 )
             except pa.ArrowInvalid as exc:
@@ -985,6 +1017,7 @@ class CsvReader(FileReader):
             return p
         if p.simple:
             p = self._prepare(p.block, names, full=True)
+        p.materialize()
         p = self._drop_bad_counts(p, len(names))
         p.checked = True
         return p
@@ -1009,6 +1042,7 @@ class CsvReader(FileReader):
 
     def _isolate(self, p: _Prepared, names: list[str]) -> _Prepared:
         """Last resort: parse each record alone to find the ones pyarrow rejects."""
+        p.materialize()
         assert p.sc is not None and p.rec_ids is not None and p.index is not None
         assert p.starts is not None
         binary = dict.fromkeys(names, pa.binary())
@@ -1040,6 +1074,7 @@ class CsvReader(FileReader):
     ) -> _Out:
         """Rows from the binary parse: UTF-8 check, (trim, nulls,) conversion — value by value
         where a column fails as a whole."""
+        p.materialize()
         n = raw.num_rows
         problems: dict[int, list[str]] = {}
         encoding: set[int] = set()
@@ -1129,8 +1164,11 @@ class CsvReader(FileReader):
             else:
                 index = p.index if keep is None else p.index[keep]
         data = p.block.data
+        t = p.text
         if p.simple:  # records are the lines (confirmed by pyarrow's count)
             breaks = p.n_records - (0 if data.endswith(b"\n") else 1)
+        elif t is not None and t.escaped is None and (t.final or t.n > len(data)):
+            breaks = int(np.searchsorted(t.line_ends, len(data)))  # every line end, unescaped
         else:
             breaks = _count_breaks(data, len(data))[0]
         return _Out(table, index, p, breaks)
@@ -1239,7 +1277,11 @@ def _bisect(values: pa.Array, typ: pa.DataType, offset: int, out: list[int]) -> 
 
 def _hexy(data: Bytes) -> bool:
     """Whether integers of this block may be hexadecimal (``0x1f``: int64 but not float64)."""
-    return b"0x" in data or b"0X" in data
+    if b"x" not in data and b"X" not in data:  # one-byte searches are fast; "0x" is not
+        return False
+    a = np.frombuffer(data, dtype=np.uint8)
+    x = np.flatnonzero((a[1:] == 120) | (a[1:] == 88))
+    return bool(np.any(a[x] == 48))
 
 
 def _settled(t: pa.DataType | None) -> bool:

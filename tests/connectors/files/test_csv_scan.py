@@ -304,3 +304,29 @@ def test_value_by_value_verdicts_are_the_csv_converters(
         ).column(0)
         kept = converted.filter(pa.array([i not in truth for i in range(len(values))]))
         assert [repr(x) for x in kept.to_pylist()] == [repr(x) for x in direct.to_pylist()]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    values=st.lists(
+        st.lists(
+            st.sampled_from([b"a", b"\xc3", b"\xa9", b"\xe2\x82", b"\xac", b"\xff", b"\xf0"])
+        ).map(b"".join)
+        | st.none(),
+        max_size=20,
+    ),
+    offset=st.integers(0, 3),
+)
+def test_invalid_utf8_values_are_found_one_by_one(values: list[bytes | None], offset: int) -> None:
+    """A UTF-8 sequence cut between two values is not taken for a whole one."""
+    from sluice.connectors.files.csv import _invalid_rows
+
+    arr = pa.array([b"x"] * offset + values, pa.binary()).slice(offset)
+    expected = []
+    for i, v in enumerate(values):
+        if v is not None:
+            try:
+                v.decode("utf-8")
+            except UnicodeDecodeError:
+                expected.append(i)
+    assert _invalid_rows(arr).tolist() == expected

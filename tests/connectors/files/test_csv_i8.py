@@ -488,6 +488,9 @@ def test_i8_23_a_declared_column_missing_from_the_file(tmp_path: Path) -> None:
     names = reader.columns(p)
     assert names == ["name", " barks"]
     assert "did you mean ' barks'" in reader.schema_problems(names)[0]
+    late = tmp_path / "late.csv"  # the letter names the header's line
+    late.write_text("# exported\n\nname, barks\nrex,3\n")
+    assert letters(run(late, schema={"barks": "int"}, comment="#")) == [("missing_column", None, 3)]
     bad = tmp_path / "bad.csv"
     bad.write_bytes(b"a\x80\n1\n")
     with pytest.raises(InputError) as err:

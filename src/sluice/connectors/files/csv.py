@@ -481,6 +481,17 @@ def _gather(data: Bytes, sc: Scan, rec: np.ndarray) -> Bytes:
 
 
 @dataclass
+class _Head:
+    """What the start of a file says: its column names (None: no record at all), the lines
+    skipped before them, and the header record (text and line) when there is one."""
+
+    names: list[str] | None
+    skipped: int
+    text: str | None = None
+    line: int | None = None
+
+
+@dataclass
 class _Out:
     """What a block gives: rows (with their record index in the block) and counts (its
     letters are in the prepared block)."""
@@ -521,8 +532,7 @@ class CsvReader(FileReader):
         stream = self.open_bytes(path, encoding=self.config.encoding)
         try:
             inp = self._input(stream, HEAD_READ)
-            names, _, _ = self._head(inp)
-            return names or []
+            return self._head(inp).names or []
         finally:
             stream.close()
 
@@ -542,8 +552,7 @@ class CsvReader(FileReader):
         stream = self.open_bytes(path, encoding=self.config.encoding)
         try:
             inp = self._input(stream, HEAD_READ)
-            _, _, raw = self._head(inp)
-            return raw
+            return self._head(inp).text
         finally:
             stream.close()
 
@@ -557,22 +566,22 @@ class CsvReader(FileReader):
             limit=self._limit,
         )
 
-    def _head(self, inp: _Input) -> tuple[list[str] | None, int, str | None]:
-        """Skip the leading lines; return the column names, the lines skipped, and the header's
-        text (names None: the file holds no record)."""
+    def _head(self, inp: _Input) -> _Head:
+        """Skip the leading lines; read the column names (from the header, or ``column_names``,
+        or the first record's field count)."""
         cfg = self.config
         skipped = inp.skip_lines(cfg.skip_rows)
         got, blank = inp.first_record()
         skipped += blank
         if got is None:
-            return None, skipped, None
+            return _Head(None, skipped)
         rec, kind, length = got
         line = inp.line
         if not cfg.header:
             sc = scan(rec, self.dialect, final=True)
             n = int(field_counts(Text(rec, self.dialect, final=True), sc, np.array([0]))[0])
             names = list(cfg.column_names) if cfg.column_names else [f"f{i}" for i in range(n)]
-            return names, skipped, None
+            return _Head(names, skipped)
         raw = inp.buf[:length].decode("utf-8", "replace")
         inp.consume(length)
         payload = rec.decode("utf-8", "replace")
@@ -592,7 +601,7 @@ class CsvReader(FileReader):
                 line=line,
                 payload=payload,
             )
-        return self._header_names(rec, line), skipped, raw
+        return _Head(self._header_names(rec, line), skipped, raw, line)
 
     def _header_names(self, rec: bytes, line: int) -> list[str]:
         d = self.dialect
@@ -657,7 +666,8 @@ class CsvReader(FileReader):
         stream = self.open_bytes(path, encoding=cfg.encoding)
         try:
             inp = self._input(stream)
-            names, skipped, _ = self._head(inp)
+            head = self._head(inp)
+            names, skipped = head.names, head.skipped
             if names is None:
                 if skipped:
                     yield Chunk(skipped=skipped)
@@ -668,7 +678,7 @@ class CsvReader(FileReader):
                     "missing_column",
                     "; ".join(problems)
                     + " — the file was not read (a declared column is never filled with nulls)",
-                    line=1 if cfg.header else None,
+                    line=head.line,
                 )
             targets: dict[str, pa.DataType] = {
                 n: self._types[n] if n in self._types else pa.string()

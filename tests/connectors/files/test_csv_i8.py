@@ -204,6 +204,7 @@ def _read(path: Path, options: dict[str, Any]) -> Out:
 # ------------------------------------------------------------------------------------ item 7
 
 
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
 def test_i8_07_read_error_is_file_unreadable_and_empty_file_is_empty(tmp_path: Path) -> None:
     # /proc/self/mem is a regular file whose read fails with EIO: a real I/O error
     out = run("/proc/self/mem")

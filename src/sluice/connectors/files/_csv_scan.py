@@ -316,9 +316,7 @@ def scan(
     return _assemble(t, out_first, out_stray, out_term, tail, tail_state, truncated)
 
 
-def _legal(
-    t: Text, q: np.ndarray, qi: int, closing: np.ndarray, s: int, st: int
-) -> np.ndarray:
+def _legal(t: Text, q: np.ndarray, qi: int, closing: np.ndarray, s: int, st: int) -> np.ndarray:
     """Whether each quote ``q`` (``Q[qi:]``) is where the strict grammar allows it, assuming
     the parity ``closing``: an opening quote at the start of a field (or the second quote of a
     doubled pair), a closing one before a delimiter, a line end, another quote or the end."""

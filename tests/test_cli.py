@@ -84,11 +84,17 @@ def test_validate_ok(tmp_path: Path) -> None:
 def test_run_failure_exits_1_and_names_the_step(tmp_path: Path) -> None:
     pipeline = _example(tmp_path)
     raw = yaml.safe_load(pipeline.read_text())
-    next(s for s in raw["steps"] if s["id"] == "paid")["filter"] = "stauts = 'paid'"
+    step = next(s for s in raw["steps"] if s["id"] == "paid")
+    step["filter"] = "stauts = 'paid'"  # misspelt: found from the files' header, before reading
+    pipeline.write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["run", str(pipeline), "--no-progress"])
+    assert result.exit_code == 2
+    assert "step 'paid'" in result.output and "did you mean 'status'" in result.output
+    step["filter"] = "CAST(status AS INTEGER) > 0"  # fails on the data: 'paid' is no number
     pipeline.write_text(yaml.safe_dump(raw))
     result = runner.invoke(app, ["run", str(pipeline), "--no-progress"])
     assert result.exit_code == 1
-    assert "step 'paid'" in result.output and "stauts" in result.output
+    assert "step 'paid'" in result.output and "paid" in result.output
     assert not list((tmp_path / "out").rglob("*.parquet")), "no partial output after a failure"
     assert list((tmp_path / "dead_letters").glob("*.jsonl")), "dead letters are kept"
 
@@ -102,12 +108,13 @@ def test_schema_prints_json_schema() -> None:
 def test_i8_26_json_prints_the_report_when_the_run_fails_too(tmp_path: Path) -> None:
     pipeline = _example(tmp_path)
     raw = yaml.safe_load(pipeline.read_text())
-    next(s for s in raw["steps"] if s["id"] == "paid")["filter"] = "stauts = 'paid'"
+    step = next(s for s in raw["steps"] if s["id"] == "paid")
+    step["filter"] = "CAST(status AS INTEGER) > 0"  # fails on the data: 'paid' is no number
     pipeline.write_text(yaml.safe_dump(raw))
     result = runner.invoke(app, ["run", str(pipeline), "--json", "--no-progress"])
     assert result.exit_code == ExitCode.RUN_FAILED == 1
     report = json.loads(result.stdout)
-    assert report["status"] == "failed" and "stauts" in report["error"]
+    assert report["status"] == "failed" and "step 'paid'" in report["error"]
     assert report["dead_letters"] == 10 and report["steps"][0]["step_id"] == "source"
 
 

@@ -63,6 +63,8 @@ REASONS: Final = {
     "line_too_long": "a CSV line is longer than max_line_bytes",
     "unquoted_value": "a quote character inside an unquoted CSV field (strict quotes)",
     "truncated": "the input ended inside a record (an unterminated quoted field or object)",
+    "missing_column": "a column the source's schema declares is not in the file's header (the "
+    "message names the closest one); the file is not read",
     "expression_error": "an expression failed on this record",
     "join_unmatched": "no matching row in the reference table",
     "contract_violation": "the record failed data-contract checks (the message lists each one)",

@@ -259,14 +259,17 @@ def _sql_columns(
             try:
                 out = con.sql(sql).limit(0).to_arrow_table().schema
             except duckdb.BinderException as exc:
+                from sluice.steps.sqlengine import missing_column_hint
+
                 text = str(exc)
-                if "not found" in text and "column" in text.lower():
+                hint = missing_column_hint(text, list(inp.names))
+                if hint is not None or ("not found" in text and "column" in text.lower()):
                     errors.append(
                         ConfigError(
-                            text.splitlines()[0].removeprefix("Binder Error: "),
+                            hint or text.splitlines()[0].removeprefix("Binder Error: "),
                             step_id=step_id,
                             field=field,
-                            fix=f"use one of the input columns: {', '.join(inp.names)}",
+                            fix="use one of the input columns",
                         )
                     )
                     return None

@@ -290,6 +290,7 @@ def test_any_text_round_trips_through_copy(
     rows=st.lists(st.tuples(st.integers(0, 6), st.integers(-2, 9)), min_size=1, max_size=60),
     cuts=st.lists(st.integers(1, 59), max_size=5),
     batch_rows=st.integers(1, 64),
+    slice_rows=st.integers(1, 70),
 )
 def test_i8_26_upsert_last_row_wins_in_input_order_whatever_the_cuts(
     pg_dsn: str,
@@ -298,12 +299,17 @@ def test_i8_26_upsert_last_row_wins_in_input_order_whatever_the_cuts(
     rows: list[tuple[int, int]],
     cuts: list[int],
     batch_rows: int,
+    slice_rows: int,
 ) -> None:
     """A batch run with mode: upsert over input with repeated keys, cut into files at random
-    points and into batches of a random size: the table holds, per key, the last row in input
-    order that the table accepts (CHECK v >= 0), and every refused row is a dead letter — the
-    same whatever the cuts, also when a refused row is superseded by a later one."""
+    points, into batches of a random size, and published (the run is one epoch) in slices of a
+    random size: the table holds, per key, the last row in input order that the table accepts
+    (CHECK v >= 0), and every refused row is a dead letter — the same whatever the cuts, also
+    when a refused row is superseded by a later one."""
+    from unittest import mock
+
     from sluice.config.loader import parse_pipeline
+    from sluice.connectors import postgres
     from sluice.runtime.executor import Executor
 
     tmp = tmp_path_factory.mktemp("upsert")
@@ -339,7 +345,8 @@ def test_i8_26_upsert_last_row_wins_in_input_order_whatever_the_cuts(
             "settings": {"batch_rows": batch_rows},
         }
     )
-    rep = Executor(cfg, base_dir=tmp, progress=False).run()
+    with mock.patch.object(postgres, "PUBLISH_SLICE_ROWS", slice_rows):
+        rep = Executor(cfg, base_dir=tmp, progress=False).run()
     assert rep.status == "succeeded"
     expect: dict[int, tuple[int, int]] = {}
     for i, (k, v) in enumerate(rows):

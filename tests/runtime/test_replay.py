@@ -89,11 +89,18 @@ def test_replaying_source_rows_keeps_the_declared_types(tmp_path: Path) -> None:
 
 
 def test_replaying_source_rows_with_inferred_types_is_refused(tmp_path: Path) -> None:
+    # `amount` is declared and rejects "abc"; `id` is inferred over the whole file (int): a
+    # replayed record alone would not get the same type for it
     (tmp_path / "in").mkdir()
     block = "".join(f"{i},{i}\n" for i in range(3000))
     (tmp_path / "in" / "a.csv").write_text("id,amount\n" + block + "3000,abc\n")
     raw = _pipeline(tmp_path, "int")
-    raw["source"] = {"kind": "csv", "path": "in/*.csv", "block_size": 4096}
+    raw["source"] = {
+        "kind": "csv",
+        "path": "in/*.csv",
+        "block_size": 4096,
+        "schema": {"amount": "int"},
+    }
     raw["steps"] = []
     rep = Executor(parse_pipeline(raw), base_dir=tmp_path, progress=False).run()
     assert rep.dead_letters_by_reason == {"cast_error": 1}

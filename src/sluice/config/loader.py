@@ -533,7 +533,7 @@ def _convert(exc: ValidationError, data: Mapping[str, Any]) -> list[ConfigError]
         fields = [str(x) for x in rest]
         field = ".".join(fields) or None
         msg = err["msg"].removeprefix("Value error, ")
-        fix = _FIXES.get(err["type"])
+        fix = getattr((err.get("ctx") or {}).get("error"), "fix", None) or _FIXES.get(err["type"])
         if err["type"] == "extra_forbidden" and fields:
             fix = _suggest_field(fields[-1], exc) or fix
         if err["type"] == "step_kind":

@@ -6,6 +6,8 @@ models, so a setting is declared exactly once.
 
 from __future__ import annotations
 
+import codecs
+import difflib
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -117,23 +119,186 @@ class TextSourceBase(FileSourceBase):
     )
 
 
+class FixableValueError(ValueError):
+    """A validator's error that also names the fix (the loader puts it in ConfigError.fix)."""
+
+    def __init__(self, message: str, fix: str) -> None:
+        super().__init__(message)
+        self.fix = fix
+
+
+def _csv_char(v: str | None, what: str, *, others: dict[str, str | None]) -> str | None:
+    """One ASCII character (pyarrow's CSV parser works on single bytes), not a line break and
+    different from the other special characters already given."""
+    if v is None:
+        return None
+    if len(v) != 1 or not v.isascii():
+        hint = ' (a tab is "\\t" in double quotes in YAML)' if v in ("\\t", "tab") else ""
+        raise FixableValueError(
+            f"the {what} must be exactly one ASCII character, got {len(v)} character(s)"
+            + ("" if v.isascii() else ", not ASCII"),
+            f"use a single ASCII character such as ',' ';' '|' or a tab{hint}; a multi-byte "
+            "or multi-character separator is not supported: convert the file first",
+        )
+    if v in "\r\n":
+        raise FixableValueError(
+            f"the {what} cannot be a line break", f"choose another character for the {what}"
+        )
+    for name, other in others.items():
+        if other is not None and v == other:
+            raise FixableValueError(
+                f"the {what} {v!r} is also the {name}",
+                f"give the {what} and the {name} different characters",
+            )
+    return v
+
+
 class CsvSource(TextSourceBase):
-    """CSV files. Rows with a wrong field count, bad encoding or uncastable values: dead letters."""
+    """CSV files. Each record that cannot become a row is its own dead letter (wrong field count,
+    bytes invalid in the encoding, a value that does not convert, a stray quote, a quoted field cut
+    by the end of the file, a record over max_record_bytes); the rest of the file is read."""
 
     kind: Literal["csv"]
-    delimiter: str = Field(",", min_length=1, max_length=1)
-    quote: str | None = Field('"', description="Quote character; null disables quoting.")
-    escape: str | None = Field(None, description="Escape character inside quoted fields.")
-    header: bool = Field(True, description="First line holds the column names.")
-    column_names: list[str] | None = Field(None, description="Names when there is no header.")
+    delimiter: str = Field(",", description="The field separator: one ASCII character.")
+    quote: str | None = Field(
+        '"',
+        description="Quote character (one ASCII character); null disables quoting.",
+        validate_default=True,
+    )
+    escape: str | None = Field(
+        None,
+        description="Escape character: the next character is literal, inside quotes or not. "
+        "Null (default) or the quote character itself: a quote inside a quoted field is "
+        "written doubled.",
+    )
+    comment: str | None = Field(
+        None,
+        description="Lines starting with this character are skipped (counted as skipped).",
+    )
+    skip_rows: int = Field(
+        0,
+        ge=0,
+        le=1_000_000,
+        description="Lines skipped at the start of each file, before the header (counted as "
+        "skipped).",
+    )
+    header: bool = Field(True, description="The first record holds the column names.")
+    column_names: list[str] | None = Field(
+        None,
+        description="Column names of a file without a header (header: false); without them the "
+        "columns are f0, f1, ...",
+    )
     encoding: str = Field(
-        "utf-8", description="Any Python codec: utf-8, latin-1, utf-16, cp1252..."
+        "utf-8", description="Any Python text codec: utf-8, latin-1, utf-16, cp1252..."
     )
     infer_types: bool = Field(
-        True, description="Infer numbers/booleans/timestamps; false = strings."
+        True,
+        description="Infer numbers/booleans/dates/timestamps from the whole file (a column "
+        "takes a type only if every value of the file fits it); false = strings.",
     )
-    null_values: list[str] = Field(default_factory=lambda: [""])
-    block_size: int = Field(8 << 20, ge=1 << 12, description="Bytes parsed per batch.")
+    null_values: list[str] = Field(
+        default_factory=lambda: [""],
+        description="Values read as null (quoted or not); the default: empty fields.",
+    )
+    trim_spaces: bool = Field(
+        False,
+        description="Remove spaces and tabs around every value (and header name) before "
+        "null_values and types apply. Without it, numbers and dates still allow surrounding "
+        "spaces, and strings keep them.",
+    )
+    strict_quotes: bool = Field(
+        True,
+        description="A quote inside an unquoted field, or text after a closing quote, makes "
+        "the record an unquoted_value dead letter; false: such quotes are kept as text.",
+    )
+    block_size: int = Field(8 << 20, ge=1 << 12, le=1 << 30, description="Bytes parsed per batch.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_line_limit(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_line_bytes" in data:
+            raise FixableValueError(
+                "max_line_bytes is not a CSV option: a CSV record may span several lines "
+                "inside quotes, and max_record_bytes limits the whole record",
+                "write max_record_bytes instead (a longer record is a too_large dead letter)",
+            )
+        return data
+
+    @field_validator("delimiter")
+    @classmethod
+    def _delimiter(cls, v: str) -> str:
+        out = _csv_char(v, "delimiter", others={})
+        assert out is not None
+        return out
+
+    @field_validator("quote")
+    @classmethod
+    def _quote(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return _csv_char(v, "quote", others={"delimiter": info.data.get("delimiter")})
+
+    @field_validator("escape")
+    @classmethod
+    def _escape(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and v == info.data.get("quote"):
+            return None  # "escape the quote with a quote" is quote doubling, the default
+        return _csv_char(v, "escape", others={"delimiter": info.data.get("delimiter")})
+
+    @field_validator("comment")
+    @classmethod
+    def _comment(cls, v: str | None, info: ValidationInfo) -> str | None:
+        others = {k: info.data.get(k) for k in ("delimiter", "quote", "escape")}
+        return _csv_char(v, "comment character", others=others)
+
+    @field_validator("column_names")
+    @classmethod
+    def _column_names(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if v is None:
+            return None
+        if info.data.get("header", True):
+            raise FixableValueError(
+                "column_names is for files without a header, but header is true",
+                "set header: false (and skip_rows: 1 to drop a header line you want to "
+                "replace), or rename columns with a rename step",
+            )
+        seen: set[str] = set()
+        for name in v:
+            if not name:
+                raise FixableValueError("a column name is empty", "give every column a name")
+            if name in seen:
+                raise FixableValueError(
+                    f"the column name {name!r} appears twice", "give every column its own name"
+                )
+            seen.add(name)
+        missing = [k for k in info.data.get("columns") or {} if k not in seen]
+        if missing:
+            raise FixableValueError(
+                f"the schema declares {missing} but column_names has no such column",
+                "; ".join(did_you_mean(k, v) for k in missing),
+            )
+        return v
+
+    @field_validator("encoding")
+    @classmethod
+    def _encoding(cls, v: str) -> str:
+        try:
+            info = codecs.lookup(v)
+        except LookupError:
+            info = None
+        if info is None or not getattr(info, "_is_text_encoding", True):
+            raise FixableValueError(
+                f"unknown text encoding {v!r}",
+                "use a Python codec name such as utf-8, latin-1, cp1252 or utf-16",
+            )
+        return v
+
+
+def did_you_mean(name: str, names: list[str]) -> str:
+    """A hint for a column name that is not among ``names``."""
+    exact = [n for n in names if n.strip().casefold() == name.strip().casefold()]
+    close = exact or difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    if close:
+        return f"{name!r}: did you mean {close[0]!r}?"
+    return f"{name!r}: the columns are {names}"
 
 
 class JsonSource(TextSourceBase):

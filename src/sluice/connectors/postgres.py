@@ -81,6 +81,10 @@ def _csv_ready(data: pa.Table) -> pa.Table:
     return data
 
 
+#: Rows written per COPY when an epoch (a whole batch run) is published.
+PUBLISH_SLICE_ROWS = 65_536
+
+
 def _to_csv(data: pa.Table) -> bytes:
     buf = io.BytesIO()
     pa_csv.write_csv(_csv_ready(data), buf, pa_csv.WriteOptions(include_header=False))
@@ -161,7 +165,7 @@ class PostgresWriter:
 
         if not self._opened:
             raise SinkError(self.step_id, "write() called before open() or after commit()/abort()")
-        data, dead = self._aligner.prepare(table)
+        kept, data, dead = self._aligner.split(table)
         if data is None:
             return dead
         if self._conn is None or self._conn.closed or self._conn.broken:
@@ -169,7 +173,8 @@ class PostgresWriter:
                 raise self._lost_run(None)
             self._connect()
         try:
-            return self._write(table, data)
+            refused = self._write(kept, data)
+            return pa.concat_tables([dead, refused]) if dead.num_rows else refused
         except psycopg.OperationalError as exc:
             conn = self._conn
             if conn is not None and (conn.broken or conn.closed):
@@ -269,11 +274,18 @@ class PostgresWriter:
             if row is not None and int(row[0]) >= epoch:
                 conn.rollback()
                 return empty_dead_letters()
-            data, dead = self._aligner.prepare(table)
-            if data is not None and data.num_rows:
-                written = self._write(table, data)
-                if written.num_rows:
-                    dead = pa.concat_tables([dead, written]) if dead.num_rows else written
+            # a batch run publishes the whole run as one (memory-mapped) table: write it in
+            # slices, in input order, so that memory stays bounded (one transaction still)
+            letters: list[pa.Table] = []
+            for start in range(0, max(table.num_rows, 1), PUBLISH_SLICE_ROWS):
+                kept, data, refused = self._aligner.split(table.slice(start, PUBLISH_SLICE_ROWS))
+                if refused.num_rows:
+                    letters.append(refused)
+                if data is not None and data.num_rows:
+                    written = self._write(kept, data)
+                    if written.num_rows:
+                        letters.append(written)
+            dead = pa.concat_tables(letters) if letters else empty_dead_letters()
             conn.execute(
                 sql.SQL(
                     "INSERT INTO {} (pipeline, sink, epoch) VALUES (%s, %s, %s) "

@@ -206,7 +206,7 @@ def _replay_source(
         target = tmpdir / f"raw-{n}.{kind}"
         header = ""
         if kind == "csv" and getattr(cfg.source, "header", True):
-            header = _first_line(Path(origin), cfg.source.encoding)  # type: ignore[union-attr]
+            header = _header_line(cfg, Path(origin))
         with target.open("w", encoding="utf-8", newline="") as fh:
             if header:
                 fh.write(header)
@@ -217,8 +217,9 @@ def _replay_source(
         src = cfg.source.model_dump(by_alias=True, exclude_none=True)
         src["path"] = f
         src["watch"] = False  # a replay reads these records once, as a batch
-        if f.startswith(str(tmpdir)) and "encoding" in src:
-            src["encoding"] = "utf-8"
+        if f.startswith(str(tmpdir)) and kind == "csv":
+            src["encoding"] = "utf-8"  # the records were written as UTF-8 text...
+            src["skip_rows"] = 0  # ...after the header line, without the original's preamble
         reports.append(_run(cfg, src, None, tmpdir, base_dir, progress, keys))
     if objects:
         declared = dict(getattr(cfg.source, "columns", None) or {})
@@ -243,16 +244,30 @@ def _replay_source(
     return reports
 
 
-def _first_line(path: Path, encoding: str) -> str:
-    if not path.is_file():
-        raise ConfigError(
-            f"cannot replay CSV rows: the original file {str(path)!r} (needed for "
-            "its header line) is gone",
-            fix="restore the file, or replay with a "
-            "pipeline whose CSV source has header: false and column_names",
-        )
-    with path.open(encoding=encoding, newline="") as fh:
-        return fh.readline()
+def _header_line(cfg: PipelineConfig, path: Path) -> str:
+    """The header record of the original CSV file, as its source reads it (compressed, with a
+    preamble, in another encoding: all the same)."""
+    from sluice.config.models import CsvSource
+    from sluice.connectors.files._bytes import InputError
+    from sluice.connectors.files.csv import CsvReader
+
+    problem = "is gone" if not path.is_file() else ""
+    if not problem:
+        assert isinstance(cfg.source, CsvSource)
+        try:
+            header = CsvReader(cfg.source).header_text(path)
+        except InputError as exc:
+            problem = f"has no readable header ({exc})"
+        else:
+            if header:
+                return header if header.endswith(("\n", "\r")) else header + "\n"
+            problem = "has no header line"
+    raise ConfigError(
+        f"cannot replay CSV rows: the original file {str(path)!r} (needed for its header "
+        f"line) {problem}",
+        fix="restore the file, or replay with a pipeline whose CSV source has header: false "
+        "and column_names",
+    )
 
 
 def _replay_rows(

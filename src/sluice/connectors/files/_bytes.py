@@ -160,7 +160,7 @@ class _Counted(io.RawIOBase):
 
     def readinto(self, b: Any) -> int:
         try:
-            data = self._inner.read(len(b))
+            n = self._inner.readinto(b) or 0  # straight into the caller's buffer: no copy
         except (OSError, EOFError, lzma.LZMAError, pa.ArrowException) as exc:
             if not self._compressed:
                 raise FileUnreadable(f"reading {self._path} failed: {exc}") from exc
@@ -168,7 +168,6 @@ class _Counted(io.RawIOBase):
                 f"the {self._what} stream is corrupt or truncated after {self.count} "
                 f"decompressed bytes: {exc}"
             ) from exc
-        n = len(data)
         self.count += n
         if self._limit is not None and self.count > self._limit:
             raise InputTooLarge(
@@ -177,7 +176,6 @@ class _Counted(io.RawIOBase):
                 + (" or max_compression_ratio" if self._compressed else "")
                 + " if this file is genuine"
             )
-        b[:n] = data
         return n
 
     def close(self) -> None:

@@ -66,8 +66,8 @@ class Stream:
         self.pipeline = pipeline
         self.id = node_id
 
-    def _step(self, step_id: str, key: str, value: Any) -> Stream:
-        self.pipeline._steps.append({"id": step_id, "from": self.id, key: value})
+    def _step(self, step_id: str, key: str, value: Any, **options: Any) -> Stream:
+        self.pipeline._steps.append({"id": step_id, "from": self.id, key: value, **options})
         return Stream(self.pipeline, step_id)
 
     def select(self, step_id: str, columns: list[str]) -> Stream:
@@ -85,8 +85,19 @@ class Stream:
     def derive(self, step_id: str, columns: dict[str, str]) -> Stream:
         return self._step(step_id, "derive", columns)
 
-    def sql(self, step_id: str, query: str) -> Stream:
-        return self._step(step_id, "sql", query)
+    def sql(
+        self,
+        step_id: str,
+        query: str,
+        *,
+        tables: dict[str, Connector] | None = None,
+        **options: Any,
+    ) -> Stream:
+        """A DuckDB statement over ``input`` (and the declared reference ``tables``); options
+        as in YAML, e.g. ``per_batch=True``, ``memory_limit="512MB"``."""
+        if tables:
+            options["tables"] = {name: c.as_dict() for name, c in tables.items()}
+        return self._step(step_id, "sql", query, **options)
 
     def deduplicate(self, step_id: str, key: list[str]) -> Stream:
         return self._step(step_id, "deduplicate", {"key": key})
@@ -98,11 +109,18 @@ class Stream:
         key: list[str],
         how: str = "left",
         unmatched: str = "filter",
+        on_duplicate_keys: str = "error",
     ) -> Stream:
         return self._step(
             step_id,
             "join",
-            {"reference": reference.as_dict(), "key": key, "how": how, "unmatched": unmatched},
+            {
+                "reference": reference.as_dict(),
+                "key": key,
+                "how": how,
+                "unmatched": unmatched,
+                "on_duplicate_keys": on_duplicate_keys,
+            },
         )
 
     def merge(self, step_id: str, *others: Stream) -> Stream:

@@ -42,6 +42,42 @@ def test_yaml_and_python_build_the_same_graph(tmp_path: Path) -> None:
         from_yaml.steps[0].id = "x"  # type: ignore[misc]
 
 
+def test_python_builder_takes_every_sql_and_join_option() -> None:
+    """The builder reaches the options the sql and join steps gained (tables, per_batch,
+    memory_limit, on_duplicate_keys): the same graph as the YAML form."""
+    raw = {
+        "pipeline": "p",
+        "source": {"kind": "csv", "path": "in.csv"},
+        "steps": [
+            {
+                "id": "s",
+                "sql": "SELECT * FROM input JOIN rates USING (cur)",
+                "tables": {"rates": {"kind": "csv", "path": "rates.csv"}},
+                "per_batch": True,
+                "memory_limit": "512MB",
+            },
+            {
+                "id": "j",
+                "join": {
+                    "reference": {"kind": "csv", "path": "ref.csv"},
+                    "key": ["id"],
+                    "on_duplicate_keys": "last",
+                },
+            },
+        ],
+    }
+    p = sluice.Pipeline("p")
+    s = p.read(sluice.csv("in.csv")).sql(
+        "s",
+        "SELECT * FROM input JOIN rates USING (cur)",
+        tables={"rates": sluice.csv("rates.csv")},
+        per_batch=True,
+        memory_limit="512MB",
+    )
+    s.join("j", sluice.csv("ref.csv"), key=["id"], on_duplicate_keys="last")
+    assert p.build() == parse_pipeline(raw, env={})
+
+
 def test_env_interpolation() -> None:
     raw = yaml.safe_load(YAML)
     assert parse_pipeline(raw, env={"DATA_DIR": "/in"}).source.path == "/in/*.csv"

@@ -97,6 +97,30 @@ def test_i8_01_sql_group_by_sees_the_whole_input_in_a_batch_run(tmp_path: Path) 
     assert agg.created == agg.rows_out == 240
 
 
+@pytest.mark.parametrize(
+    "sql,want",
+    [
+        ("SELECT count(*) AS n, sum(v) AS s FROM input", [{"n": 0, "s": None}]),
+        ("SELECT count(DISTINCT device_id) AS d FROM input", [{"d": 0}]),
+        ("SELECT device_id, count(*) AS n FROM input GROUP BY ALL", []),
+        ("SELECT * FROM input ORDER BY v", []),
+    ],
+)
+def test_i8_01_whole_input_statement_over_no_rows_answers_like_duckdb(
+    tmp_path: Path, sql: str, want: list[dict[str, Any]]
+) -> None:
+    """Every row is filtered before the statement: a global aggregate still answers one row
+    (count 0, sum null), as DuckDB does over an empty table; a GROUP BY answers none."""
+    _sensor_csv(tmp_path / "in.csv", 100)
+    steps = [{"id": "none", "filter": "v < 0"}, {"id": "agg", "sql": sql}]
+    cfg = parse_pipeline(_pipeline(tmp_path, steps))
+    rep = Executor(cfg, base_dir=tmp_path, progress=False).run()
+    assert rep.status == "succeeded" and rep.balanced
+    out = tmp_path / "out"
+    got = pq.read_table(out).to_pylist() if list(out.glob("*.parquet")) else []
+    assert got == want
+
+
 _STATEMENTS = [
     ("SELECT device_id, count(*) AS n, sum(v) AS s FROM input GROUP BY ALL", False),
     ("SELECT count(DISTINCT device_id) AS d, max(ts) AS last FROM input", False),

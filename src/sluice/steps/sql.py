@@ -179,9 +179,11 @@ class Sql(BaseStep):
         dead = self._take_dead()
         if dead.num_rows:
             yield StepResult(None, dead=dead)
-        source = self._spill.finish()
-        if source is None:  # no row came in: there is no input table to query
-            return
+        source: Any = self._spill.finish()
+        if source is None:  # no row came in: the statement still has an answer (count = 0)
+            source = self._empty_input()
+            if source is None:
+                return
         self.con.register("input", source)
         try:
             reader = self.con.sql(self.plan.sql).to_arrow_reader(RELEASE_ROWS)
@@ -202,6 +204,29 @@ class Sql(BaseStep):
                 with contextlib.suppress(duckdb.Error):
                     self.con.unregister("input")
             self.close()
+
+
+    def _empty_input(self) -> pa.Table | None:
+        """A zero-row ``input`` for a whole-input statement that got no row at all (everything
+        was filtered before it): a global aggregate then answers one row (count 0, sums null),
+        as DuckDB does over an empty table. The columns are those the statement names; their
+        types are unknown, so numbers are tried first, then text. None when neither binds
+        (then no row is the answer, e.g. a GROUP BY over nothing)."""
+        assert self.con is not None
+        refs = sorted(sqlengine.column_refs(self.plan.sql) or ())
+        if not refs:
+            return pa.table({"__sluice_empty": pa.array([], pa.int8())})
+        for typ in (pa.float64(), pa.string()):
+            empty = pa.schema([pa.field(n, typ) for n in refs]).empty_table()
+            self.con.register("input", empty)
+            try:
+                self.con.sql(self.plan.sql).limit(0).to_arrow_table()
+                return empty
+            except duckdb.Error:
+                continue
+            finally:
+                self.con.unregister("input")
+        return None
 
 
 def _sql_error(step_id: str, exc: Exception, columns: list[str]) -> StepError:

@@ -621,3 +621,72 @@ def missing_column_hint(message: str, columns: list[str]) -> str | None:
     if close:
         hint += f" (did you mean '{close[0]}'?)"
     return hint + f"; the input columns are: {', '.join(user)}"
+
+
+def column_refs(sql: str) -> set[str] | None:
+    """Names of the input columns ``sql`` refers to, from DuckDB's parse tree (None when it does
+    not parse); names that are aliases, CTEs or table names of the statement are left out."""
+    try:
+        tree = json.loads(_scalar("SELECT json_serialize_sql(?)", sql))
+    except Exception:
+        return None
+    if tree.get("error"):
+        return None
+    refs: set[str] = set()
+    defined: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("class") == "COLUMN_REF":
+                parts = node.get("column_names") or []
+                if parts:
+                    refs.add(parts[-1] if len(parts) > 1 else parts[0])
+                    if len(parts) > 1:
+                        defined.add(parts[0])
+            for key in ("alias", "table_name"):
+                if isinstance(node.get(key), str) and node[key]:
+                    defined.add(node[key])
+            if node.get("class") == "LAMBDA":
+                defined.update(_lambda_params(node))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(tree.get("statements"))
+    for cte in _cte_names(tree):
+        defined.add(cte)
+    return refs - defined
+
+
+def _lambda_params(node: Any) -> set[str]:
+    out: set[str] = set()
+    lhs = node.get("lhs")
+    stack = [lhs]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, dict):
+            if n.get("class") == "COLUMN_REF":
+                out.update(n.get("column_names") or [])
+            stack.extend(n.values())
+        elif isinstance(n, list):
+            stack.extend(n)
+    return out
+
+
+def _cte_names(tree: Any) -> set[str]:
+    out: set[str] = set()
+    stack = [tree]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, dict):
+            cte = n.get("cte_map")
+            if isinstance(cte, dict):
+                for entry in cte.get("map", []):
+                    if isinstance(entry, dict) and isinstance(entry.get("key"), str):
+                        out.add(entry["key"])
+            stack.extend(n.values())
+        elif isinstance(n, list):
+            stack.extend(n)
+    return out

@@ -241,7 +241,7 @@ def test_i8_08_blank_lines_are_counted_in_the_report(tmp_path: Path) -> None:
     assert [r["a"] for r in run(one).rows] == [1, 2] and skipped(one) == 1
     pipe = sluice.Pipeline("blank")
     pipe.read(sluice.csv(str(p))).write("out", sluice.jsonl(str(tmp_path / "o.jsonl")))
-    report = pipe.run(progress=False)
+    report = pipe.run(base_dir=tmp_path, progress=False)
     src = report.steps[0]
     assert (src.rows_in, src.rows_out, src.skipped) == (7, 3, 4)
     assert report.balanced

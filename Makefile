@@ -10,12 +10,16 @@ $(VENV)/bin/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Sluice needs Python >= 3.11 (set PYTHON=python3.11)")'
 	$(PYTHON) -m venv $(VENV)
 
+# An editable install does not compile the package (a wheel install does): compile it once, so
+# that start-up does not depend on PYTHONDONTWRITEBYTECODE being unset.
 $(VENV)/.demo-installed: $(VENV)/bin/python pyproject.toml
 	$(PIP) install -e '.[all]'
+	@$(PY) -m compileall -q src
 	@touch $@
 
 $(VENV)/.dev-installed: $(VENV)/bin/python pyproject.toml
 	$(PIP) install -e '.[dev]'
+	@$(PY) -m compileall -q src
 	@touch $@ $(VENV)/.demo-installed
 
 ## demo: build .venv, generate example orders, run the example pipeline, print the summary

@@ -251,8 +251,9 @@ def _sql_columns(
     import duckdb
     import pyarrow as pa
 
-    con = duckdb.connect(":memory:", config={"enable_external_access": False})
-    try:
+    from sluice.steps.sqlengine import binder, column_refs
+
+    with binder() as con:
         if inp.complete:
             empty = pa.schema([pa.field(n, inp.type_of(n) or pa.string()) for n in inp.names])
             con.register("input", empty.empty_table())
@@ -277,14 +278,10 @@ def _sql_columns(
                 return None  # a syntax error is the step's own check
             else:
                 return Known(tuple(out.names), True, tuple((f.name, f.type) for f in out))
-        from sluice.steps.sqlengine import column_refs
-
         refs = column_refs(sql)
         if refs is not None:
             _check(errors, inp, sorted(refs), step_id, field)
         return None
-    finally:
-        con.close()
 
 
 def probe_source(source: Any, base_dir: Path) -> Known | None:

@@ -7,10 +7,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 
-from sluice.batch import POSITION_COLS, Frame, as_polars
+from sluice.batch import POSITION_COLS, Frame, as_polars, strip_positions
 from sluice.errors import StepError
-from sluice.plugins import RunContext, StepResult
+from sluice.plugins import RunContext, StepResult, lookup
 
 
 class BaseStep:
@@ -65,3 +66,25 @@ def polars_error(step_id: str, what: str, exc: Exception, columns: Iterable[str]
         f"{what} failed: {msg}",
         fix=f"check the expression; input columns are: {', '.join(user_columns(columns))}",
     )
+
+
+def read_reference(
+    step_id: str, source_config: Any, ctx: RunContext
+) -> tuple[list[pa.Table], list[pa.Table]]:
+    """Read a reference source whole with Sluice's own reader (a join's ``reference``, a sql
+    step's ``tables``): ``(its tables without position columns, its dead letters)``. Dead letters
+    carry ``step_id`` (the step that reads the reference), so bad reference rows are never lost."""
+    cfg = source_config.model_copy(update={"id": step_id})
+    reader = lookup("source", cfg.kind)(cfg)
+    reader.open(ctx)
+    tables: list[pa.Table] = []
+    dead: list[pa.Table] = []
+    try:
+        for chunk in reader.read():
+            if chunk.table is not None:
+                tables.append(strip_positions(chunk.table))
+            if chunk.dead is not None and chunk.dead.num_rows:
+                dead.append(chunk.dead)
+    finally:
+        reader.close()
+    return tables, dead

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import polars as pl
 
-from sluice.batch import Frame, concat, empty_dead_letters, rows_dead_letters, strip_positions
+from sluice.batch import Frame, concat, empty_dead_letters, rows_dead_letters
 from sluice.config.models import JoinStep
 from sluice.errors import StepError
-from sluice.plugins import RunContext, StepResult, lookup
-from sluice.steps._base import BaseStep, check_columns, to_polars
+from sluice.plugins import RunContext, StepResult
+from sluice.steps._base import BaseStep, check_columns, read_reference, to_polars
 
 
 class Join(BaseStep):
@@ -36,18 +36,8 @@ class Join(BaseStep):
     def open(self, ctx: RunContext) -> None:
         super().open(ctx)
         opts = self.config.join
-        src_cfg = opts.reference.model_copy(update={"id": self.step_id})
-        reader = lookup("source", src_cfg.kind)(src_cfg)
-        reader.open(ctx)
-        tables, dead = [], []
-        try:
-            for chunk in reader.read():
-                if chunk.table is not None and chunk.table.num_rows:
-                    tables.append(strip_positions(chunk.table))
-                if chunk.dead is not None and chunk.dead.num_rows:
-                    dead.append(chunk.dead)
-        finally:
-            reader.close()
+        tables, dead = read_reference(self.step_id, opts.reference, ctx)
+        tables = [t for t in tables if t.num_rows]
         if not tables:
             raise StepError(
                 self.step_id,

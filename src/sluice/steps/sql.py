@@ -48,9 +48,9 @@ from sluice.batch import (
 )
 from sluice.config.models import SqlStep
 from sluice.errors import ConfigError, StepError
-from sluice.plugins import RunContext, StepResult, lookup
+from sluice.plugins import RunContext, StepResult
 from sluice.steps import sqlengine
-from sluice.steps._base import BaseStep, polars_error
+from sluice.steps._base import BaseStep, polars_error, read_reference
 
 #: Rows per result released by a whole-input statement.
 RELEASE_ROWS = 131_072
@@ -96,17 +96,8 @@ class Sql(BaseStep):
         assert self.con is not None
         dead = []
         for name, src in self.config.tables.items():
-            reader = lookup("source", src.kind)(src.model_copy(update={"id": self.step_id}))
-            reader.open(ctx)
-            tables = []
-            try:
-                for chunk in reader.read():
-                    if chunk.table is not None:
-                        tables.append(strip_positions(chunk.table))
-                    if chunk.dead is not None and chunk.dead.num_rows:
-                        dead.append(chunk.dead)
-            finally:
-                reader.close()
+            tables, letters = read_reference(self.step_id, src, ctx)
+            dead.extend(letters)
             if not tables:
                 raise StepError(
                     self.step_id,

@@ -256,12 +256,13 @@ class RowCount(_Model):
 
 
 class SqlRule(_Model):
-    """A DuckDB query over the whole input (``input``: every row that reached the contract, in
-    the contract's types) returning one number, compared at the end with ``must_be`` / ``max``
-    (a null answer counts as 0). Checked when the contract is read by the SQL engine's own
-    parse (:func:`sluice.steps.sqlengine.plan_statement`): one SELECT that reads only
-    ``input``, known functions only, nothing outside the sandbox (files, settings, catalog)."""
+    """One DuckDB SELECT over the whole input (``input``: every row that reached the contract,
+    in the contract's types) returning one number (null counts as 0), compared at the end with
+    ``must_be`` / ``max``. See docs/contracts.md, "SQL rules"."""
 
+    # checked when the contract is read, by the SQL engine's own parse (plan_statement): one
+    # SELECT reading only `input`, known functions, nothing outside the sandbox; bound against
+    # the declared fields when the contract step is built (sluice.quality.sqlrules.bind_rules)
     sql: str
     must_be: float | None = None
 

@@ -209,6 +209,16 @@ def test_i8_rev_contract_sql_spills_to_disk_and_cleans_up(
         assert (gate.failed, gate.detail) == (0, "value 1000")
         checker.close()
         assert not list(tmp_path.iterdir())
+        # a rule that names no column still sees every row
+        c = parse_contract(
+            {
+                "name": "x",
+                "schema": [{"name": "id", "type": "int"}],
+                "quality": [{"sql": "SELECT count(*) > 3 FROM input", "must_be": 1, "name": "n"}],
+            }
+        )
+        table = pa.table({"id": [1, 2, 3, 4]})
+        assert _verdict(c, _batches([table], [1]), tmp_path)["n"] == (1, 0, "value 1")
     finally:
         tempfile.tempdir = None
 

@@ -31,7 +31,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import polars as pl
@@ -42,6 +42,9 @@ from sluice.errors import ConfigError
 from sluice.quality.contract import Contract, SqlRule
 from sluice.steps import sqlengine
 from sluice.types import parse_type
+
+if TYPE_CHECKING:
+    from sluice.steps.sql import _Spill
 
 #: Name of the one column spilled for a rule that names no column (its rows still count).
 _ROWS = "__sluice_rows"
@@ -247,15 +250,14 @@ class SqlRules:
         self._values: dict[int, float] | None = None
         self.counts: dict[int, int] = {r.index: 0 for r in self.rules if r.counts_rows}
         self.spilled = [r for r in self.rules if not r.counts_rows]
-        cols = [r.columns for r in self.spilled]
         #: the columns the spilled rules may read (lower case); None: every column
-        self.keep: frozenset[str] | None = (
-            None if any(c is None for c in cols) else frozenset().union(*cols)  # type: ignore[arg-type]
-        )
+        self.keep: frozenset[str] | None = frozenset()
+        for r in self.spilled:
+            self.keep = None if r.columns is None or self.keep is None else self.keep | r.columns
         self.run_id = "check"
         self._cursor: duckdb.DuckDBPyConnection | None = None
         self._tmp: Path | None = None
-        self._spill: Any = None  # sluice.steps.sql._Spill
+        self._spill: _Spill | None = None
 
     def open(self, run_id: str) -> None:
         self.run_id = run_id
@@ -290,10 +292,15 @@ class SqlRules:
             self._tmp = _spill_dir(self.run_id, self.step_id)
             (self._tmp / "duckdb").mkdir()
             self._spill = _Spill(self._tmp, self.step_id)
-        if self.keep is not None:
-            picked = [c for c in data.columns if c.lower() in self.keep]
-            data = data.select(picked) if picked else pl.DataFrame({_ROWS: [None] * data.height})
-        self._spill.append(data.to_arrow())
+        if self.keep is None:
+            self._spill.append(data.to_arrow())
+            return
+        picked = [c for c in data.columns if c.lower() in self.keep]
+        self._spill.append(
+            data.select(picked).to_arrow()
+            if picked
+            else pa.table({_ROWS: pa.nulls(data.height, pa.int8())})
+        )
 
     def _run(self, con: duckdb.DuckDBPyConnection, r: PlannedRule) -> Any:
         try:

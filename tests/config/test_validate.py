@@ -157,6 +157,15 @@ TRIGGERS: dict[str, Case] = {
     "quality/contract.py::parse_contract#1": Case(
         _contract(), "is not a valid contract", {"contract.yaml": "name: c\n"}
     ),
+    "quality/sqlrules.py::bind_rules#0": Case(
+        _contract(),
+        "step 'c', field 'contract.quality[0].sql': quality sql rule: unknown column 'amout' "
+        "(did you mean 'amount'?)",
+        {
+            "contract.yaml": "name: c\nschema: [{name: a}, {name: amount}]\n"
+            "quality: [{sql: 'SELECT count(*) FROM input WHERE amout > 1', must_be: 0}]\n"
+        },
+    ),
     "runtime/epochs.py::FileEpochSink.__init__#0": Case(
         f"{WATCH}sinks: [{{id: out, kind: parquet, path: out/all.parquet}}]\n",
         "sink 'out', field 'path': in stream mode a file sink writes part files",

@@ -27,8 +27,11 @@ naming the rule, ``warn`` only reports.
 
 A value is *missing* when it is null or text that is empty or only blanks, whatever the file
 format: ``required`` fails on it, ``completeness`` counts it, and no other check looks at it.
-A field whose column the input lacks fails its ``present`` check (the run stops) unless
-``schema_policy: {missing_columns: fill_nulls}`` reads it as a column of nulls.
+The contract describes the whole input (all files, all batches): a field whose column no part
+of the input has fails its ``present`` check when the input ends (the run stops) unless
+``schema_policy: {missing_columns: fill_nulls}`` reads it as a column of nulls; the records of a
+part without the column have missing values there. A ``sql`` rule is answered over the whole
+input too (:mod:`sluice.quality.sqlrules`).
 """
 
 from __future__ import annotations
@@ -253,18 +256,22 @@ class RowCount(_Model):
 
 
 class SqlRule(_Model):
-    """A DuckDB query over each batch (``input``) returning one number per batch (summed over the
-    run, e.g. a count of bad rows), compared at the end with ``must_be`` / ``max``."""
+    """One DuckDB SELECT over the whole input (``input``: every row that reached the contract,
+    in the contract's types) returning one number (null counts as 0), compared at the end with
+    ``must_be`` / ``max``. See docs/contracts.md, "SQL rules"."""
 
+    # checked when the contract is read, by the SQL engine's own parse (plan_statement): one
+    # SELECT reading only `input`, known functions, nothing outside the sandbox; bound against
+    # the declared fields when the contract step is built (sluice.quality.sqlrules.bind_rules)
     sql: str
     must_be: float | None = None
 
     @field_validator("sql")
     @classmethod
     def _one_select(cls, v: str) -> str:
-        body = v.strip().rstrip(";").strip()
-        if ";" in body or not body.lower().startswith(("select", "with")):
-            raise ValueError("a quality sql rule must be one SELECT statement (no ';')")
+        from sluice.steps.sqlengine import plan_statement
+
+        plan_statement(v)  # SqlRefused (a ValueError) names what may not run
         return v
 
     max: float | None = None

@@ -16,12 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import duckdb
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from sluice.batch import POSITION_COLS, REDACTED, as_arrow, empty_dead_letters, rows_dead_letters
+from sluice.batch import HIDDEN_COLS, REDACTED, as_arrow, empty_dead_letters, rows_dead_letters
 from sluice.errors import StepError
 from sluice.plugins import RunContext
 from sluice.quality.contract import (
@@ -35,6 +34,7 @@ from sluice.quality.contract import (
     SqlRule,
     parse_percent,
 )
+from sluice.quality.sqlrules import RuleError, SqlRules, bind_rules
 from sluice.state.keys import SeenKeys
 from sluice.steps.columns import cast_expr, guess_format, polars_dtype
 from sluice.time.durations import parse_duration
@@ -150,11 +150,15 @@ class ContractChecker:
         self.refs: dict[str, pl.Series] = {}
         self.results: dict[str, CheckResult] = {}
         self.rows = 0
+        #: the data columns of the input so far, in order of first appearance (the dataset's
+        #: columns are those of all its batches: a field is present when any batch has it)
+        self.columns: dict[str, None] = {}
+        self.batches = 0
+        self._untyped_missing: list[str] = []
         self.non_null: dict[str, int] = {}
         self.newest: dict[str, Any] = {}
-        self.sql_totals: dict[int, float] = {}
-        self.schema_notes: list[str] = []
-        self._con: duckdb.DuckDBPyConnection | None = None
+        bind_rules(contract, step_id)  # ConfigError before any data is read
+        self.sql = SqlRules(contract, step_id)
         if self.policy.extra_columns == "fail":
             self.results[_EXTRA] = CheckResult(_EXTRA, "fail")
         for f in contract.fields:
@@ -198,6 +202,7 @@ class ContractChecker:
 
     def open(self, ctx: RunContext | None) -> None:
         """Load reference datasets (once per run)."""
+        self.sql.open(ctx.run_id if ctx else "check")
         for f in self.contract.fields:
             ref = f.references
             if ref is None:
@@ -231,11 +236,16 @@ class ContractChecker:
     # ------------------------------------------------------------------------------ per batch
 
     def _schema(self, df: pl.DataFrame) -> pl.DataFrame:
-        """The schema checks of one batch: every field's column is there (``present``), and
-        the columns the contract does not name are passed, discarded or refused."""
+        """The schema of one batch: its columns join the dataset's (:attr:`columns`); the
+        columns the contract does not name are passed, discarded or refused (``freeze``: one
+        batch that has one is enough, whatever the other batches hold); the fields the batch
+        lacks are columns of nulls of the field's type, as a record without the key is read
+        (JSON, or files of different columns read together). Whether a field's column is
+        *present* is decided over the whole input, at :meth:`finish`."""
         c = self.contract
-        n = df.height
-        data_cols = [x for x in df.columns if x not in POSITION_COLS]
+        data_cols = [x for x in df.columns if x not in HIDDEN_COLS]
+        self.batches += 1
+        self.columns.update(dict.fromkeys(data_cols))
         unknown = [x for x in data_cols if x not in self.fields]
         missing = [f for f in c.fields if f.name not in df.columns]
         # dictionary-encoded text (Parquet, Arrow) is checked as the text it holds
@@ -246,57 +256,69 @@ class ContractChecker:
         ]
         if categorical:
             df = df.with_columns(pl.col(x).cast(pl.String) for x in categorical)
-        if self.policy.missing_columns == "fail":
-            for f in c.fields:
-                res = self.results[f"{f.name}.present"]
-                res.checked += n
-                if f in missing:
-                    res.failed += n
-                    res.detail = "the input has no such column"
-            if missing and not self.report_only:
-                raise ContractFailure(
-                    self.step_id,
-                    f"contract '{c.name}' version {c.version} declares field(s) "
-                    f"{[f.name for f in missing]} that the input does not have (input "
-                    f"columns: {', '.join(data_cols)})",
-                    fix="add the column(s) upstream, use the contract version the data was made "
-                    "for, or set schema_policy: {missing_columns: fill_nulls} to read them as "
-                    "nulls",
-                )
-        elif missing:
-            note = "missing columns read as nulls: " + ", ".join(f.name for f in missing)
-            if note not in self.schema_notes:
-                self.schema_notes.append(note)
-        if self.policy.extra_columns == "fail":
-            res = self.results[_EXTRA]
-            res.checked += n
-            if unknown:
-                res.failed += n
-                res.samples = sorted({*res.samples, *unknown})[: max(c.samples, 1)]
-                if not self.report_only:
-                    raise ContractFailure(
-                        self.step_id,
-                        f"contract '{c.name}' version {c.version} is frozen and the input has "
-                        f"columns it does not name: {unknown}",
-                        fix="add them to the contract, drop them upstream, or set "
-                        "schema_policy: evolve / discard_columns",
-                    )
-        elif unknown:
-            note = (
-                "new columns passed through: "
-                if self.policy.extra_columns == "pass"
-                else "unknown columns discarded: "
-            ) + ", ".join(unknown)
-            if note not in self.schema_notes:
-                self.schema_notes.append(note)
-            if self.policy.extra_columns == "discard":
-                df = df.drop(unknown)
-        if missing:  # fill_nulls, or report_only: null columns of the declared type
+        self._schema_results()
+        if unknown and self.policy.extra_columns == "fail" and not self.report_only:
+            raise ContractFailure(
+                self.step_id,
+                f"contract '{c.name}' version {c.version} is frozen and the input has "
+                f"columns it does not name: {unknown}",
+                fix="add them to the contract, drop them upstream, or set "
+                "schema_policy: evolve / discard_columns",
+            )
+        if unknown and self.policy.extra_columns == "discard":
+            df = df.drop(unknown)
+        if missing:
             df = df.with_columns(
                 pl.lit(None, dtype=self.targets.get(f.name, pl.String)).alias(f.name)
                 for f in missing
             )
+        #: fields without a type this batch had no column for: of no type for SQL rules
+        self._untyped_missing = [f.name for f in missing if f.name not in self.targets]
         return df
+
+    def _unknown(self) -> list[str]:
+        """The columns of the input so far that the contract does not name."""
+        return sorted(x for x in self.columns if x not in self.fields)
+
+    def _absent(self) -> list[FieldSpec]:
+        """The fields no batch so far had a column for (none before the first batch)."""
+        if not self.batches:
+            return []
+        return [f for f in self.contract.fields if f.name not in self.columns]
+
+    def _schema_results(self) -> None:
+        """The schema checks over the input so far: a field absent from every batch fails
+        ``present`` on every row; a column the contract does not name fails
+        ``schema.extra_columns`` (``freeze``) on every row. The counts are the same however the
+        input was cut."""
+        n = self.rows
+        if self.policy.missing_columns == "fail":
+            absent = {f.name for f in self._absent()}
+            for f in self.contract.fields:
+                res = self.results[f"{f.name}.present"]
+                res.checked = n
+                res.failed = n if f.name in absent else 0
+                res.detail = "the input has no such column" if f.name in absent else None
+        if self.policy.extra_columns == "fail":
+            unknown = self._unknown()
+            res = self.results[_EXTRA]
+            res.checked = n
+            res.failed = n if unknown else 0
+            res.samples = list(unknown[: max(self.contract.samples, 1)])
+
+    @property
+    def schema_notes(self) -> list[str]:
+        """What the schema policy did, over the input so far."""
+        notes = []
+        unknown = self._unknown()
+        if unknown and self.policy.extra_columns != "fail":
+            passed = self.policy.extra_columns == "pass"
+            verb = "new columns passed through" if passed else "unknown columns discarded"
+            notes.append(f"{verb}: {', '.join(unknown)}")
+        absent = self._absent()
+        if absent and self.policy.missing_columns == "fill_nulls":
+            notes.append("missing columns read as nulls: " + ", ".join(f.name for f in absent))
+        return notes
 
     def _cast(self, df: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, pl.Expr]]:
         """Cast to the contract's types; return the frame and a 'type failed' flag per field."""
@@ -471,6 +493,7 @@ class ContractChecker:
     def check(self, frame: pl.DataFrame | pa.Table) -> BatchOutcome:
         df = frame if isinstance(frame, pl.DataFrame) else pl.from_arrow(frame)
         assert isinstance(df, pl.DataFrame)
+        self.rows += df.height
         df = self._schema(df)
         df, type_flags = self._cast(df)
         checks = self._row_checks(df, type_flags)
@@ -574,7 +597,6 @@ class ContractChecker:
     # ------------------------------------------------------------------------------ dataset rules
 
     def _dataset_counters(self, df: pl.DataFrame) -> None:
-        self.rows += df.height
         counted = list(
             dict.fromkeys(
                 col
@@ -595,31 +617,38 @@ class ContractChecker:
                     rule.column not in self.newest or newest > self.newest[rule.column]
                 ):
                     self.newest[rule.column] = newest
-        sql_rules = [(i, r) for i, r in enumerate(self.contract.quality) if isinstance(r, SqlRule)]
-        if sql_rules and df.height:
-            if self._con is None:
-                # contract SQL may come from a third party (ODCS import): the sandboxed engine
-                # of the sql step (no files, extensions or network; same semantics, UTC)
-                from sluice.steps.sqlengine import connect
-
-                self._con = connect(threads=1)
-            self._con.register("input", self._clean(df).to_arrow())
+        if self.sql.rules:
             try:
-                for i, rule in sql_rules:
-                    rows = self._con.sql(rule.sql).fetchall()
-                    value = rows[0] if rows else None
-                    self.sql_totals[i] = self.sql_totals.get(i, 0.0) + float((value or [0])[0] or 0)
-            except duckdb.Error as exc:
-                raise ContractFailure(
-                    self.step_id,
-                    f"quality sql failed: {exc}",
-                    fix="the query must return one number per batch",
-                ) from exc
-            finally:
-                self._con.unregister("input")
+                self.sql.add(self._clean(df), untyped=self._untyped_missing)
+            except RuleError as exc:
+                raise self._rule_failure(exc) from exc
+
+    def _rule_failure(self, exc: RuleError) -> ContractFailure:
+        return ContractFailure(
+            self.step_id, str(exc), fix="the query must return one number over the input"
+        )
 
     def finish(self, now: dt.datetime | None = None) -> list[CheckResult]:
-        """Evaluate the dataset rules; return their results (the caller decides what fails)."""
+        """Decide the schema checks over the whole input (a field no batch had fails its
+        ``present`` check: raised unless ``report_only``), evaluate the dataset rules and return
+        their results (the caller decides what fails)."""
+        self._schema_results()
+        absent = self._absent()
+        if absent and self.policy.missing_columns == "fail" and not self.report_only:
+            c = self.contract
+            raise ContractFailure(
+                self.step_id,
+                f"contract '{c.name}' version {c.version} declares field(s) "
+                f"{[f.name for f in absent]} that the input does not have (input "
+                f"columns: {', '.join(self.columns)})",
+                fix="add the column(s) upstream, use the contract version the data was made "
+                "for, or set schema_policy: {missing_columns: fill_nulls} to read them as "
+                "nulls",
+            )
+        try:
+            answers = self.sql.finish()
+        except RuleError as exc:
+            raise self._rule_failure(exc) from exc
         out = []
         now = now or dt.datetime.now(dt.UTC)
         for i, rule in enumerate(self.contract.quality):
@@ -665,7 +694,7 @@ class ContractChecker:
                     )
                 )
             elif isinstance(rule, SqlRule):
-                total = self.sql_totals.get(i, 0.0)
+                total = answers.get(i, 0.0)
                 ok = (rule.must_be is None or total == rule.must_be) and (
                     rule.max is None or total <= rule.max
                 )
@@ -675,7 +704,7 @@ class ContractChecker:
                         rule.action,
                         1,
                         0 if ok else 1,
-                        detail=f"value {total:g}",
+                        detail=f"value {_number_text(total)}",
                     )
                 )
         return out
@@ -683,9 +712,13 @@ class ContractChecker:
     def close(self) -> None:
         for store in [*self.seen.values(), *self.repeated.values()]:
             store.close()
-        if self._con is not None:
-            self._con.close()
-            self._con = None
+        self.sql.close()
+
+
+def _number_text(x: float) -> str:
+    """A rule's answer as text: whole numbers in full (a count of 30,000,600 rows is not
+    '3.00006e+07'), others as ``%g``."""
+    return str(int(x)) if x.is_integer() and abs(x) < 1e18 else f"{x:g}"
 
 
 def _plain(value: Any) -> Any:
@@ -741,8 +774,9 @@ def evaluate(
     checker.open(ctx)
     try:
         checker.check(table if isinstance(table, pl.DataFrame) else as_arrow(table))
+        gates = checker.finish()
         out = {name: r.failed for name, r in checker.results.items()}
-        out.update({r.name: r.failed for r in checker.finish()})
+        out.update({r.name: r.failed for r in gates})
         return out
     finally:
         checker.close()

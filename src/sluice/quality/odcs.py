@@ -22,7 +22,8 @@ Mapping (ODCS -> Sluice):
   rowCount) map to field checks, :class:`Completeness`, :class:`RowCount` or a counting
   :class:`SqlRule` where the meaning is exact; ``type: sql`` -> :class:`SqlRule` with the
   ``${object}``/``${property}`` placeholders replaced by ``input`` and the column. Everything else
-  (text, custom, percent units that cannot be summed per batch...) is listed in ``unsupported``.
+  (text, custom, percent units...) is listed in ``unsupported``. A sql rule is answered over
+  the whole input (see :mod:`sluice.quality.sqlrules`), whatever its query computes.
 
 Before any mapping, the document is validated against the ODCS JSON Schema (v3.1.0, shipped in
 ``sluice/quality/schemas``): every violation (a missing ``status``, an unknown top-level key,
@@ -374,11 +375,6 @@ class _Ctx:
                 "compares a query result with must_be or max only)"
             )
             return
-        if not count:
-            self.notes.append(
-                f"{loc}: Sluice sums the query result over batches; exact for "
-                "counts, check this query"
-            )
         if op and op[0] == "mustBeLessThan":
             self.notes.append(f"{loc}: mustBeLessThan {op[1]} on a count -> max {op[1] - 1}")
         action = _action(rule, loc, self.notes)

@@ -4,18 +4,21 @@ How a statement runs is decided from DuckDB's own parse of it
 (:func:`sluice.steps.sqlengine.plan_statement`):
 
 * **row by row** (projections, ``WHERE``, scalar functions, ``UNNEST``, a join to a declared
-  reference table): per batch, as the batches stream through. The hidden position columns ride
-  along (the statement is rewritten on its parse tree), so a later dead letter still names the
-  row's source and position. Rows it does not return count as filtered; extra rows (UNNEST) as
-  created.
+  reference table): per batch, as the batches stream through. The statement never sees the
+  hidden position columns: ``input`` holds the user's columns only, and the positions come
+  from a second table joined row by row (:func:`sqlengine.carrying_positions`), so a later
+  dead letter still names the row's source and position. Rows it does not return count as
+  filtered; extra rows (UNNEST) as created.
 * **over the whole input** (aggregates, ``GROUP BY``, ``DISTINCT``, window functions,
   ``ORDER BY``, ``LIMIT``, set operations, a subquery over ``input``...): in a batch run the
   input batches are spilled to an Arrow IPC file in a temporary folder as they arrive (counted
   as *aggregated*); at the end of the input DuckDB runs the statement over the spilled input,
   with a memory limit and its own temp folder so that large aggregates and sorts spill too, and
   the result is released in batches (counted as *created*). Memory stays bounded whatever the
-  input's size. In a stream such a statement is refused when the pipeline is validated, unless
-  ``per_batch: true`` says it is meant per micro-batch.
+  input's size. When no row comes at all, the statement runs over an empty input of the
+  schema the column plan gave the step (:meth:`Sql.use_input_schema`). In a stream such a
+  statement is refused when the pipeline is validated, unless ``per_batch: true`` says it is
+  meant per micro-batch.
 * ``per_batch: true``: the statement runs on each batch on its own (its rows count as
   aggregated, its results as created).
 

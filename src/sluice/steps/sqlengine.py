@@ -279,6 +279,8 @@ def _statement_types(sql: str) -> list[str]:
         try:
             statements = _shared().extract_statements(sql)
         except duckdb.Error as exc:
+            if "expression depth" in str(exc):
+                raise SqlRefused(_too_deep()) from None
             raise SqlRefused(f"cannot parse the SQL: {first_line(str(exc))}") from None
     return [str(s.type).rsplit(".", 1)[-1] for s in statements]
 

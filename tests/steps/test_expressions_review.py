@@ -177,3 +177,27 @@ def test_i8_review_filter_that_is_not_a_condition_says_so_at_run_time() -> None:
     with pytest.raises(StepError, match="gives string, not true/false"):
         step.process(_batch())
     assert as_arrow(Filter(FilterStep(id="f", filter="NULL")).process(_batch()).table).num_rows == 0
+
+
+def test_i8_review_duckdb_path_keeps_rows_aligned_on_large_batches() -> None:
+    """The DuckDB path computes a filter's mask / a derive's columns over the user columns and
+    applies them to the batch: that relies on DuckDB keeping the input's order and row count,
+    also over several chunks and threads."""
+    n = 300_001
+    table = pa.concat_tables(
+        [pa.table({"v": list(range(i, min(n, i + 65_536)))}) for i in range(0, n, 65_536)]
+    )
+    batch = with_positions(table, "big.csv", 0)
+    kept = as_arrow(
+        Filter(FilterStep(id="f", filter="v % 3 = 0 AND length(to_json(input)) > 0"))
+        .process(batch)
+        .table
+    )
+    assert kept["v"].to_pylist() == kept[ROW_COL].to_pylist() == list(range(0, n, 3))
+    derived = as_arrow(
+        Derive(DeriveStep(id="d", derive={"j": "v * 2 + length(to_json(input)) * 0"}))
+        .process(batch)
+        .table
+    )
+    assert derived[ROW_COL].to_pylist() == derived["v"].to_pylist() == list(range(n))
+    assert derived["j"].to_pylist() == [2 * x for x in range(n)]

@@ -316,7 +316,7 @@ def statements(draw: st.DrawFn) -> str:
 
 
 @settings(
-    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(sql=statements(), cuts=st.lists(st.integers(1, 9), min_size=1, max_size=6))
 def test_i8_review_row_wise_statements_give_the_whole_input_answer_whatever_the_cuts(

@@ -56,7 +56,7 @@ def _template(sql: str) -> Node:
 
 
 def _copy(node: Any) -> Any:
-    return sqlengine._copy(node)
+    return sqlengine.copy_tree(node)
 
 
 def _select(select_list: list[Node], from_table: Node, where: Node | None = None) -> Node:

@@ -316,7 +316,7 @@ def _is_ref(d: Mapping[str, Any], kind: str | None = None) -> bool:
     )
 
 
-def _copy(node: Any) -> Any:
+def copy_tree(node: Any) -> Any:
     """A deep copy of a parse tree (no recursion in Python)."""
     return json.loads(json.dumps(node))
 
@@ -401,7 +401,7 @@ def parse_expression(text: str) -> dict[str, Any]:
         or node.get("aggregate_handling") != "STANDARD_HANDLING"
     ):
         raise SqlRefused("not one SQL expression")
-    expr: dict[str, Any] = _copy(items[0])
+    expr: dict[str, Any] = copy_tree(items[0])
     expr["alias"] = ""
     check_sandbox(expr, {"input"})
     for d in _dicts(expr):
@@ -668,11 +668,11 @@ def carrying_positions(sql: str, tables: frozenset[str], hidden: tuple[str, ...]
     Only for statements whose plan has ``carries_positions``."""
     plan = plan_statement(sql, tables)
     assert plan.whole_input is None and plan.carries_positions, "a row-wise statement"
-    out = _copy(serialize(sql))
+    out = copy_tree(serialize(sql))
     parent, key = out, "from_table"
     while parent[key].get("type") == "JOIN":
         parent, key = parent[key], "left"
-    join = _copy(_template(f"SELECT 1 FROM input POSITIONAL JOIN {POSITIONS_TABLE}")["from_table"])
+    join = copy_tree(_template(f"SELECT 1 FROM input POSITIONAL JOIN {POSITIONS_TABLE}")["from_table"])
     join["left"] = parent[key]
     parent[key] = join
     for d in _dicts(out["select_list"], into_subqueries=False):
@@ -681,7 +681,7 @@ def carrying_positions(sql: str, tables: frozenset[str], hidden: tuple[str, ...]
         _exclude_hidden(d, hidden)
     template = _template(f"SELECT {POSITIONS_TABLE}.x AS x")["select_list"][0]
     for col in hidden:
-        item = _copy(template)
+        item = copy_tree(template)
         item["column_names"] = [POSITIONS_TABLE, col]
         item["alias"] = col
         out["select_list"].append(item)

@@ -672,7 +672,9 @@ def carrying_positions(sql: str, tables: frozenset[str], hidden: tuple[str, ...]
     parent, key = out, "from_table"
     while parent[key].get("type") == "JOIN":
         parent, key = parent[key], "left"
-    join = copy_tree(_template(f"SELECT 1 FROM input POSITIONAL JOIN {POSITIONS_TABLE}")["from_table"])
+    join = copy_tree(
+        _template(f"SELECT 1 FROM input POSITIONAL JOIN {POSITIONS_TABLE}")["from_table"]
+    )
     join["left"] = parent[key]
     parent[key] = join
     for d in _dicts(out["select_list"], into_subqueries=False):

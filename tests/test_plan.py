@@ -122,3 +122,65 @@ def test_i8_23_sluice_validate_reports_a_misspelt_column(
     result = CliRunner().invoke(app, ["validate", str(path)])
     assert result.exit_code == 2, result.output
     assert "step 'f'" in result.output and "amout" in result.output
+
+
+def _csv_pipeline(tmp_path: Path, steps: list[Any]) -> list[str]:
+    (tmp_path / "main.csv").write_text("k,v\na,1\nb,2\n")
+    (tmp_path / "ref.csv").write_text("k,rate\na,10\nb,20\n")
+    return _errors(tmp_path, {"kind": "csv", "path": "main.csv"}, steps)
+
+
+@pytest.mark.parametrize(
+    "tables,sql,expect",
+    [
+        (
+            {"r": {"kind": "csv", "path": "ref.csv"}},
+            "SELECT input.k, v * r.rtae AS x FROM input JOIN r ON input.k = r.k",
+            "unknown column 'r.rtae' (did you mean 'rate'?)",
+        ),
+        (
+            {"r": {"kind": "csv", "path": "ref.csv", "schema": {" rate": "int"}}},
+            "SELECT input.k, v * r.rate AS x FROM input JOIN r ON input.k = r.k",
+            "field 'tables.r.schema. rate'",
+        ),
+        (
+            {"r": {"kind": "csv", "path": "ref.csv"}},
+            "SELECT input.k, vv * r.rate AS x FROM input JOIN r ON input.k = r.k",
+            "unknown column 'vv' (did you mean 'v'?)",
+        ),
+    ],
+)
+def test_i8_review_sql_tables_are_bound_at_validate(
+    tmp_path: Path, tables: dict[str, Any], sql: str, expect: str
+) -> None:
+    """A sql step with ``tables:`` was never bound: a misspelt r.rtae and a schema key missing
+    from the reference file passed validate and failed the run."""
+    errs = _csv_pipeline(tmp_path, [{"id": "q", "sql": sql, "tables": tables}])
+    assert len(errs) == 1 and "step 'q'" in errs[0] and expect in errs[0], errs
+
+
+def test_i8_review_sql_with_tables_hands_its_columns_on(tmp_path: Path) -> None:
+    steps = [
+        {
+            "id": "q",
+            "sql": "SELECT input.k, v * r.rate AS x FROM input JOIN r ON input.k = r.k",
+            "tables": {"r": {"kind": "csv", "path": "ref.csv"}},
+        },
+        {"id": "after", "select": ["k", "xx"]},
+    ]
+    errs = _csv_pipeline(tmp_path, steps)
+    assert len(errs) == 1 and "step 'after'" in errs[0] and "did you mean 'x'" in errs[0], errs
+
+
+def test_i8_review_window_count_star_is_a_row_count(
+    tmp_path: Path, parquet_source: dict[str, Any]
+) -> None:
+    """The plan re-parsed window aggregates itself and reported ``count(*)`` as column '*';
+    it now uses the window step's parser, which reads count(*) as a row count."""
+    step = {
+        "id": "w",
+        "window": {"size": "1m", "time": "ts", "key": "id"},
+        "aggregate": {"n": "count(*)", "m": "count( )", "bad": "max(amont)"},
+    }
+    errs = _errors(tmp_path, parquet_source, [step])
+    assert len(errs) == 1 and "'amont'" in errs[0], errs

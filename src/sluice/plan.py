@@ -9,11 +9,17 @@ Where the columns come from:
 * a stream source, or a file that is not there yet: the declared ``schema`` only. Such a set is
   *partial*: a name outside it is reported only when it is a near miss of a declared name (a
   typo), since other fields may arrive;
-* each step: what it keeps, renames, adds or computes (SQL statements are bound by DuckDB on an
-  empty table with the known columns).
+* each step: what it keeps, renames, adds or computes. ``filter``, ``derive`` and ``sql`` steps
+  are bound by the SQL engine itself (:func:`sluice.steps.sqlengine.output_schema`, the binder
+  the steps use at run time) on empty tables of the known columns — a sql step's reference
+  ``tables`` probed like the source; a column whose type is not known binds as type NULL, and
+  then only an unknown column is reported (a type problem may come from the guess). A window
+  step's aggregates are read by the window step's own parser.
 
 A step whose output cannot be known (SQL over partial input) hands an unknown set on, and the
-checks after it are skipped rather than guessed.
+checks after it are skipped rather than guessed. :func:`column_plan` also returns what each
+node's output is known to be; :func:`input_schema` turns a step's input into an Arrow schema
+when every column's type is known (``build_components`` hands it to steps that use it).
 """
 
 from __future__ import annotations
@@ -55,11 +61,42 @@ class Known:
 SourceProbe = Callable[[Any, Path], "Known | None"]
 
 
+@dataclass
+class ColumnPlan:
+    """What :func:`column_plan` finds: every mistake, and each node's known output."""
+
+    errors: list[ConfigError]
+    #: node id (source, step) -> the columns of its output (None: unknown)
+    known: dict[str, Known | None]
+    #: step id -> the columns of its input (None: unknown)
+    inputs: dict[str, Known | None]
+
+
 def column_errors(
     cfg: Any, base_dir: Path, *, probe: SourceProbe | None = None
 ) -> list[ConfigError]:
     """Every column name the pipeline uses that cannot be in its input, with a "did you mean"."""
+    return column_plan(cfg, base_dir, probe=probe).errors
+
+
+def input_schema(known: Known | None) -> Any:
+    """The Arrow schema of a step's input when every column and its type is known (else
+    None)."""
+    import pyarrow as pa
+
+    if known is None or not known.complete:
+        return None
+    types = dict(known.types)
+    if any(types.get(n) is None for n in known.names):
+        return None
+    return pa.schema([(n, types[n]) for n in known.names])
+
+
+def column_plan(cfg: Any, base_dir: Path, *, probe: SourceProbe | None = None) -> ColumnPlan:
+    """The columns each node of the pipeline produces, and every column name it uses that
+    cannot be in its input (with a "did you mean")."""
     errors: list[ConfigError] = []
+    inputs: dict[str, Known | None] = {}
     known: dict[str, Known | None] = {}
     source = cfg.source
     try:
@@ -70,7 +107,7 @@ def column_errors(
     previous = source.id
     for step in cfg.steps:
         ins = [known.get(i) for i in step.inputs(previous)]
-        inp = _merge(ins)
+        inp = inputs[step.id] = _merge(ins)
         try:
             known[step.id] = _step_output(step, inp, errors, base_dir)
         except ConfigError as exc:  # a step whose columns cannot be worked out: skip after it
@@ -82,7 +119,7 @@ def column_errors(
         key = getattr(sink, "key", None) or []
         wanted = [*getattr(sink, "partition_by", []), *([key] if isinstance(key, str) else key)]
         _check(errors, inp, wanted, sink.id, "partition_by/key", role="sink")
-    return errors
+    return ColumnPlan(errors, known, inputs)
 
 
 def _merge(ins: list[Known | None]) -> Known | None:
@@ -91,10 +128,17 @@ def _merge(ins: list[Known | None]) -> Known | None:
     if len(ins) == 1:
         return ins[0]
     names: dict[str, None] = {}
+    types: dict[str, Any] = {}
     for k in ins:
         assert k is not None
         names.update(dict.fromkeys(k.names))
-    return Known(tuple(names), all(k.complete for k in ins if k is not None))
+        for n, t in k.types:
+            types[n] = t if types.get(n, t) == t else None  # a column of two types: unknown
+    return Known(
+        tuple(names),
+        all(k.complete for k in ins if k is not None),
+        tuple((n, t) for n, t in types.items() if t is not None),
+    )
 
 
 def _check(
@@ -149,44 +193,8 @@ def _step_output(step: Any, inp: Known | None, errors: list[ConfigError], base: 
     if "deduplicate" in fields:
         _check(errors, inp, step.deduplicate.key, step.id, "deduplicate.key")
         return inp
-    if ("filter" in fields or "derive" in fields or "sql" in fields) and _typed(inp, step):
-        if "sql" in fields:
-            return _bound(step, inp)
-        if "filter" in fields:
-            try:
-                _bound(step, inp)
-            except ConfigError as exc:
-                errors.append(exc)
-            return inp
-        current: Known | None = inp  # derive: one expression at a time, each mistake reported
-        for name, text in step.derive.items():
-            if current is None or not _typed(current, step):
-                break
-            before = current
-            try:
-                current = _bound(step.model_copy(update={"derive": {name: text}}), before)
-            except ConfigError as exc:
-                errors.append(exc)
-                names = tuple(dict.fromkeys([*before.names, name]))
-                current = Known(names, True, tuple(t for t in before.types if t[0] != name))
-        return current
-    if "filter" in fields:
-        _sql_columns(f"SELECT * FROM input WHERE {step.filter}", inp, step.id, "filter", errors)
-        return inp
-    if "derive" in fields:
-        current = inp
-        for name, text in step.derive.items():
-            sql = f"SELECT *, {text} AS __derived FROM input"
-            out = _sql_columns(sql, current, step.id, f"derive.{name}", errors)
-            if current is None:
-                continue
-            typ = out.type_of("__derived") if out is not None else None
-            names = tuple(dict.fromkeys([*current.names, name]))
-            types = tuple((n, t) for n, t in current.types if n != name)
-            current = Known(names, current.complete, types + (((name, typ),) if typ else ()))
-        return current
-    if "sql" in fields:
-        return _sql_columns(step.sql, inp, step.id, "sql", errors)
+    if "filter" in fields or "derive" in fields or "sql" in fields:
+        return _bound(step, inp, errors, base)
     if "join" in fields:
         ref = probe_source(step.join.reference, base)
         _check(errors, inp, step.join.key, step.id, "join.key")
@@ -198,12 +206,14 @@ def _step_output(step: Any, inp: Known | None, errors: list[ConfigError], base: 
         extra = tuple(t for t in ref.types if t[0] not in step.join.key)
         return Known(tuple(joined), inp.complete and ref.complete, inp.types + extra)
     if "window" in fields:
+        from sluice.steps.window import parse_aggregate
+
         w = step.window
         used = [w.time, *w.keys()]
-        for text in step.aggregate.values():
-            inner = text[text.find("(") + 1 : text.rfind(")")].strip() if "(" in text else ""
-            if inner:
-                used.append(inner)
+        for name, text in step.aggregate.items():
+            column = parse_aggregate(step.id, name, text).column
+            if column is not None:
+                used.append(column)
         _check(errors, inp, used, step.id, "window")
         produced = [*w.keys(), "window_start", "window_end", *step.aggregate]
         if w.early is not None:
@@ -214,74 +224,105 @@ def _step_output(step: Any, inp: Known | None, errors: list[ConfigError], base: 
     return None
 
 
-def _typed(inp: Known | None, step: Any) -> bool:
-    """True when every input column's type is known (and a sql step declares no reference
-    tables): the step's own binder then gives its exact output."""
-    if inp is None or not inp.complete or getattr(step, "tables", None):
-        return False
-    typed = dict(inp.types)
-    return all(typed.get(n) is not None for n in inp.names)
-
-
-def _bound(step: Any, inp: Known | None) -> Known | None:
-    """Output of a filter/derive/sql step from the step's own binder (``ConfigError`` with a
-    'did you mean' for a column that is not there)."""
-    import pyarrow as pa
-
+def _bound(step: Any, inp: Known | None, errors: list[ConfigError], base: Path) -> Known | None:
+    """The output of a filter / derive / sql step, from the SQL engine's own binder over empty
+    tables of the known columns (a sql step's reference tables probed like a source). Each
+    mistake is added to ``errors``; None when the output cannot be known."""
+    from sluice.config.models import DeriveStep, FilterStep
     from sluice.steps.sqlengine import output_schema
 
-    assert inp is not None
-    out = output_schema(step, pa.schema([(n, inp.type_of(n)) for n in inp.names]))
-    if out is None:
+    tables = _probe_tables(step, errors, base)
+    if inp is None or tables is None:
         return None
-    return Known(tuple(out.names), True, tuple((f.name, f.type) for f in out))
-
-
-def _sql_columns(
-    sql: str, inp: Known | None, step_id: str, field: str, errors: list[ConfigError]
-) -> Known | None:
-    """The output columns of ``sql`` over ``input`` with the known columns; a column the
-    statement names that cannot be in the input is reported.
-
-    With a complete set DuckDB binds the statement on an empty table (unknown types as text); when
-    binding fails for a reason other than a missing column (a type the plan does not know), and
-    for a partial set, the column references of DuckDB's parse tree are checked instead."""
-    if inp is None:
+    if not inp.complete:
+        _check_partial(step, inp, errors)
         return None
-    import duckdb
+    if isinstance(step, DeriveStep):
+        return _derive_output(step, inp, errors)
+    untyped = [*_untyped(inp), *(f"{t}.{n}" for t, k in tables.items() for n in _untyped(k))]
+    try:
+        out = output_schema(
+            step, _schema(inp), {t: _schema(k) for t, k in tables.items()}, untyped=untyped
+        )
+    except ConfigError as exc:
+        errors.append(exc)
+        out = None
+    if isinstance(step, FilterStep):
+        return inp
+    return None if out is None else _known(out, trusted=not untyped)
+
+
+def _derive_output(step: Any, inp: Known, errors: list[ConfigError]) -> Known:
+    """A derive step's output, one expression at a time (each mistake reported)."""
+    from sluice.steps.sqlengine import output_schema
+
+    current = inp
+    for name, text in step.derive.items():
+        one = step.model_copy(update={"derive": {name: text}})
+        untyped = _untyped(current)
+        try:
+            out = output_schema(one, _schema(current), untyped=untyped)
+        except ConfigError as exc:
+            errors.append(exc)
+            out = None
+        typ = out.field(name).type if out is not None and not untyped else None
+        current = Known(
+            tuple(dict.fromkeys([*current.names, name])),
+            True,
+            tuple(t for t in current.types if t[0] != name) + (((name, typ),) if typ else ()),
+        )
+    return current
+
+
+def _probe_tables(step: Any, errors: list[ConfigError], base: Path) -> dict[str, Known] | None:
+    """The columns of a sql step's reference ``tables`` (probed like a source: a declared
+    schema key that the file lacks is reported); None when one cannot be known."""
+    tables: dict[str, Known] = {}
+    for name, src in (getattr(step, "tables", None) or {}).items():
+        try:
+            ref = probe_source(src.model_copy(update={"id": step.id}), base)
+        except ConfigError as exc:
+            exc.role, exc.field = "step", f"tables.{name}.{exc.field}"
+            errors.append(exc)
+            return None
+        if ref is None or not ref.complete:
+            return None  # its columns come with its data
+        tables[name] = ref
+    return tables
+
+
+def _check_partial(step: Any, inp: Known, errors: list[ConfigError]) -> None:
+    """Over a partial set of columns (other fields may arrive): report only the names that are
+    near misses of known ones, from the parse of each expression / statement."""
+    from sluice.steps.sqlengine import column_refs, parse_expression
+
+    texts: list[tuple[str, Any]] = []
+    if getattr(step, "filter", None):
+        texts.append(("filter", parse_expression(step.filter)))
+    for name, text in (getattr(step, "derive", None) or {}).items():
+        texts.append((f"derive.{name}", parse_expression(text)))
+    if getattr(step, "sql", None):
+        texts.append(("sql", step.sql))
+    for field, parsed in texts:
+        refs = column_refs(parsed)
+        if refs is not None:
+            _check(errors, inp, sorted(refs), step.id, field)
+
+
+def _untyped(known: Known) -> list[str]:
+    return [n for n in known.names if known.type_of(n) is None]
+
+
+def _schema(known: Known) -> Any:
+    """The known columns as an Arrow schema, type NULL where the type is not known."""
     import pyarrow as pa
 
-    from sluice.steps.sqlengine import binder, column_refs
+    return pa.schema([(n, known.type_of(n) or pa.null()) for n in known.names])
 
-    with binder() as con:
-        if inp.complete:
-            empty = pa.schema([pa.field(n, inp.type_of(n) or pa.string()) for n in inp.names])
-            con.register("input", empty.empty_table())
-            try:
-                out = con.sql(sql).limit(0).to_arrow_table().schema
-            except duckdb.BinderException as exc:
-                from sluice.steps.sqlengine import missing_column_hint
 
-                text = str(exc)
-                hint = missing_column_hint(text, list(inp.names))
-                if hint is not None or ("not found" in text and "column" in text.lower()):
-                    errors.append(
-                        ConfigError(
-                            hint or text.splitlines()[0].removeprefix("Binder Error: "),
-                            step_id=step_id,
-                            field=field,
-                            fix="use one of the input columns",
-                        )
-                    )
-                    return None
-            except duckdb.Error:
-                return None  # a syntax error is the step's own check
-            else:
-                return Known(tuple(out.names), True, tuple((f.name, f.type) for f in out))
-        refs = column_refs(sql)
-        if refs is not None:
-            _check(errors, inp, sorted(refs), step_id, field)
-        return None
+def _known(schema: Any, *, trusted: bool) -> Known:
+    types = tuple((f.name, f.type) for f in schema) if trusted else ()
+    return Known(tuple(schema.names), True, types)
 
 
 def probe_source(source: Any, base_dir: Path) -> Known | None:

@@ -132,3 +132,34 @@ def test_i8_22_raw_interpolation_keeps_its_api() -> None:
     assert interpolate("${X}", {"X": "it's"}) == "it's"
     with pytest.raises(ConfigError, match=r"\$\{X\} is not set"):
         interpolate("${X}", {})
+
+
+def _filter_text(text: str, env: dict[str, str]) -> str:
+    raw = {
+        "pipeline": "p",
+        "source": {"kind": "csv", "path": "x.csv"},
+        "steps": [{"id": "f", "filter": text}],
+    }
+    return str(parse_pipeline(raw, env=env).steps[0].filter)
+
+
+def test_i8_review_nested_block_comment_cannot_hide_a_variable(tmp_path: Path) -> None:
+    """DuckDB nests block comments: the lexer ended the comment at the first ``*/`` and took
+    the variable for code, so WANT='*/ OR 1=1 /*' turned the filter into a tautology."""
+    text = "status = 'paid' /* was: /* old */ status = ${WANT} */"
+    with pytest.raises(ConfigErrors, match="inside an SQL comment"):
+        _filter_text(text, {"WANT": "*/ OR 1=1 /*"})
+    # a nested comment without a variable is fine, and the run keeps only the paid rows
+    out = _run(tmp_path, [{"id": "f", "filter": "status = 'paid' /* a /* b */ c */"}], {})
+    assert sorted(out["id"].to_list()) == [1, 3]
+    assert _filter_text("x /* /* */ */ = ${V}", {"V": "1"}) == "x /* /* */ */ = 1"
+
+
+@pytest.mark.parametrize(
+    "text", ["status = E${W}", "status = X${W}", "status = U&${W}", "s = a${W}"]
+)
+def test_i8_review_variable_glued_to_a_prefix_is_refused(text: str) -> None:
+    """``E${W}`` with W="\\' OR 1=1 --" became an escape string matching every row."""
+    with pytest.raises(ConfigErrors, match="would merge with it"):
+        _filter_text(text, {"W": "\\' OR 1=1 --"})
+    assert _filter_text("status = ${W}", {"W": "\\' OR 1=1 --"}) == "status = '\\'' OR 1=1 --'"

@@ -199,9 +199,14 @@ TRIGGERS: dict[str, Case] = {
     "steps/window.py::Window._us#1": Case(
         _window("{kind: session, gap: 0, time: ts}"), "field 'window.gap': must be longer than"
     ),
-    "steps/window.py::Window._parse.fail#0": Case(
+    "steps/window.py::parse_aggregate.fail#0": Case(
         _window("{size: 1 hr, time: ts}", "{p: 'percentile(a)'}"),
         "field 'aggregate.p': unknown aggregate function 'percentile'",
+    ),
+    "steps/expressions.py::filter_output_schema#0": Case(
+        f"{TYPED}steps: [{{id: f, filter: 'amount'}}]\n",
+        "step 'f', field 'filter': the filter 'amount' gives double, not true/false",
+        TYPED_FILES,
     ),
 }
 

@@ -243,3 +243,26 @@ def test_sum_of_text_says_to_cast_first() -> None:
     )
     with pytest.raises(StepError, match=r"step 'w'.*sum\(v\) needs numbers.*cast: \{v: float\}"):
         step.process(with_positions(pa.table({"ts": [1], "v": ["x"]}), "mem", 0))
+
+
+def test_i8_review_window_count_star_counts_rows() -> None:
+    """``count(*)`` was read as a count of a column named '*' (and failed the run)."""
+    step = Window(
+        WindowStep.model_validate(
+            {
+                "id": "w",
+                "window": {"size": 10, "time": "ts", "time_unit": "s"},
+                "aggregate": {"n": "count(*)", "m": "count()"},
+            }
+        )
+    )
+    results = [step.process(with_positions(pa.table({"ts": [1, 2, 15]}), "m", 0)), step.finish()]
+    tables = [as_arrow(r.table) for r in results if r is not None and r.table is not None]
+    rows = sorted((r for t in tables for r in t.to_pylist()), key=lambda r: r["window_start"])
+    assert [(r["n"], r["m"]) for r in rows] == [(2, 2), (1, 1)]
+    with pytest.raises(ConfigError, match="takes a column name"):
+        Window(
+            WindowStep.model_validate(
+                {"id": "w", "window": {"size": 10, "time": "ts"}, "aggregate": {"s": "sum(*)"}}
+            )
+        )

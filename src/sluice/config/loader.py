@@ -114,16 +114,25 @@ def _substitute_sql(text: str, env: Mapping[str, str]) -> str:
     A small lexer follows where each ``${...}`` stands: outside quotes it becomes
     :func:`sql_literal`; inside a string literal (``'${VAR}'``) its value becomes part of that
     string (quotes doubled; backslashes too in an ``E'...'`` string); inside a quoted identifier
-    (``"${VAR}"``) part of that identifier. In a comment or a dollar-quoted string it is refused
-    (neither can escape it)."""
+    (``"${VAR}"``) part of that identifier. In a comment (block comments nest, as in DuckDB) or
+    a dollar-quoted string it is refused (neither can escape it), and so is a variable glued to
+    a word before it (``E${VAR}`` would make an escape string of the literal)."""
     out: list[str] = []
     i, n = 0, len(text)
     state, tag = "code", ""
     escape_string = False
+    depth = 0  # of nested block comments: DuckDB nests them (/* a /* b */ c */)
     while i < n:
         if text.startswith("${", i):
             var = _variable(text, i, env)
             if var is not None:
+                if state == "code" and i > 0 and (text[i - 1].isalnum() or text[i - 1] in "_&$"):
+                    # E${V} / X${V} / U&${V}: a prefix would change how the literal is read
+                    # (E'...' treats a backslash as an escape): a variable stands alone
+                    raise ValueError(
+                        f"a variable right after {text[i - 1]!r} would merge with it: put a "
+                        "space or an operator between them (a variable is one whole value)"
+                    )
                 value, i = var
                 if state == "code":
                     out.append(sql_literal(value))
@@ -151,7 +160,7 @@ def _substitute_sql(text: str, env: Mapping[str, str]) -> str:
             elif text.startswith("--", i):
                 state = "line_comment"
             elif text.startswith("/*", i):
-                state = "comment"
+                state, depth = "comment", 1
                 out.append("/*")
                 i += 2
                 continue
@@ -182,9 +191,10 @@ def _substitute_sql(text: str, env: Mapping[str, str]) -> str:
             if c == "\n":
                 state = "code"
         elif state == "comment":
-            if text.startswith("*/", i):
-                state = "code"
-                out.append("*/")
+            if text.startswith("/*", i) or text.startswith("*/", i):
+                depth += 1 if text[i] == "/" else -1
+                state = "comment" if depth else "code"
+                out.append(text[i : i + 2])
                 i += 2
                 continue
         elif state == "dollar" and text.startswith(tag, i):

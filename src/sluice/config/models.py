@@ -469,12 +469,14 @@ class DeriveStep(StepBase):
     @field_validator("derive")
     @classmethod
     def _parse_derive(cls, v: dict[str, str]) -> dict[str, str]:
-        from sluice.batch import POSITION_COLS
-        from sluice.steps.sqlengine import SqlRefused, parse_expression
+        from sluice.steps.sqlengine import RESERVED_PREFIX, SqlRefused, parse_expression
 
         for name, text in v.items():
-            if name in POSITION_COLS:
-                raise ValueError(f"column {name!r} is reserved for Sluice's row positions")
+            if name.lower().startswith(RESERVED_PREFIX):
+                raise ValueError(
+                    f"column {name!r}: names starting with {RESERVED_PREFIX} are reserved for "
+                    "Sluice's hidden row positions"
+                )
             try:
                 parse_expression(text)
             except SqlRefused as exc:

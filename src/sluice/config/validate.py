@@ -14,8 +14,14 @@ disagree about what is a configuration mistake:
    exactly what was validated); a join's reference source is constructed (it is read at open);
 3. the rules that involve more than one setting (:data:`PIPELINE_RULES`, e.g. a single-file sink
    in a stream) run;
-4. the checks registered in :data:`PIPELINE_CHECKS` run on the built components (the hook for a
-   schema-propagation pass: a column a step names that the declared schema upstream lacks).
+4. the checks registered in :data:`PIPELINE_CHECKS` run on the built components, first of all
+   the column plan (:func:`sluice.plan.column_plan`: a column a step names that its input
+   cannot have);
+5. each step that implements :class:`UsesInputSchema` is given its input's schema when the
+   column plan knows every column and type of it before the run (declared source schema,
+   Parquet metadata, then each step's output as its own binder computes it): e.g. a ``sql``
+   statement over the whole input that gets no row at all still answers over an empty input
+   of the right types.
 
 Every :class:`~sluice.errors.ConfigError` is collected — each tagged with its node's role
 (source, step, sink) — and raised together.
@@ -56,6 +62,17 @@ class ChecksConfig(Protocol):
         options, then discard it. Called by :func:`build_components` after construction."""
 
 
+@runtime_checkable
+class UsesInputSchema(Protocol):
+    """A step that wants the schema of its input before any data arrives."""
+
+    def use_input_schema(self, schema: Any) -> None:
+        """Called by :func:`build_components`, before ``open``, with the ``pyarrow.Schema``
+        of the step's input (its user columns, exact types) when the column plan knows it.
+        Not called when it is not known (types inferred from data, a partial stream schema);
+        the step must then do without."""
+
+
 @dataclass
 class Components:
     """What :func:`build_components` returns: constructed, not opened."""
@@ -65,6 +82,8 @@ class Components:
     steps: list[tuple[Step, list[str]]] = field(default_factory=list)  # (step, input ids)
     sinks: list[tuple[Sink, list[str]]] = field(default_factory=list)  # (sink, input ids)
     last: str = ""  # id of the last step (or the source): the default input of sinks
+    #: step id -> the columns of its input as the column plan knows them (filled by the plan)
+    inputs: dict[str, Any] = field(default_factory=dict)
 
 
 #: Rules over several settings: (config, stream mode?) -> problems, each naming node and field.
@@ -110,9 +129,21 @@ PIPELINE_RULES: list[PipelineRule] = [_stream_file_outputs]
 #: that a misspelt column is found before data is read) registers here, e.g.
 #: ``PIPELINE_CHECKS.append(lambda cfg, built: column_errors(cfg, built.base_dir))``.
 def _columns(cfg: PipelineConfig, built: Components) -> list[ConfigError]:
-    from sluice.plan import column_errors  # higher layer, imported when validation runs
+    from sluice.plan import column_plan  # higher layer, imported when validation runs
 
-    return column_errors(cfg, built.base_dir)
+    plan = column_plan(cfg, built.base_dir)
+    built.inputs = plan.inputs
+    return plan.errors
+
+
+def _hand_input_schemas(built: Components) -> None:
+    from sluice.plan import input_schema
+
+    for step, _ in built.steps:
+        if isinstance(step, UsesInputSchema):
+            schema = input_schema(built.inputs.get(step.step_id))
+            if schema is not None:
+                step.use_input_schema(schema)
 
 
 PIPELINE_CHECKS: list[PipelineCheck] = [_columns]
@@ -210,6 +241,7 @@ def build_components(
             errors.extend(check(cfg, built))
     if errors:
         raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
+    _hand_input_schemas(built)
     return built
 
 
@@ -245,6 +277,7 @@ __all__ = [
     "PIPELINE_RULES",
     "ChecksConfig",
     "Components",
+    "UsesInputSchema",
     "build_components",
     "make_source",
     "step_kind",

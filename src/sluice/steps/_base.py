@@ -9,7 +9,7 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from sluice.batch import POSITION_COLS, Frame, as_polars, strip_positions
+from sluice.batch import HIDDEN_COLS, Frame, as_polars, strip_positions
 from sluice.errors import StepError
 from sluice.plugins import RunContext, StepResult, lookup
 
@@ -38,7 +38,7 @@ def to_polars(frame: Frame) -> pl.DataFrame:
 
 
 def user_columns(names: Iterable[str]) -> list[str]:
-    return [n for n in names if n not in POSITION_COLS]
+    return [n for n in names if n not in HIDDEN_COLS]
 
 
 def check_columns(step_id: str, wanted: Iterable[str], available: Iterable[str], what: str) -> None:
@@ -66,6 +66,18 @@ def polars_error(step_id: str, what: str, exc: Exception, columns: Iterable[str]
         f"{what} failed: {msg}",
         fix=f"check the expression; input columns are: {', '.join(user_columns(columns))}",
     )
+
+
+def sql_error(step_id: str, exc: Exception, columns: Iterable[str]) -> StepError:
+    """A DuckDB error of a step's SQL (a ``sql`` statement, a ``filter`` / ``derive``
+    expression run by DuckDB) as a StepError: an unknown column with 'did you mean' and the
+    input's columns, anything else with DuckDB's first line."""
+    from sluice.steps.sqlengine import missing_column_hint
+
+    hint = missing_column_hint(str(exc), user_columns(columns))
+    if hint:
+        return StepError(step_id, f"SQL failed: {hint}", fix="fix the column name")
+    return polars_error(step_id, "SQL", exc, columns)
 
 
 def read_reference(

@@ -167,29 +167,32 @@ def same_type(duck: str, dtype: pl.DataType) -> bool:
 
 def shape_ok(node: dict[str, Any]) -> bool:
     """Only the node kinds the translator knows (checked before asking DuckDB for types)."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if not _node_ok(n):
+            return False
+        stack.extend(children(n))
+    return True
+
+
+def _node_ok(node: dict[str, Any]) -> bool:
     cls = node.get("class")
-    if cls in ("COLUMN_REF", "CONSTANT"):
+    if cls in ("COLUMN_REF", "CONSTANT", "COMPARISON", "CONJUNCTION", "BETWEEN", "CASE"):
         return True
-    if cls in ("COMPARISON", "CONJUNCTION", "BETWEEN", "CASE"):
-        pass
-    elif cls == "OPERATOR":
-        if node.get("type") not in _OPERATORS:
-            return False
-    elif cls == "CAST":
-        if node.get("type") != "OPERATOR_CAST":
-            return False
-    elif cls == "FUNCTION":
-        if (
+    if cls == "OPERATOR":
+        return node.get("type") in _OPERATORS
+    if cls == "CAST":
+        return node.get("type") == "OPERATOR_CAST"
+    if cls == "FUNCTION":
+        return not (
             str(node.get("function_name", "")).lower() not in _FUNCTIONS
             or node.get("distinct")
             or node.get("filter")
             or (node.get("order_bys") or {}).get("orders")
             or any(a.get("name") for a in node.get("arguments") or [])
-        ):
-            return False
-    else:
-        return False
-    return all(shape_ok(child) for child in children(node))
+        )
+    return False
 
 
 def children(node: dict[str, Any]) -> list[dict[str, Any]]:
@@ -214,7 +217,14 @@ def children(node: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def has_column(node: dict[str, Any]) -> bool:
-    return node.get("class") == "COLUMN_REF" or any(has_column(c) for c in children(node))
+    """Does the expression name a column anywhere (no recursion)?"""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.get("class") == "COLUMN_REF":
+            return True
+        stack.extend(children(n))
+    return False
 
 
 @dataclass
@@ -368,9 +378,12 @@ class Translator:
         if pl.Float32() in (a, b):
             return pl.Float32()
         if a.is_integer() and b.is_integer():
-            if pl.UInt64() in (a, b) and (a.is_signed_integer() or b.is_signed_integer()):
-                raise Untranslatable("UBIGINT against a signed integer")
-            return pl.UInt64() if a == b == pl.UInt64() else pl.Int64()
+            if pl.UInt64() in (a, b):
+                if a.is_signed_integer() or b.is_signed_integer():
+                    # DuckDB compares UBIGINT with a signed integer as HUGEINT: left to it
+                    raise Untranslatable("UBIGINT against a signed integer")
+                return pl.UInt64()  # both unsigned: every value fits UBIGINT
+            return pl.Int64()
         raise Untranslatable(f"{a} against {b}")
 
     def _compare(self, op: str, a: Typed, b: Typed) -> Typed:

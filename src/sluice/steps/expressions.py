@@ -5,26 +5,31 @@ One expression language for every step: DuckDB's SQL, with DuckDB's semantics
 (syntax errors, unknown functions, aggregates: configuration errors). At the first batch of each
 input schema it is bound by DuckDB, then either translated into an equivalent Polars expression
 (the fast path for common shapes, see :mod:`sluice.steps._translate`) or run by the sandboxed
-DuckDB engine itself. Both give DuckDB's answer; rows keep their position columns either way.
+DuckDB engine itself. Both give DuckDB's answer.
+
+DuckDB sees only the user's columns, never the hidden position columns: it computes a filter's
+true/false per row or a derive's new columns, and the step applies them to the batch itself, so
+rows keep their positions (and their other columns their exact types) whichever way ran.
+A filter must give true or false (``BOOLEAN``): another type is refused before the run when the
+input's types are known, at the first batch otherwise.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
-from collections.abc import Hashable, Mapping
+from collections.abc import Collection, Hashable, Mapping
 from typing import Any, cast
 
 import duckdb
 import polars as pl
 import pyarrow as pa
 
-from sluice.batch import Frame, as_arrow, frame_rows
+from sluice.batch import HIDDEN_COLS, Frame, as_arrow, frame_rows, strip_positions
 from sluice.config.models import DeriveStep, FilterStep
 from sluice.errors import ConfigError, StepError
 from sluice.plugins import StepResult
 from sluice.steps import sqlengine
-from sluice.steps._base import BaseStep, polars_error, to_polars
+from sluice.steps._base import BaseStep, polars_error, sql_error, to_polars
 from sluice.steps._translate import Translator, Untranslatable, children, has_column, shape_ok
 
 Node = dict[str, Any]
@@ -47,11 +52,15 @@ def compile_expr(step_id: str, text: str, field: str) -> Node:
 
 @functools.cache
 def _template(sql: str) -> Node:
-    return sqlengine._serialize(sql)
+    return sqlengine.serialize(sql)
+
+
+def _copy(node: Any) -> Any:
+    return sqlengine.copy_tree(node)
 
 
 def _select(select_list: list[Node], from_table: Node, where: Node | None = None) -> Node:
-    node: Node = copy.deepcopy(_template("SELECT 1 FROM input"))
+    node: Node = _copy(_template("SELECT 1 FROM input"))
     node["select_list"] = select_list
     node["from_table"] = from_table
     node["where_clause"] = where
@@ -59,25 +68,45 @@ def _select(select_list: list[Node], from_table: Node, where: Node | None = None
 
 
 def _star(replace: list[tuple[str, Node]] | None = None) -> Node:
-    star: Node = copy.deepcopy(_template("SELECT * FROM input")["select_list"][0])
+    star: Node = _copy(_template("SELECT * FROM input")["select_list"][0])
     star["replace_list"] = [{"key": k, "value": v} for k, v in replace or []]
     return star
 
 
+def _table_ref(name: str = "input") -> Node:
+    ref: Node = _copy(_template("SELECT 1 FROM input")["from_table"])
+    ref["table_name"] = name
+    if isinstance(ref.get("qualified_name"), dict):
+        ref["qualified_name"]["path"] = [name]
+    return ref
+
+
 def _input_ref() -> Node:
-    ref: Node = copy.deepcopy(_template("SELECT 1 FROM input")["from_table"])
+    return _table_ref("input")
+
+
+def _column(name: str) -> Node:
+    ref: Node = _copy(_template("SELECT x FROM input")["select_list"][0])
+    ref["column_names"] = [name]
     return ref
 
 
-def _subquery(node: Node, alias: str) -> Node:
-    ref: Node = copy.deepcopy(_template("SELECT 1 FROM (SELECT 1) AS t")["from_table"])
-    ref["subquery"]["node"] = node
-    ref["alias"] = alias
-    return ref
+def _with(ctes: list[tuple[str, Node]], node: Node) -> Node:
+    """``WITH name AS (query), ... node``: each query a sibling (the tree does not deepen)."""
+    entry_template = _template("WITH a AS (SELECT 1) SELECT 1")["cte_map"]["map"][0]
+    entries = []
+    for name, query in ctes:
+        entry = _copy(entry_template)
+        entry["key"] = name
+        entry["value"]["query_node"] = query
+        entries.append(entry)
+    out: Node = _copy(node)
+    out["cte_map"] = {"map": entries}
+    return out
 
 
 def _aliased(node: Node, alias: str) -> Node:
-    out = copy.deepcopy(node)
+    out: Node = _copy(node)
     out["alias"] = alias
     return out
 
@@ -135,15 +164,20 @@ class _Engine:
             self._con = None
 
     def run(self, sql: str, table: pa.Table) -> pa.Table:
+        """``sql`` over ``input`` = the batch's user columns (never its hidden columns); one
+        result row per input row, in order (a projection: DuckDB keeps the input's order)."""
         con = self.con
-        con.register("input", table)
+        user = strip_positions(table)
+        con.register("input", user)
         try:
             out: pa.Table = con.sql(sql).to_arrow_table()
-            return out
         except duckdb.Error as exc:
-            raise _step_error(self.step_id, exc, table.column_names) from exc
+            raise sql_error(self.step_id, exc, user.column_names) from exc
         finally:
             con.unregister("input")
+        if out.num_rows != table.num_rows:  # cannot happen for one-row expressions
+            raise StepError(self.step_id, "an expression changed the number of rows")
+        return out
 
     def bind(self, node: Node, schema: pa.Schema) -> pa.Field:
         """The Arrow field DuckDB gives ``node`` over an input of ``schema``."""
@@ -161,15 +195,14 @@ class _Engine:
         typed: list[Node] = []
         consts: list[Node] = []
 
-        def walk(n: Node) -> None:
+        stack = [node]
+        while stack:  # typed nodes (naming a column) and maximal constant subtrees
+            n = stack.pop()
             if not has_column(n):
                 consts.append(n)
-                return
+                continue
             typed.append(n)
-            for c in children(n):
-                walk(c)
-
-        walk(node)
+            stack.extend(reversed(children(n)))
         con = self.con
         try:
             items = [_aliased(n, f"e{i}") for i, n in enumerate(typed)]
@@ -182,7 +215,7 @@ class _Engine:
             values: list[tuple[Any, str]] = []
             if consts:
                 c_items = [_aliased(n, f"c{i}") for i, n in enumerate(consts)]
-                empty = copy.deepcopy(_template("SELECT 1")["from_table"])
+                empty = _copy(_template("SELECT 1")["from_table"])
                 rel = con.sql(sqlengine.to_sql(_select(c_items, empty)))
                 c_types = [str(t) for t in rel.types]
                 row = rel.to_arrow_table()
@@ -221,36 +254,27 @@ def _schema_key(frame: Frame) -> Hashable:
 
 
 def _schemas(frame: Frame) -> tuple[pa.Schema, Mapping[str, pl.DataType]]:
+    """The frame's user columns (not the hidden ones) as Arrow and as Polars types."""
     if isinstance(frame, pl.DataFrame):
-        return frame.head(0).to_arrow().schema, frame.schema
-    return frame.schema, to_polars(frame.slice(0, 0)).schema
+        schema = frame.head(0).to_arrow().schema
+        pl_schema = dict(frame.schema)
+    else:
+        schema = frame.schema
+        pl_schema = dict(to_polars(frame.slice(0, 0)).schema)
+    for name in HIDDEN_COLS:
+        pl_schema.pop(name, None)
+    return sqlengine.user_schema(schema), pl_schema
 
 
-def _conform(out: pa.Table, schema: pa.Schema) -> pa.Table:
-    """Give pass-through columns back their input types (DuckDB relabels time zones, turns
-    large strings into strings...): a filter does not change a column's type."""
-    fields = []
-    changed = False
-    for f in out.schema:
-        idx = schema.get_field_index(f.name)
-        if idx >= 0 and schema.field(idx).type != f.type:
-            fields.append(schema.field(idx))
-            changed = True
-        else:
-            fields.append(f)
-    if not changed:
-        return out
-    try:
-        return out.cast(pa.schema(fields))
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        return out
+def _is_boolean(typ: pa.DataType) -> bool:
+    return bool(pa.types.is_boolean(typ) or pa.types.is_null(typ))
 
 
-def _step_error(step_id: str, exc: Exception, columns: list[str]) -> StepError:
-    hint = sqlengine.missing_column_hint(str(exc), columns)
-    if hint:
-        return StepError(step_id, hint, fix="fix the column name in the expression")
-    return polars_error(step_id, "SQL", exc, columns)
+def _not_boolean(text: str, typ: pa.DataType) -> str:
+    return (
+        f"the filter {text!r} gives {typ}, not true/false; write a condition, e.g. "
+        "name = 'x', amount > 0 or flag IS TRUE"
+    )
 
 
 class Filter(BaseStep):
@@ -273,7 +297,18 @@ class Filter(BaseStep):
             if fast is not None and fast[1] == pl.Boolean():
                 plan = fast[0]
             else:
-                plan = sqlengine.to_sql(_select([_star()], _input_ref(), self.node))
+                try:
+                    typ = self.engine.bind(self.node, schema).type
+                except duckdb.Error as exc:
+                    raise sql_error(self.step_id, exc, schema.names) from exc
+                if not _is_boolean(typ):
+                    raise StepError(
+                        self.step_id,
+                        _not_boolean(self.config.filter, typ),
+                        fix="make the filter a condition (true or false)",
+                    )
+                keep = _aliased(self.node, "keep")
+                plan = sqlengine.to_sql(_select([keep], _input_ref()))
             self._plans[key] = plan
         return plan
 
@@ -282,7 +317,10 @@ class Filter(BaseStep):
         n = frame_rows(table)
         if isinstance(plan, str):
             arrow = as_arrow(table)
-            out: Frame = _conform(self.engine.run(plan, arrow), arrow.schema)
+            keep = self.engine.run(plan, arrow).column(0)
+            if pa.types.is_null(keep.type):
+                keep = pa.chunked_array([pa.nulls(n, pa.bool_())])
+            out: Frame = arrow.filter(keep)  # null: not kept
         else:
             df = to_polars(table)
             try:
@@ -340,25 +378,39 @@ class Derive(BaseStep):
         return exprs
 
     def _duckdb_sql(self, schema: pa.Schema) -> str:
+        """One statement giving the derived columns (each name once, in order), one row per
+        input row: a WITH step per expression, so later ones see earlier ones."""
         names = list(schema.names)
-        node: Node | None = None
+        ctes: list[tuple[str, Node]] = []
+        source = _input_ref()
         for i, (name, expr) in enumerate(self.nodes):
-            source = _input_ref() if node is None else _subquery(node, f"__sluice_d{i}")
             if name in names:
                 node = _select([_star([(name, expr)])], source)
             else:
                 node = _select([_star(), _aliased(expr, name)], source)
                 names.append(name)
-        assert node is not None
-        return sqlengine.to_sql(node)
+            ctes.append((f"__sluice_d{i}", node))
+            source = _table_ref(f"__sluice_d{i}")
+            source["alias"] = "input"  # later expressions see the row so far as input
+        final = _select([_column(n) for n in self._derived_names()], source)
+        return sqlengine.to_sql(_with(ctes, final))
+
+    def _derived_names(self) -> list[str]:
+        return list(dict.fromkeys(name for name, _ in self.nodes))
 
     def process(self, table: Frame) -> StepResult:
         plan = self._plan(table)
         if isinstance(plan, str):
             arrow = as_arrow(table)
-            out = self.engine.run(plan, arrow)
-            kept = pa.schema([f for f in arrow.schema if f.name not in self.config.derive])
-            return StepResult(_conform(out, kept))
+            derived = self.engine.run(plan, arrow)
+            for i, name in enumerate(self._derived_names()):
+                idx = arrow.schema.get_field_index(name)
+                column = derived.column(i)
+                if idx >= 0:
+                    arrow = arrow.set_column(idx, name, column)
+                else:
+                    arrow = arrow.append_column(name, column)
+            return StepResult(arrow)
         df = to_polars(table)
         try:
             lazy = df.lazy()
@@ -375,45 +427,66 @@ class Derive(BaseStep):
 # ------------------------------------------------------------------------------ schemas
 
 
-def _config_error(step_id: str, field: str, exc: Exception, schema: pa.Schema) -> ConfigError:
-    hint = sqlengine.missing_column_hint(str(exc), list(schema.names))
+def _config_error(step_id: str, field: str, err: sqlengine.Unbound) -> ConfigError:
     return ConfigError(
-        hint or sqlengine._first_line(str(exc)),
+        str(err),
         step_id=step_id,
         field=field,
-        fix="fix the expression" if hint is None else "use one of the input columns",
+        fix="use one of the input columns" if err.unknown_column else "fix the expression",
     )
 
 
-def filter_output_schema(config: FilterStep, input_schema: pa.Schema | None) -> pa.Schema | None:
+def _bind_expression(
+    step_id: str, field: str, node: Node, schema: pa.Schema, untyped: Collection[str]
+) -> pa.Field | None:
+    """The field DuckDB gives one expression over ``schema``; None when it does not bind for
+    a reason that may come from an ``untyped`` column; a :class:`ConfigError` otherwise."""
+    sql = sqlengine.to_sql(_select([_aliased(node, "x")], _input_ref()))
+    with sqlengine.binder() as con:
+        try:
+            return sqlengine.bind_schema(con, sql, schema).field(0)
+        except duckdb.Error as exc:
+            err = sqlengine.unbound(exc, schema)
+    if untyped and not err.unknown_column:
+        return None
+    raise _config_error(step_id, field, err)
+
+
+def filter_output_schema(
+    config: FilterStep, input_schema: pa.Schema | None, *, untyped: Collection[str] = ()
+) -> pa.Schema | None:
     """A filter keeps its input's schema; with a known input schema the expression is bound
-    (unknown column -> :class:`ConfigError` with 'did you mean')."""
+    (unknown column -> :class:`ConfigError` with 'did you mean'; a result that is not
+    BOOLEAN -> :class:`ConfigError`). ``untyped``: columns of unknown type (``pa.null()`` in
+    the schema): binding problems that may come from them are not reported."""
     if input_schema is None:
         return None
     node = compile_expr(config.id, config.filter, "filter")
-    with sqlengine.binder() as con:
-        try:
-            sqlengine.bind_schema(
-                con, sqlengine.to_sql(_select([_star()], _input_ref(), node)), input_schema
-            )
-        except duckdb.Error as exc:
-            raise _config_error(config.id, "filter", exc, input_schema) from None
+    schema = sqlengine.user_schema(input_schema)
+    field = _bind_expression(config.id, "filter", node, schema, untyped)
+    if field is not None and not _is_boolean(field.type):
+        raise ConfigError(
+            _not_boolean(config.filter, field.type),
+            step_id=config.id,
+            field="filter",
+            value=config.filter,
+            fix="make the filter a condition (true or false)",
+        )
     return input_schema
 
 
-def derive_output_schema(config: DeriveStep, input_schema: pa.Schema | None) -> pa.Schema | None:
-    """The input's schema with the derived columns added or replaced, as DuckDB types them."""
+def derive_output_schema(
+    config: DeriveStep, input_schema: pa.Schema | None, *, untyped: Collection[str] = ()
+) -> pa.Schema | None:
+    """The input's schema with the derived columns added or replaced, as DuckDB types them
+    (a column whose type cannot be known from ``untyped`` inputs gets ``pa.null()``)."""
     if input_schema is None:
         return None
-    schema = input_schema
-    with sqlengine.binder() as con:
-        for name, text in config.derive.items():
-            node = compile_expr(config.id, text, f"derive.{name}")
-            sql = sqlengine.to_sql(_select([_aliased(node, name)], _input_ref()))
-            try:
-                field = sqlengine.bind_schema(con, sql, schema).field(0)
-            except duckdb.Error as exc:
-                raise _config_error(config.id, f"derive.{name}", exc, schema) from None
-            idx = schema.get_field_index(name)
-            schema = schema.set(idx, field) if idx >= 0 else schema.append(field)
+    schema = sqlengine.user_schema(input_schema)
+    for name, text in config.derive.items():
+        node = compile_expr(config.id, text, f"derive.{name}")
+        field = _bind_expression(config.id, f"derive.{name}", node, schema, untyped)
+        field = pa.field(name, pa.null()) if field is None else field.with_name(name)
+        idx = schema.get_field_index(name)
+        schema = schema.set(idx, field) if idx >= 0 else schema.append(field)
     return schema

@@ -16,7 +16,10 @@ DuckDB's SQL dialect (see ``docs/expressions.md``). This module is the single pl
   (aggregates, ``GROUP BY``, ``DISTINCT``, window functions, ``ORDER BY``, ``LIMIT``, set
   operations, a subquery over ``input``...). When in doubt: the whole input;
 * rewrites row-wise statements so that the hidden position columns of :mod:`sluice.batch` ride
-  along (on the parsed tree, then rendered back to SQL by DuckDB: ``json_deserialize_sql``).
+  along without the statement ever seeing them: ``input`` holds only the user's columns, and
+  the positions come from a second table joined to it row by row (``POSITIONAL JOIN``) that
+  no user statement can name (on the parsed tree, then rendered back to SQL by DuckDB:
+  ``json_deserialize_sql``).
 
 Errors found while checking are :class:`SqlRefused` (a ``ValueError``, so pydantic validators
 turn them into configuration errors that name the step and the field).
@@ -25,21 +28,27 @@ turn them into configuration errors that name the step and the field).
 from __future__ import annotations
 
 import contextlib
-import copy
 import difflib
 import functools
+import itertools
 import json
+import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 import duckdb
 import pyarrow as pa
 
-from sluice.batch import POSITION_COLS, ROW_COL, SOURCE_COL
+from sluice.batch import HIDDEN_COLS
 
 DOCS: Final = "docs/expressions.md"
+#: Prefix of every name Sluice keeps for itself (the hidden columns of :mod:`sluice.batch`,
+#: the positions table): no user statement or expression may name it.
+RESERVED_PREFIX: Final = "__sluice"
+#: The table that holds a batch's hidden columns while a row-wise statement runs over it.
+POSITIONS_TABLE: Final = "__sluice_pos"
 #: Table functions a statement may use in FROM: they make values, they read nothing.
 TABLE_FUNCTIONS: Final = frozenset({"unnest", "range", "generate_series"})
 #: Scalar functions refused: they read settings or variables of the process, or stall it.
@@ -207,18 +216,47 @@ def function_names() -> list[str]:
 
 # ------------------------------------------------------------------------------ parsing
 
+#: The deepest parse tree accepted (levels of DuckDB's JSON serialization of a statement).
+#: DuckDB cannot read back a tree deeper than 256 levels, and Sluice wraps an expression in a
+#: few levels of its own (a filter's SELECT, a derive's WITH...): the margin is for those.
+MAX_DEPTH: Final = 240
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]")
 
-def _serialize(sql: str) -> dict[str, Any]:
-    """DuckDB's parse of one SELECT statement, as its JSON tree (the statement's query node)."""
-    text = _scalar("SELECT json_serialize_sql(?)", sql)
+
+def serialize(sql: str) -> dict[str, Any]:
+    """DuckDB's parse of one SELECT statement, as its JSON tree (the statement's query node).
+    Raises :class:`SqlRefused` when it does not parse or is nested deeper than
+    :data:`MAX_DEPTH` (checked on the JSON text, before it is turned into Python objects)."""
+    try:
+        text = _scalar("SELECT json_serialize_sql(?)", sql)
+    except duckdb.Error as exc:
+        raise SqlRefused(_too_deep() if "depth" in str(exc) else first_line(str(exc))) from None
+    if _json_depth(text) > MAX_DEPTH:
+        raise SqlRefused(_too_deep())
     tree = json.loads(text)
     if tree.get("error"):
-        raise SqlRefused(_first_line(str(tree.get("error_message", "cannot parse"))))
+        raise SqlRefused(first_line(str(tree.get("error_message", "cannot parse"))))
     statements = tree["statements"]
     if len(statements) != 1:
         raise SqlRefused(f"expected one statement, found {len(statements)}")
     node: dict[str, Any] = statements[0]["node"]
     return node
+
+
+def _json_depth(text: str) -> int:
+    """The deepest nesting of ``[`` / ``{`` in a JSON text (no recursion, no parsing)."""
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    steps = (1 if c in "[{" else -1 for c in brackets)
+    return max(itertools.accumulate(steps, initial=0))
+
+
+def _too_deep() -> str:
+    return (
+        f"the text is nested too deeply (DuckDB's parse of it is deeper than {MAX_DEPTH} "
+        "levels, e.g. about 75 chained + or || operators): split it over several derive entries "
+        "or steps, or use a list function (list_sum, array_to_string, IN (...))"
+    )
 
 
 def to_sql(node: Mapping[str, Any]) -> str:
@@ -228,7 +266,8 @@ def to_sql(node: Mapping[str, Any]) -> str:
     return text
 
 
-def _first_line(message: str) -> str:
+def first_line(message: str) -> str:
+    """The first line of a DuckDB error message, without its "Binder Error: " kind prefix."""
     msg = message.strip()
     for prefix in ("Parser Error: ", "Binder Error: ", "Catalog Error: ", "Conversion Error: "):
         msg = msg.removeprefix(prefix)
@@ -240,20 +279,46 @@ def _statement_types(sql: str) -> list[str]:
         try:
             statements = _shared().extract_statements(sql)
         except duckdb.Error as exc:
-            raise SqlRefused(f"cannot parse the SQL: {_first_line(str(exc))}") from None
+            if "expression depth" in str(exc):
+                raise SqlRefused(_too_deep()) from None
+            raise SqlRefused(f"cannot parse the SQL: {first_line(str(exc))}") from None
     return [str(s.type).rsplit(".", 1)[-1] for s in statements]
 
 
-def _dicts(obj: Any) -> Iterator[dict[str, Any]]:
-    """Every JSON object of a parse tree, depth first."""
+def _dicts(obj: Any, *, into_subqueries: bool = True) -> Iterator[dict[str, Any]]:
+    """Every JSON object of a parse tree, depth first (no recursion). With
+    ``into_subqueries=False`` the insides of subqueries (expressions and FROM items) are
+    skipped: what is left is the query's own scope."""
     stack = [obj]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
             yield item
+            if not into_subqueries and (
+                item.get("class") == "SUBQUERY" or _is_ref(item, "SUBQUERY")
+            ):
+                if item.get("child") is not None:  # the left side of IN / ANY: this scope
+                    stack.append(item["child"])
+                continue
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
+
+
+def _is_ref(d: Mapping[str, Any], kind: str | None = None) -> bool:
+    """Is ``d`` a table reference (a FROM item), of this kind if given?"""
+    kind_of = d.get("type")
+    return (
+        "class" not in d
+        and isinstance(kind_of, str)
+        and kind_of in _TABLE_REFS
+        and (kind is None or kind_of == kind)
+    )
+
+
+def copy_tree(node: Any) -> Any:
+    """A deep copy of a parse tree (no recursion in Python)."""
+    return json.loads(json.dumps(node))
 
 
 @dataclass(frozen=True)
@@ -263,41 +328,49 @@ class StatementPlan:
     sql: str
     #: why the statement needs the whole input (e.g. "GROUP BY"), or None: it is row-wise
     whole_input: str | None
-    #: row-wise statements: the same statement carrying the position columns (None when it
-    #: cannot, e.g. COLUMNS('regex') may select them itself: then provenance is dropped)
-    with_positions: str | None
+    #: row-wise statements: can the hidden position columns be carried along (see
+    #: :func:`carrying_positions`)? False when the statement could pick them up itself
+    #: (``COLUMNS('regex')``, ``#n``): it then runs without them, and provenance is dropped
+    carries_positions: bool
+    #: the reference tables the statement may read (besides ``input``)
+    tables: frozenset[str] = frozenset()
+
+    def carrying(self, hidden: tuple[str, ...]) -> str:
+        """The row-wise statement carrying the ``hidden`` columns of table
+        :data:`POSITIONS_TABLE` (see :func:`carrying_positions`)."""
+        return carrying_positions(self.sql, self.tables, hidden)
 
 
 @functools.lru_cache(maxsize=256)
 def plan_statement(sql: str, tables: frozenset[str] = frozenset()) -> StatementPlan:
-    """Check a ``sql`` step's statement and classify it; raise :class:`SqlRefused` if it may
-    not run. ``tables`` are the reference tables the step declares (besides ``input``)."""
+    """Check one ``SELECT`` (a ``sql`` step's, a contract's SQL rule...) and classify it;
+    raise :class:`SqlRefused` (a ``ValueError``) if it may not run. ``tables`` are the
+    reference tables the statement may read besides ``input``."""
     types = _statement_types(sql)
     if len(types) != 1:
         raise SqlRefused(
-            f"a sql step runs exactly one SELECT statement; this text holds {len(types)} "
+            f"a statement is exactly one SELECT; this text holds {len(types)} "
             f"({', '.join(types) or 'none'})"
         )
     if types[0] != "SELECT":
         what = "INSTALL / LOAD" if types[0] == "LOAD" else types[0]
-        raise SqlRefused(
-            f"a sql step runs one SELECT statement over its input; {what} is not allowed"
-        )
-    node = _serialize(sql)
+        raise SqlRefused(f"a statement is one SELECT over its input; {what} is not allowed")
+    node = serialize(sql)
     allowed = {"input", *(t.lower() for t in tables)}
     check_sandbox(node, allowed)
     reason = whole_input_reason(node, allowed - {"input"})
-    rewritten = None
-    if reason is None:
-        carried = _carry_positions(node)
-        rewritten = to_sql(carried) if carried is not None else None
-    return StatementPlan(sql, reason, rewritten)
+    carries = reason is None and not any(
+        d.get("class") == "POSITIONAL_REFERENCE"
+        or (d.get("class") == "STAR" and d.get("expr") is not None)
+        for d in _dicts(node)
+    )
+    return StatementPlan(sql, reason, carries, frozenset(tables))
 
 
 def parse_expression(text: str) -> dict[str, Any]:
     """DuckDB's parse of one SQL expression (for ``filter`` / ``derive``), checked: no
-    subquery, aggregate or window function (an expression works on one row), known functions
-    only, nothing outside the sandbox."""
+    subquery, aggregate, window function or ``unnest`` (an expression works on one row and
+    gives one value), known functions only, nothing outside the sandbox."""
     # no parentheses around the text: "a) OR (b" must not become one expression
     sql = f"SELECT\n{text}\nAS {_EXPR_ALIAS} FROM input"
     try:
@@ -307,7 +380,7 @@ def parse_expression(text: str) -> dict[str, Any]:
         raise
     if types != ["SELECT"]:
         raise SqlRefused("not one SQL expression")
-    node = _serialize(sql)
+    node = serialize(sql)
     items = node.get("select_list") or []
     from_ = node.get("from_table") or {}
     if (
@@ -328,23 +401,28 @@ def parse_expression(text: str) -> dict[str, Any]:
         or node.get("aggregate_handling") != "STANDARD_HANDLING"
     ):
         raise SqlRefused("not one SQL expression")
-    expr: dict[str, Any] = copy.deepcopy(items[0])
+    expr: dict[str, Any] = copy_tree(items[0])
     expr["alias"] = ""
     check_sandbox(expr, {"input"})
     for d in _dicts(expr):
         cls = d.get("class")
         if cls == "SUBQUERY":
             raise SqlRefused("a subquery cannot be part of an expression; use a sql step")
-        if cls == "WINDOW" or (
-            cls == "FUNCTION" and str(d.get("function_name", "")).lower() in _aggregate_like()
-        ):
-            name = str(d.get("function_name", "")).lower()
+        name = str(d.get("function_name", "")).lower()
+        if cls == "WINDOW" or (cls == "FUNCTION" and name in _aggregate_like()):
             raise SqlRefused(
                 f"{name}() works over many rows, an expression over one row; use a sql step "
                 "(or a window step for aggregates over time)"
             )
+        if cls == "FUNCTION" and name in ("unnest", "unlist"):
+            raise SqlRefused(
+                f"{name}() makes several rows of one, an expression gives one value; use a "
+                "sql step: SELECT *, unnest(...) AS x FROM input"
+            )
         if cls == "STAR":
             raise SqlRefused("* / COLUMNS(...) cannot be part of an expression; use a sql step")
+        if cls == "POSITIONAL_REFERENCE":
+            raise SqlRefused("#n column positions cannot be part of an expression; name it")
     return expr
 
 
@@ -353,7 +431,8 @@ def parse_expression(text: str) -> dict[str, Any]:
 
 def check_sandbox(node: Mapping[str, Any], tables: set[str]) -> None:
     """Refuse what may not run: tables other than ``tables`` and CTEs, table functions other
-    than :data:`TABLE_FUNCTIONS`, unknown or blocked functions, parameters, SHOW/DESCRIBE."""
+    than :data:`TABLE_FUNCTIONS`, unknown or blocked functions, parameters, SHOW/DESCRIBE,
+    and names Sluice reserves for itself (:data:`RESERVED_PREFIX`: the hidden columns)."""
     ctes = {
         str(entry["key"]).lower()
         for d in _dicts(node)
@@ -362,6 +441,7 @@ def check_sandbox(node: Mapping[str, Any], tables: set[str]) -> None:
     }
     table_functions: set[int] = set()
     for d in _dicts(node):
+        _check_names(d)
         for key in ("from_table", "left", "right", "source"):
             ref = d.get(key)
             if isinstance(ref, dict) and "class" not in ref and "type" in ref:
@@ -369,7 +449,7 @@ def check_sandbox(node: Mapping[str, Any], tables: set[str]) -> None:
                     what = (
                         "DESCRIBE / SHOW / SUMMARIZE" if ref["type"] == "SHOW_REF" else ref["type"]
                     )
-                    raise SqlRefused(f"{what} is not allowed: a sql step runs a query")
+                    raise SqlRefused(f"{what} is not allowed: a statement is a query")
                 if ref["type"] == "TABLE_FUNCTION":
                     fn = ref.get("function") or {}
                     table_functions.add(id(fn))
@@ -398,6 +478,25 @@ def check_sandbox(node: Mapping[str, Any], tables: set[str]) -> None:
             raise SqlRefused("parameters ($1, ?) are not allowed; write the value")
         if cls == "FUNCTION" and id(d) not in table_functions:
             _check_function(d)
+
+
+def _check_names(d: Mapping[str, Any]) -> None:
+    """Refuse a name (column, table, alias, star qualifier) Sluice reserves for itself."""
+    names: list[Any] = []
+    if d.get("class") == "COLUMN_REF":
+        names.extend(d.get("column_names") or [])
+    elif d.get("class") == "STAR":
+        names.append(d.get("relation_name"))
+        names.extend(d.get("exclude_list") or [])
+    elif _is_ref(d):
+        names.extend((d.get("table_name"), *(d.get("column_name_alias") or [])))
+    names.append(d.get("alias"))
+    for name in names:
+        if isinstance(name, str) and name.lower().startswith(RESERVED_PREFIX):
+            raise SqlRefused(
+                f"{name!r}: names starting with {RESERVED_PREFIX} are Sluice's own (hidden row "
+                "positions); choose another name"
+            )
 
 
 def _check_function(d: Mapping[str, Any]) -> None:
@@ -430,8 +529,12 @@ def whole_input_reason(node: Mapping[str, Any], tables: set[str]) -> str | None:
     Row by row means: one SELECT over ``input`` (optionally joined, inner or left, to declared
     reference tables), without aggregates, window functions, DISTINCT, GROUP BY, HAVING,
     QUALIFY, ORDER BY, LIMIT/OFFSET, samples, WITH, set operations or subqueries over
-    ``input``. Running such a statement per batch gives the same rows as over the whole input.
-    Anything else, or anything this function does not recognise, needs the whole input."""
+    ``input``; a subquery holding an aggregate or window function is row by row only when it
+    provably reads nothing but declared tables (every column it names belongs to a table of
+    its own FROM): an aggregate over a column of ``input`` inside a subquery (``(SELECT
+    sum(v))``, correlated or not) aggregates the outer query. Running a row-wise statement per
+    batch gives the same rows as over the whole input. Anything else, or anything this
+    function does not recognise, needs the whole input."""
     if node.get("type") != "SELECT_NODE":
         return "a set operation (UNION / EXCEPT / INTERSECT)"
     if (node.get("cte_map") or {}).get("map"):
@@ -456,21 +559,14 @@ def whole_input_reason(node: Mapping[str, Any], tables: set[str]) -> str | None:
     if reason:
         return reason
     for expr in [*(node.get("select_list") or []), node.get("where_clause")]:
-        reason = _expr_reason(expr)
+        reason = _expr_reason(expr, tables)
         if reason:
             return reason
     return None
 
 
 def _from_reason(ref: Mapping[str, Any], tables: set[str]) -> str | None:
-    kind = ref.get("type")
-    if kind == "BASE_TABLE":
-        if str(ref.get("table_name", "")).lower() != "input":
-            return "a FROM clause that does not start with input"
-        if ref.get("sample"):
-            return "TABLESAMPLE"
-        return None
-    if kind == "JOIN":
+    while ref.get("type") == "JOIN":
         right = ref.get("right") or {}
         if (
             ref.get("join_type") not in ("INNER", "LEFT")
@@ -480,31 +576,74 @@ def _from_reason(ref: Mapping[str, Any], tables: set[str]) -> str | None:
             or right.get("sample")
         ):
             return "a join other than input [LEFT] JOIN a declared table"
-        return _from_reason(ref.get("left") or {}, tables) or _expr_reason(ref.get("condition"))
+        reason = _expr_reason(ref.get("condition"), tables)
+        if reason:
+            return reason
+        ref = ref.get("left") or {}
+    if ref.get("type") == "BASE_TABLE":
+        if str(ref.get("table_name", "")).lower() != "input":
+            return "a FROM clause that does not start with input"
+        if ref.get("sample"):
+            return "TABLESAMPLE"
+        return None
     return "a FROM clause other than input"
 
 
-def _expr_reason(expr: Any) -> str | None:
-    stack = [expr]
-    aggregates = _aggregate_like()
-    while stack:
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(item)
-            continue
-        if not isinstance(item, dict):
-            continue
-        cls = item.get("class")
+def _expr_reason(expr: Any, tables: set[str]) -> str | None:
+    for d in _dicts(expr, into_subqueries=False):
+        cls = d.get("class")
         if cls == "WINDOW":
-            return f"the window function {item.get('function_name', '')}()"
-        if cls == "FUNCTION" and str(item.get("function_name", "")).lower() in aggregates:
-            return f"the aggregate function {item.get('function_name')}()"
+            return f"the window function {d.get('function_name', '')}()"
+        if cls == "FUNCTION" and str(d.get("function_name", "")).lower() in _aggregate_like():
+            return f"the aggregate function {d.get('function_name')}()"
         if cls == "SUBQUERY":
-            if _reads_input(item):
+            sub = d.get("subquery")
+            if _reads_input(sub):
                 return "a subquery over input"
-            continue  # a subquery over reference tables only: the same for every batch
-        stack.extend(item.values())
+            many = _many_rows(sub)
+            if many and not _only_reads(sub, tables):
+                return (
+                    f"{many} in a subquery that may read input's columns (an aggregate over "
+                    "them aggregates the whole input)"
+                )
     return None
+
+
+def _many_rows(node: Any) -> str | None:
+    """The first aggregate or window function anywhere in ``node`` (subqueries included)."""
+    for d in _dicts(node):
+        cls = d.get("class")
+        name = str(d.get("function_name", "")).lower()
+        if cls == "WINDOW" or (cls == "FUNCTION" and name in _aggregate_like()):
+            return f"{'the window function' if cls == 'WINDOW' else 'the aggregate'} {name}()"
+    return None
+
+
+def _only_reads(sub: Any, tables: set[str]) -> bool:
+    """Does a subquery provably read nothing but declared tables? Every table it reads is one
+    of ``tables`` (or a WITH table of its own), and every column it names is qualified by a
+    table of its own FROM (an unqualified name might be a column of ``input``)."""
+    defined: set[str] = set()
+    for d in _dicts(sub):
+        for entry in (
+            (d.get("cte_map") or {}).get("map", []) if isinstance(d.get("cte_map"), dict) else []
+        ):
+            defined.add(str(entry.get("key", "")).lower())
+    for d in _dicts(sub):
+        if not _is_ref(d):
+            continue
+        name = str(d.get("table_name") or "").lower()
+        if d["type"] == "BASE_TABLE" and name not in tables and name not in defined:
+            return False
+        defined.add(str(d.get("alias") or name).lower())
+    if "input" in defined:
+        return False
+    for d in _dicts(sub):
+        if d.get("class") == "COLUMN_REF":
+            parts = d.get("column_names") or []
+            if len(parts) < 2 or str(parts[0]).lower() not in defined:
+                return False
+    return True
 
 
 def _reads_input(node: Any) -> bool:
@@ -517,46 +656,48 @@ def _reads_input(node: Any) -> bool:
 # ------------------------------------------------------------------------------ provenance
 
 
-def _carry_positions(node: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The row-wise statement with the position columns kept out of its stars and appended
-    explicitly, taken from ``input``; None when a COLUMNS(regex / lambda) makes that unsafe."""
-    out = copy.deepcopy(dict(node))
-    ref = out["from_table"]
-    while ref.get("type") == "JOIN":
-        ref = ref["left"]
-    qualifier = ref.get("alias") or ref.get("table_name") or "input"
-    stack: list[Any] = list(out["select_list"])
-    while stack:
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(item)
-            continue
-        if not isinstance(item, dict) or item.get("class") == "SUBQUERY":
-            continue
-        if item.get("class") == "STAR":
-            if item.get("expr") is not None:
-                return None
-            relation = str(item.get("relation_name") or "")
-            if relation and relation.lower() != str(qualifier).lower():
-                continue
-            excluded = {str(e).lower() for e in item.get("exclude_list") or []}
-            item["exclude_list"] = list(item.get("exclude_list") or []) + [
-                c for c in POSITION_COLS if c not in excluded
-            ]
-            continue
-        stack.extend(item.values())
-    template = out["select_list"][0] if out["select_list"] else None
-    for col in (SOURCE_COL, ROW_COL):
-        out["select_list"].append(
-            {
-                "class": "COLUMN_REF",
-                "type": "COLUMN_REF",
-                "alias": col,
-                "query_location": (template or {}).get("query_location", 0),
-                "column_names": [qualifier, col],
-            }
-        )
-    return out
+@functools.lru_cache(maxsize=256)
+def carrying_positions(sql: str, tables: frozenset[str], hidden: tuple[str, ...]) -> str:
+    """A row-wise statement rewritten to return the ``hidden`` columns too.
+
+    The statement runs over ``input`` holding only the user's columns — so nothing in it
+    (``*``, ``input`` as a row value, ``COLUMNS(*)``...) can see a hidden column — joined
+    row by row (``POSITIONAL JOIN``) to :data:`POSITIONS_TABLE`, which holds the same batch's
+    hidden columns. The rewrite keeps that table's columns out of every unqualified star and
+    appends them to the select list; no user statement can name the table (reserved prefix).
+    Only for statements whose plan has ``carries_positions``."""
+    plan = plan_statement(sql, tables)
+    assert plan.whole_input is None and plan.carries_positions, "a row-wise statement"
+    out = copy_tree(serialize(sql))
+    parent, key = out, "from_table"
+    while parent[key].get("type") == "JOIN":
+        parent, key = parent[key], "left"
+    join = copy_tree(
+        _template(f"SELECT 1 FROM input POSITIONAL JOIN {POSITIONS_TABLE}")["from_table"]
+    )
+    join["left"] = parent[key]
+    parent[key] = join
+    for d in _dicts(out["select_list"], into_subqueries=False):
+        _exclude_hidden(d, hidden)
+    for d in _dicts([out.get("where_clause"), out["from_table"]], into_subqueries=False):
+        _exclude_hidden(d, hidden)
+    template = _template(f"SELECT {POSITIONS_TABLE}.x AS x")["select_list"][0]
+    for col in hidden:
+        item = copy_tree(template)
+        item["column_names"] = [POSITIONS_TABLE, col]
+        item["alias"] = col
+        out["select_list"].append(item)
+    return to_sql(out)
+
+
+def _exclude_hidden(d: dict[str, Any], hidden: tuple[str, ...]) -> None:
+    if d.get("class") == "STAR" and d.get("expr") is None and not d.get("relation_name"):
+        d["exclude_list"] = [*(d.get("exclude_list") or []), *hidden]
+
+
+@functools.cache
+def _template(sql: str) -> dict[str, Any]:
+    return serialize(sql)
 
 
 # ------------------------------------------------------------------------------ schemas
@@ -582,111 +723,155 @@ def bind_schema(
                 con.unregister(name)
 
 
+class Unbound(SqlRefused):
+    """A statement or expression that does not bind over the given schemas."""
+
+    def __init__(self, message: str, *, unknown_column: bool) -> None:
+        super().__init__(message)
+        #: True for a column that is not there (the message has 'did you mean'); False for
+        #: anything else (types that do not fit a function or an operator...)
+        self.unknown_column = unknown_column
+
+
+def user_schema(schema: pa.Schema) -> pa.Schema:
+    """The schema without Sluice's hidden columns (what user SQL sees as ``input``)."""
+    return pa.schema([f for f in schema if f.name not in HIDDEN_COLS])
+
+
+def unbound(
+    exc: Exception, input_schema: pa.Schema, tables: Mapping[str, pa.Schema] | None = None
+) -> Unbound:
+    """A DuckDB binding error as :class:`Unbound` (an unknown column with 'did you mean')."""
+    columns = {name: list(s.names) for name, s in (tables or {}).items()}
+    hint = missing_column_hint(str(exc), list(input_schema.names), columns)
+    return Unbound(hint or first_line(str(exc)), unknown_column=hint is not None)
+
+
+def bind_statement(
+    sql: str,
+    input_schema: pa.Schema,
+    tables: Mapping[str, pa.Schema] | None = None,
+    *,
+    untyped: Collection[str] = (),
+) -> pa.Schema | None:
+    """Check one SELECT over ``input`` (and reference ``tables``) and bind it over empty inputs
+    of these schemas: the Arrow schema of its result, found before any data is read.
+
+    For any statement the caller knows the input of: a ``sql`` step, a contract's SQL rule.
+    Hidden columns of ``input_schema`` are left out (user SQL never sees them). Raises
+    :class:`SqlRefused` when it may not run (:func:`plan_statement`), and its subclass
+    :class:`Unbound` when it does not bind (an unknown column comes with 'did you mean' and
+    the input's columns). ``untyped``: columns (of ``input``, or ``table.column``) whose type
+    is not known — give them ``pa.null()``, which binds with anything; a binding error that is
+    not an unknown column then returns None (it may come from the guessed type)."""
+    plan_statement(sql, frozenset(tables or ()))
+    schema = user_schema(input_schema)
+    with binder() as con:
+        try:
+            return bind_schema(con, sql, schema, tables)
+        except duckdb.Error as exc:
+            err = unbound(exc, schema, tables)
+    if untyped and not err.unknown_column:
+        return None
+    raise err
+
+
 def output_schema(
-    step: Any, input_schema: pa.Schema | None, tables: Mapping[str, pa.Schema] | None = None
+    step: Any,
+    input_schema: pa.Schema | None,
+    tables: Mapping[str, pa.Schema] | None = None,
+    *,
+    untyped: Collection[str] = (),
 ) -> pa.Schema | None:
     """The output schema of a ``filter``, ``derive`` or ``sql`` step config for an input of
     ``input_schema`` (None: unknown, e.g. no input schema, or reference tables not given);
     raises :class:`~sluice.errors.ConfigError` naming the step when an expression does not
     bind — an unknown column comes with 'did you mean'. ``tables`` are the schemas of a sql
-    step's reference tables. Other step kinds: None."""
+    step's reference tables; ``untyped`` as in :func:`bind_statement`. Other step kinds:
+    None."""
     from sluice.config.models import DeriveStep, FilterStep, SqlStep
 
     if isinstance(step, FilterStep):
         from sluice.steps.expressions import filter_output_schema
 
-        return filter_output_schema(step, input_schema)
+        return filter_output_schema(step, input_schema, untyped=untyped)
     if isinstance(step, DeriveStep):
         from sluice.steps.expressions import derive_output_schema
 
-        return derive_output_schema(step, input_schema)
+        return derive_output_schema(step, input_schema, untyped=untyped)
     if isinstance(step, SqlStep):
         from sluice.steps.sql import output_schema as sql_output_schema
 
-        return sql_output_schema(step, input_schema, tables)
+        return sql_output_schema(step, input_schema, tables, untyped=untyped)
     return None
 
 
-def missing_column_hint(message: str, columns: list[str]) -> str | None:
-    """From a DuckDB binder error about an unknown column, 'did you mean' text (or None)."""
-    marker = 'Referenced column "'
-    if marker not in message:
-        return None
-    name = message.split(marker, 1)[1].split('"', 1)[0]
-    user = [c for c in columns if c not in POSITION_COLS]
+_UNKNOWN_COLUMN = re.compile(r'Referenced column "([^"]+)" not found')
+_UNKNOWN_QUALIFIED = re.compile(
+    r'^(?:Table|Values list) "([^"]+)" does not have a column named "([^"]+)"'
+)
+
+
+def missing_column_hint(
+    message: str, columns: list[str], tables: Mapping[str, list[str]] | None = None
+) -> str | None:
+    """From a DuckDB binder error about an unknown column, 'did you mean' text (or None).
+    ``columns`` are the input's, ``tables`` the columns of the reference tables by name."""
+    text = first_line(message)
+    m = _UNKNOWN_COLUMN.search(text)
+    relation = "input"
+    if m is not None:
+        name = m.group(1)
+    else:
+        q = _UNKNOWN_QUALIFIED.search(text)
+        if q is None:
+            return None
+        relation, name = q.group(1), q.group(2)
+        columns = (tables or {}).get(relation, columns if relation == "input" else [])
+        name_shown = f"{relation}.{name}"
+    user = [c for c in columns if c not in HIDDEN_COLS]
     close = difflib.get_close_matches(name, user, n=1) or difflib.get_close_matches(
         name.lower(), [c.lower() for c in user], n=1
     )
-    hint = f"unknown column '{name}'"
+    hint = f"unknown column '{name if m is not None else name_shown}'"
     if close:
         hint += f" (did you mean '{close[0]}'?)"
-    return hint + f"; the input columns are: {', '.join(user)}"
+    where = "the input columns" if relation == "input" else f"the columns of {relation}"
+    return hint + f"; {where} are: {', '.join(user)}"
 
 
-def column_refs(sql: str) -> set[str] | None:
-    """Names of the input columns ``sql`` refers to, from DuckDB's parse tree (None when it does
-    not parse); names that are aliases, CTEs or table names of the statement are left out."""
-    try:
-        tree = json.loads(_scalar("SELECT json_serialize_sql(?)", sql))
-    except Exception:
-        return None
-    if tree.get("error"):
-        return None
+def column_refs(sql: str | Mapping[str, Any]) -> set[str] | None:
+    """Names of the input columns a statement (its text, or a parse tree such as
+    :func:`parse_expression` gives) refers to (None when it does not parse); names that are
+    aliases, CTEs or table names of the statement, and lambda parameters, are left out."""
+    tree: Any = sql
+    if isinstance(sql, str):
+        try:
+            tree = serialize(sql)
+        except SqlRefused:
+            return None
     refs: set[str] = set()
     defined: set[str] = set()
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if node.get("class") == "COLUMN_REF":
-                parts = node.get("column_names") or []
-                if parts:
-                    refs.add(parts[-1] if len(parts) > 1 else parts[0])
-                    if len(parts) > 1:
-                        defined.add(parts[0])
-            for key in ("alias", "table_name"):
-                if isinstance(node.get(key), str) and node[key]:
-                    defined.add(node[key])
-            if node.get("class") == "LAMBDA":
-                defined.update(_lambda_params(node))
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(tree.get("statements"))
-    for cte in _cte_names(tree):
-        defined.add(cte)
+    for d in _dicts(tree):
+        if d.get("class") == "COLUMN_REF":
+            parts = d.get("column_names") or []
+            if parts:
+                refs.add(parts[-1] if len(parts) > 1 else parts[0])
+                if len(parts) > 1:
+                    defined.add(parts[0])
+        for key in ("alias", "table_name"):
+            if isinstance(d.get(key), str) and d[key]:
+                defined.add(d[key])
+        if d.get("class") == "LAMBDA":
+            defined.update(
+                str(p)
+                for n in _dicts(d.get("lhs"))
+                if n.get("class") == "COLUMN_REF"
+                for p in n.get("column_names") or []
+            )
+        cte = d.get("cte_map")
+        if isinstance(cte, dict):
+            defined.update(
+                e["key"] for e in cte.get("map", []) if isinstance(e, dict) and "key" in e
+            )
     return refs - defined
-
-
-def _lambda_params(node: Any) -> set[str]:
-    out: set[str] = set()
-    lhs = node.get("lhs")
-    stack = [lhs]
-    while stack:
-        n = stack.pop()
-        if isinstance(n, dict):
-            if n.get("class") == "COLUMN_REF":
-                out.update(n.get("column_names") or [])
-            stack.extend(n.values())
-        elif isinstance(n, list):
-            stack.extend(n)
-    return out
-
-
-def _cte_names(tree: Any) -> set[str]:
-    out: set[str] = set()
-    stack = [tree]
-    while stack:
-        n = stack.pop()
-        if isinstance(n, dict):
-            cte = n.get("cte_map")
-            if isinstance(cte, dict):
-                for entry in cte.get("map", []):
-                    if isinstance(entry, dict) and isinstance(entry.get("key"), str):
-                        out.add(entry["key"])
-            stack.extend(n.values())
-        elif isinstance(n, list):
-            stack.extend(n)
-    return out

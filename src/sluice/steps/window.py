@@ -91,6 +91,38 @@ class _Agg:
     column: str | None
 
 
+def parse_aggregate(step_id: str, name: str, text: str) -> _Agg:
+    """One entry of a window step's ``aggregate: {name: fn(column)}`` (``count()`` and
+    ``count(*)`` count rows): the function and the column it reads, or a
+    :class:`ConfigError` saying what is wrong. The column plan (``sluice validate``) uses it
+    too, so both read an aggregate the same way."""
+    usage = (
+        "use count(), sum(col), min(col), max(col), mean(col), first(col), last(col) or "
+        "count_distinct(col)"
+    )
+
+    def fail(message: str, fix: str = usage) -> NoReturn:
+        raise ConfigError(message, step_id=step_id, field=f"aggregate.{name}", value=text, fix=fix)
+
+    m = _AGG.match(text)
+    if not m:
+        fail("cannot read this aggregate: write function(column)")
+    fn, arg = m.group(1), m.group(2).strip()
+    if fn not in AGGREGATES:
+        close = difflib.get_close_matches(fn.lower(), AGGREGATES, n=1)
+        hint = f"did you mean {close[0]}()? Or " if close else ""
+        fail(f"unknown aggregate function {fn!r}", hint + usage)
+    if fn == "count" and arg == "*":
+        arg = ""
+    if "," in arg or "(" in arg or ")" in arg:
+        fail(f"{fn}() takes one column name", f"e.g. {fn}(amount); derive a column first")
+    if arg[:1] in ("'", "$", "*"):
+        fail(f"{fn}() takes a column name, not {arg!r}", f"e.g. {fn}(amount)")
+    if fn != "count" and not arg:
+        fail(f"{fn}() needs a column", f"e.g. {fn}(amount)")
+    return _Agg(name, fn, arg or None)
+
+
 class Window(BaseStep):
     """The ``window`` step: ``window: {kind, size, slide, gap, time, key, lateness,
     idle_timeout, early}`` plus ``aggregate: {name: fn(col)}``.
@@ -214,32 +246,7 @@ class Window(BaseStep):
         return round(seconds * 1_000_000)
 
     def _parse(self, name: str, text: str) -> _Agg:
-        """``fn(column)`` (``count()`` too) -> _Agg, or a ConfigError saying what is wrong."""
-        usage = (
-            "use count(), sum(col), min(col), max(col), mean(col), first(col), last(col) or "
-            "count_distinct(col)"
-        )
-
-        def fail(message: str, fix: str = usage) -> NoReturn:
-            raise ConfigError(
-                message, step_id=self.config.id, field=f"aggregate.{name}", value=text, fix=fix
-            )
-
-        m = _AGG.match(text)
-        if not m:
-            fail("cannot read this aggregate: write function(column)")
-        fn, arg = m.group(1), m.group(2).strip()
-        if fn not in AGGREGATES:
-            close = difflib.get_close_matches(fn.lower(), AGGREGATES, n=1)
-            hint = f"did you mean {close[0]}()? Or " if close else ""
-            fail(f"unknown aggregate function {fn!r}", hint + usage)
-        if "," in arg or "(" in arg or ")" in arg:
-            fail(f"{fn}() takes one column name", f"e.g. {fn}(amount); derive a column first")
-        if arg[:1] in ("'", "$"):
-            fail(f"{fn}() takes a column name, not a literal", f"e.g. {fn}(amount)")
-        if fn != "count" and not arg:
-            fail(f"{fn}() needs a column", f"e.g. {fn}(amount)")
-        return _Agg(name, fn, arg or None)
+        return parse_aggregate(self.config.id, name, text)
 
     # ------------------------------------------------------------------------ public state
 

@@ -497,7 +497,7 @@ def test_i8_06_bounds_need_a_type_they_can_be_read_in(spec: dict[str, Any], mess
 def test_contract_sql_cannot_touch_files(tmp_path: Path) -> None:
     from sluice.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="one SELECT statement"):
+    with pytest.raises(ConfigError, match="exactly one SELECT"):
         parse_contract(
             {
                 "name": "t",

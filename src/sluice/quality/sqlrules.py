@@ -25,7 +25,6 @@ has one, a result that is not one number).
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from sluice.steps import sqlengine
 from sluice.types import parse_type
 
 if TYPE_CHECKING:
-    from sluice.steps.sql import _Spill
+    from sluice.spill import Spill
 
 #: Name of the one column spilled for a rule that names no column (its rows still count).
 _ROWS = "__sluice_rows"
@@ -64,10 +63,7 @@ class PlannedRule:
 
 def _tree(sql: str) -> dict[str, Any]:
     """DuckDB's parse of a (checked) statement: its query node."""
-    with sqlengine.binder() as con:
-        text = con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0]
-    node: dict[str, Any] = json.loads(text)["statements"][0]["node"]
-    return node
+    return sqlengine.serialize(sql)
 
 
 def _dicts(obj: Any) -> Iterator[dict[str, Any]]:
@@ -214,7 +210,7 @@ def _bind_problem(
         if hint is not None and (closed or "(did you mean" in hint):
             return hint, "name the contract's fields (or columns the data has)"
         if hint is None and typed:
-            return f"it does not bind: {_first_line(str(exc))}", "fix the statement"
+            return f"it does not bind: {sqlengine.first_line(str(exc))}", "fix the statement"
         return None  # names a column that may pass through, or depends on untyped fields
     if len(out) != 1 or (typed and not _one_number(out)):
         got = ", ".join(f"{f.name} {f.type}" for f in out)
@@ -223,11 +219,6 @@ def _bind_problem(
             "select one count or other number, e.g. SELECT count(*) FROM input WHERE ...",
         )
     return None
-
-
-def _first_line(message: str) -> str:
-    lines = [x for x in message.strip().splitlines() if x.strip()]
-    return lines[0] if lines else "cannot bind"
 
 
 class RuleError(ValueError):
@@ -257,7 +248,7 @@ class SqlRules:
         self.run_id = "check"
         self._cursor: duckdb.DuckDBPyConnection | None = None
         self._tmp: Path | None = None
-        self._spill: _Spill | None = None
+        self._spill: Spill | None = None
 
     def open(self, run_id: str) -> None:
         self.run_id = run_id
@@ -286,12 +277,12 @@ class SqlRules:
             self._spill_batch(data)
 
     def _spill_batch(self, data: pl.DataFrame) -> None:
-        from sluice.steps.sql import _Spill, _spill_dir  # the sql step's spill, reused
+        from sluice.spill import Spill, spill_dir  # the sql step's spill too
 
         if self._spill is None:
-            self._tmp = _spill_dir(self.run_id, self.step_id)
+            self._tmp = spill_dir(self.run_id, self.step_id)
             (self._tmp / "duckdb").mkdir()
-            self._spill = _Spill(self._tmp, self.step_id)
+            self._spill = Spill(self._tmp, self.step_id)
         if self.keep is None:
             self._spill.append(data.to_arrow())
             return
@@ -306,7 +297,7 @@ class SqlRules:
         try:
             rows = con.execute(r.rule.sql).fetchall()
         except duckdb.Error as exc:
-            raise RuleError(f"quality sql failed: {_first_line(str(exc))}") from exc
+            raise RuleError(f"quality sql failed: {sqlengine.first_line(str(exc))}") from exc
         return rows[0][0] if rows and rows[0] else None
 
     def finish(self) -> dict[int, float]:

@@ -30,9 +30,7 @@ letters of this step).
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import tempfile
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -53,6 +51,7 @@ from sluice.batch import (
 from sluice.config.models import SqlStep
 from sluice.errors import ConfigError, StepError
 from sluice.plugins import RunContext, StepResult
+from sluice.spill import Spill, spill_dir
 from sluice.steps import sqlengine
 from sluice.steps._base import BaseStep, read_reference, sql_error
 
@@ -78,7 +77,7 @@ class Sql(BaseStep):
         self.pending_dead = empty_dead_letters()
         self.table_schemas: dict[str, pa.Schema] = {}
         self._tmp: Path | None = None
-        self._spill: _Spill | None = None
+        self._spill: Spill | None = None
         #: the input's schema when known before the run (see :meth:`use_input_schema`)
         self.input_schema: pa.Schema | None = None
         self._carry_plans: dict[pa.Schema, str | None] = {}
@@ -88,13 +87,13 @@ class Sql(BaseStep):
     def open(self, ctx: RunContext) -> None:
         super().open(ctx)
         if self.whole:
-            self._tmp = _spill_dir(ctx.run_id, self.step_id)
+            self._tmp = spill_dir(ctx.run_id, self.step_id)
             (self._tmp / "duckdb").mkdir()
             self.con = sqlengine.connect(
                 memory_limit=self.config.memory_limit,
                 temp_directory=str(self._tmp / "duckdb"),
             )
-            self._spill = _Spill(self._tmp, self.step_id)
+            self._spill = Spill(self._tmp, self.step_id)
         else:
             self.con = sqlengine.cursor()
         self._register_tables(ctx)
@@ -272,125 +271,6 @@ class Sql(BaseStep):
             finally:
                 self.con.unregister("input")
         return None
-
-
-# ---------------------------------------------------------------------------------- spilling
-
-_SPILL_PREFIX = "sluice-sql-"
-
-
-def _spill_dir(run_id: str, step_id: str) -> Path:
-    """A new folder for one step's spill, in the system temp folder (``TMPDIR``). Folders left
-    by a process that no longer runs (killed mid-run) are removed first."""
-    base = Path(tempfile.gettempdir())
-    for old in base.glob(f"{_SPILL_PREFIX}*"):
-        pid = old.name[len(_SPILL_PREFIX) :].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{_SPILL_PREFIX}{os.getpid()}-{run_id}-{step_id}-"))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class _Spill:
-    """The input of a whole-input statement, written to Arrow IPC stream files as it comes.
-
-    A batch whose schema cannot be cast to the current file's starts a new file; reading
-    unifies the files' schemas (missing columns are null). Reads stream one batch at a time,
-    and every scan opens the files anew, so DuckDB may scan the input more than once
-    (self-joins, set operations, subqueries) without it ever being held in memory."""
-
-    def __init__(self, folder: Path, step_id: str) -> None:
-        self.folder = folder
-        self.step_id = step_id
-        self.parts: list[tuple[Path, pa.Schema]] = []
-        self._writer: pa.ipc.RecordBatchStreamWriter | None = None
-        self._sink: pa.NativeFile | None = None
-        self._options = pa.ipc.IpcWriteOptions(
-            compression="lz4" if pa.Codec.is_available("lz4") else None
-        )
-
-    def append(self, table: pa.Table) -> None:
-        if self._writer is not None:
-            schema = self.parts[-1][1]
-            if table.schema != schema:
-                conformed = None
-                if table.column_names == schema.names:
-                    try:
-                        conformed = table.cast(schema)
-                    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-                        conformed = None
-                if conformed is None:
-                    self._close_writer()  # the next file gets this batch's schema
-                else:
-                    table = conformed
-        if self._writer is None:
-            path = self.folder / f"input-{len(self.parts)}.arrows"
-            self._sink = pa.OSFile(str(path), "wb")
-            self._writer = pa.ipc.new_stream(self._sink, table.schema, options=self._options)
-            self.parts.append((path, table.schema))
-        self._writer.write_table(table)
-
-    def _close_writer(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if self._sink is not None:
-            self._sink.close()
-            self._sink = None
-
-    def finish(self) -> _Spilled | None:
-        self._close_writer()
-        if not self.parts:
-            return None
-        try:
-            schema = pa.unify_schemas([s for _, s in self.parts], promote_options="permissive")
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            raise StepError(
-                self.step_id,
-                f"the input's columns change type between batches and cannot be combined: {exc}",
-                fix="cast the columns to one type before this step",
-            ) from exc
-        return _Spilled(self.parts, schema)
-
-    def close(self) -> None:
-        self._close_writer()
-
-
-class _Spilled:
-    """A re-scannable Arrow stream over the spilled files (the Arrow PyCapsule protocol)."""
-
-    def __init__(self, parts: list[tuple[Path, pa.Schema]], schema: pa.Schema) -> None:
-        self.parts = parts
-        self.schema = schema
-
-    def __arrow_c_stream__(self, requested_schema: Any = None) -> Any:
-        if len(self.parts) == 1 and self.parts[0][1] == self.schema:
-            reader = pa.ipc.open_stream(pa.OSFile(str(self.parts[0][0])))
-        else:
-            reader = pa.RecordBatchReader.from_batches(self.schema, self._conformed())
-        return reader.__arrow_c_stream__(requested_schema)
-
-    def _conformed(self) -> Iterator[pa.RecordBatch]:
-        for path, schema in self.parts:
-            with pa.OSFile(str(path)) as f:
-                for batch in pa.ipc.open_stream(f):
-                    cols = []
-                    for field in self.schema:
-                        idx = schema.get_field_index(field.name)
-                        col = (
-                            batch.column(idx) if idx >= 0 else pa.nulls(batch.num_rows, field.type)
-                        )
-                        cols.append(col.cast(field.type) if col.type != field.type else col)
-                    yield pa.RecordBatch.from_arrays(cols, schema=self.schema)
 
 
 # ---------------------------------------------------------------------------------- schemas

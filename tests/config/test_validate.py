@@ -361,3 +361,30 @@ def test_i8_23_schema_checks_hook_runs_on_the_built_components(tmp_path: Path) -
     finally:
         PIPELINE_CHECKS.remove(check)
     assert seen == [str(tmp_path.resolve())] and "amout" in str(problems[0])
+
+
+def test_i8_stream_refuses_contract_sql_that_needs_the_whole_input(tmp_path: Path) -> None:
+    """A stream never ends: a contract SQL rule other than a count of rows would spill forever;
+    validate refuses it with the fix, and accepts counts of rows."""
+    base = {
+        "pipeline": "p",
+        "source": {"kind": "redis_stream", "stream": "s"},
+        "steps": [
+            {
+                "id": "c",
+                "contract": {
+                    "name": "c",
+                    "schema": [{"name": "id", "type": "int"}],
+                    "quality": [{"sql": "SELECT count(*) - count(DISTINCT id) FROM input"}],
+                },
+            }
+        ],
+    }
+    problems = validate_pipeline(parse_pipeline(base, env={}), base_dir=tmp_path)
+    assert len(problems) == 1
+    assert "step 'c', field 'quality[0].sql'" in str(problems[0]) and "count(*)" in str(
+        problems[0]
+    )
+    rule = base["steps"][0]["contract"]["quality"][0]  # type: ignore[index]
+    rule["sql"] = "SELECT count(*) FROM input WHERE id < 0"
+    assert validate_pipeline(parse_pipeline(base, env={}), base_dir=tmp_path) == []

@@ -146,7 +146,37 @@ def _hand_input_schemas(built: Components) -> None:
                 step.use_input_schema(schema)
 
 
-PIPELINE_CHECKS: list[PipelineCheck] = [_columns]
+def _stream_contract_sql(cfg: PipelineConfig, built: Components) -> list[ConfigError]:
+    """A stream never ends: a contract SQL rule that needs the whole input (anything but a count
+    of rows, which is added up per batch) would spill without end and never answer."""
+    if not cfg.streaming:
+        return []
+    from sluice.quality.sqlrules import plan_rules
+    from sluice.quality.step import ContractCheck
+
+    errors = []
+    for step, _ in built.steps:
+        contract = step.contract if isinstance(step, ContractCheck) else None
+        if contract is None:
+            continue
+        for planned in plan_rules(contract):
+            if not planned.counts_rows:
+                errors.append(
+                    ConfigError(
+                        f"quality rule {planned.index} of contract '{contract.name}' needs the "
+                        "whole input, which a stream never has",
+                        step_id=step.step_id,
+                        field=f"quality[{planned.index}].sql",
+                        value=planned.rule.sql,
+                        fix="in a stream, contract SQL rules must count rows (SELECT count(*) "
+                        "FROM input WHERE ...); aggregate over event time with a window step",
+                        role="step",
+                    )
+                )
+    return errors
+
+
+PIPELINE_CHECKS: list[PipelineCheck] = [_columns, _stream_contract_sql]
 
 
 def step_kind(step_config: Any) -> str:

@@ -567,3 +567,57 @@ def test_broker_refusal_maps_back_to_the_row(brokers: str, topic: str) -> None:
     assert dead.column("reason").to_pylist() == ["sink_rejected"]
     assert "refused" in dead.column("message")[0].as_py()
     assert dead.column("payload")[0].as_py().startswith('{"id":3,')
+
+
+# ------------------------------------------------- review of issue 8, finding 11: memory
+
+
+_PUBLISH_MEMORY = """
+import sys
+from pathlib import Path
+import pyarrow as pa
+from sluice.batch import with_positions
+from sluice.config.models import KafkaSink
+from sluice.connectors.kafka import KafkaWriter
+from sluice.plugins import RunContext
+from sluice.runtime.epochs import StagedEpochSink
+brokers, topic, n, folder = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+w = KafkaWriter(KafkaSink(id="o", kind="kafka", brokers=brokers, topic=topic))
+staged = StagedEpochSink(w, folder, RunContext("p", "batch-x", folder))
+staged.begin(1)
+for start in range(0, n, 100_000):
+    m = min(100_000, n - start)
+    t = pa.table({"id": pa.array(range(start, start + m), pa.int64()), "v": ["x" * 40] * m})
+    staged.write(with_positions(t, "in.parquet", start))
+token = staged.prepare()
+del t
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here
+before = status("VmRSS")
+staged.publish(1, token)
+print((status("VmHWM") - before) // 1024)
+staged.close()
+"""
+
+
+def test_i8_review_kafka_publishes_a_large_run_in_bounded_memory(
+    brokers: str, topic: str, tmp_path: Any
+) -> None:
+    """A batch run is one epoch: its publish produces the run in slices, each acknowledged
+    before the next, instead of converting the whole run to messages at once."""
+    import subprocess
+    import sys
+
+    create_topic(brokers, topic)
+    out = subprocess.run(
+        [sys.executable, "-c", _PUBLISH_MEMORY, brokers, topic, "400000", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
+    growth = int(out.stdout.strip().splitlines()[-1])
+    assert growth < 90, f"publishing 400k rows grew the peak RSS by {growth} MB"

@@ -792,3 +792,29 @@ def test_i8_review_the_ledger_refuses_a_key_replayed_meanwhile(tmp_path: Path) -
         store.save(Checkpoint(epoch=2), replayed=["k2", "k1"], run_id="b")
     assert store.epochs() == [1] and set(store.replayed(["k1", "k2"])) == {"k1"}
     store.close()
+
+
+# ------------------------------ 13: found by routing the sink tests through the run path
+
+
+def test_i8_review_a_staged_batch_of_another_type_is_a_letter_not_a_failed_publish(
+    tmp_path: Path,
+) -> None:
+    """Two files whose column types differ reach a staged sink as batches of different
+    schemas: the batch that cannot be merged becomes sink_rejected letters (as a sink's schema
+    check does), instead of the publish of the committed run failing at every start."""
+    _csv(tmp_path / "in" / "a.csv", ["1,a", "2,b"])
+    _csv(tmp_path / "in" / "b.csv", ["x,c"])
+    cfg = _cfg(
+        [{"id": "db", "kind": "duckdb", "path": "w.duckdb", "table": "t"}],
+        source={"kind": "csv", "path": "in/*.csv"},
+    )
+    rep = _run(tmp_path, cfg)
+    assert rep.status == "succeeded" and rep.dead_letters_by_reason == {"sink_rejected": 1}
+    (letter,) = [
+        json.loads(x) for f in _visible(tmp_path / "dl" / "p") for x in f.read_text().splitlines()
+    ]
+    assert letter["source"].endswith("b.csv") and "'id'" in letter["message"]
+    with duckdb.connect(str(tmp_path / "w.duckdb"), read_only=True) as con:
+        assert sorted(r[0] for r in con.execute("SELECT id FROM t").fetchall()) == [1, 2]
+    assert _run(tmp_path, cfg).recovered is None

@@ -811,8 +811,9 @@ class PostgresSink(SinkBase):
 
 
 class RedisStreamSink(SinkBase):
-    """XADD each row as a message (JSON in one field). In stream mode each checkpoint epoch is
-    added in one MULTI/EXEC transaction together with an epoch marker: exactly once."""
+    """XADD each row as a message (JSON in one field). Each epoch (a stream's checkpoint, or a
+    whole batch run) is added in MULTI/EXEC transactions of up to 10,000 rows, the last one
+    with the epoch marker, each recording its progress: exactly once, memory bounded."""
 
     kind: Literal["redis_stream"]
     url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL.")

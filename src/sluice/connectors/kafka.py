@@ -35,8 +35,15 @@ long as the broker keeps the group's offsets (``offsets.retention.minutes``, 7 d
 default): a pipeline stopped for longer re-publishes its last epoch once. Kafka transactions
 are not used: the broker available here (Tansu 0.6) shows the messages of an aborted
 transaction to ``read_committed`` consumers (checked by hand), so they could not be verified.
-A batch run (``write``/``commit``) is at-least-once: a run that fails (``abort()``) leaves the
-messages already delivered visible.
+A batch run is one epoch of the same protocol (its rows staged on disk, published after the
+run's commit record, with the marker of the pipeline's batch runs): a run that fails before its
+commit sends nothing; a crash while it is published re-publishes it once at the next start
+(the window above). The plain batch-sink calls (``write``/``commit``: at-least-once, an
+``abort()`` leaves the messages already delivered visible) are no longer used by runs.
+Dead letters of a publish are handed to the runtime's journal before the marker is recorded
+(:meth:`KafkaWriter.publish_journaled`); an epoch is produced in slices of
+:data:`PUBLISH_SLICE_ROWS` rows, each acknowledged before the next, so memory stays bounded
+whatever the size of a batch run.
 Verified against Tansu: rows written through the batch-sink and the epoch-publisher protocols
 are read back complete with their types; rows the producer refuses become dead letters; a
 stream pipeline stopped with SIGTERM and restarted leaves no duplicate in its output topic.

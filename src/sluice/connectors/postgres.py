@@ -299,6 +299,10 @@ class PostgresWriter:
                     if written.num_rows:
                         letters.append(written)
             dead = pa.concat_tables(letters) if letters else empty_dead_letters()
+            if self._columns is None and self.config.create:  # no rows: still the table
+                schema = self._aligner.schema or self._aligner.fallback
+                if schema is not None and schema.names:
+                    self._create_table(schema)
             conn.execute(
                 sql.SQL(
                     "INSERT INTO {} (pipeline, sink, epoch) VALUES (%s, %s, %s) "

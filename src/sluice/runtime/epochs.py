@@ -56,6 +56,7 @@ from sluice.batch import (
     DEAD_LETTER_SCHEMA,
     SOURCE_COL,
     empty_dead_letters,
+    rows_dead_letters,
     source_id,
     source_names,
 )
@@ -335,6 +336,21 @@ def _remap_sources(table: pa.Table, names: dict[str, str]) -> pa.Table:
     return table.set_column(table.column_names.index(SOURCE_COL), SOURCE_COL, column)
 
 
+def _conflict(schema: pa.Schema, other: pa.Schema) -> str:
+    """The first column of ``other`` whose type cannot be merged with ``schema``'s."""
+    for field in other:
+        if field.name not in schema.names:
+            continue
+        try:
+            pa.unify_schemas(
+                [pa.schema([schema.field(field.name)]), pa.schema([field])],
+                promote_options="permissive",
+            )
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            return field.name
+    return other.names[0]
+
+
 class StagedEpochSink:
     """Stage each epoch in Arrow IPC files, publish through an :class:`EpochPublisher`.
 
@@ -392,6 +408,8 @@ class StagedEpochSink:
 
     def write(self, table: pa.Table) -> pa.Table:
         if table.num_rows == 0:
+            if self._writer is None:  # no rows, but the columns: the publish can use them
+                self._roll(table.schema)
             return empty_dead_letters()
         # invalid strings are dead letters of this epoch now, not of the publish later
         table, dead = drop_invalid_utf8(table, self.step_id)
@@ -450,19 +468,18 @@ class StagedEpochSink:
         token = token or {}
         names = list(token.get("files") or ([token["file"]] if token.get("file") else []))
         journal = self._journal(epoch)
-        if names:
+        # a batch run publishes also without rows: a mode that replaces the target replaces it
+        # (with an empty table when the columns are known), the marker records the run
+        if names or self.ctx.batch:
             done = self.publisher.published_epoch()
             paths = [self.dir / n for n in names]
             if (done is None or done < epoch) and all(p.exists() for p in paths):
-                tables = [_read_arrow(p) for p in paths]
-                table = (
-                    tables[0]
-                    if len(tables) == 1
-                    else pa.concat_tables(tables, promote_options="permissive")
-                )
-                table = _remap_sources(table, dict(token.get("sources") or {}))
+                sources = dict(token.get("sources") or {})
+                table, refused = self._staged_table(paths, sources)
 
                 def write_journal(dead: pa.Table) -> None:
+                    if refused.num_rows:
+                        dead = pa.concat_tables([refused, dead.cast(DEAD_LETTER_SCHEMA)])
                     if dead.num_rows:
                         _write_arrow(journal, dead.cast(DEAD_LETTER_SCHEMA))
                     else:
@@ -477,6 +494,47 @@ class StagedEpochSink:
         if journal.exists():
             return _read_arrow(journal)
         return empty_dead_letters()
+
+    def _staged_table(
+        self, paths: list[Path], sources: dict[str, str]
+    ) -> tuple[pa.Table, pa.Table]:
+        """The epoch's staged rows as one table (memory mapped) and the dead letters of staged
+        batches whose columns cannot be merged with the batches before them (a column that
+        changed to an incompatible type): like a sink's schema check, the first batch decides;
+        refused batches are ``sink_rejected`` letters naming the column."""
+        tables = [_remap_sources(_read_arrow(p), sources) for p in paths]
+        if not tables:
+            return pa.table({}), empty_dead_letters()
+        # batches without rows only say the columns when no batch has rows
+        tables = [t for t in tables if t.num_rows] or tables[:1]
+        if len(tables) == 1:
+            return tables[0], empty_dead_letters()
+        kept: list[pa.Table] = []
+        refused: list[pa.Table] = []
+        schema: pa.Schema | None = None
+        for t in tables:
+            if schema is None:
+                schema = t.schema
+                kept.append(t)
+                continue
+            try:
+                schema = pa.unify_schemas([schema, t.schema], promote_options="permissive")
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                column = _conflict(schema, t.schema)
+                refused.append(
+                    rows_dead_letters(
+                        t,
+                        step_id=self.step_id,
+                        reason="sink_rejected",
+                        message=f"batch does not match the sink's schema: column {column!r} "
+                        f"has type {t.schema.field(column).type}, earlier batches of the run "
+                        f"have {schema.field(column).type}",
+                    )
+                )
+                continue
+            kept.append(t)
+        table = kept[0] if len(kept) == 1 else pa.concat_tables(kept, promote_options="permissive")
+        return table, pa.concat_tables(refused) if refused else empty_dead_letters()
 
     def _staged(self) -> list[tuple[Path, int]]:
         """The files of the staging folder with the epoch each belongs to."""
@@ -582,4 +640,37 @@ class PlainEpochSink:
 
 EpochSink = FileEpochSink | StagedEpochSink | PlainEpochSink
 
-__all__ = ["EpochSink", "FileEpochSink", "PlainEpochSink", "StagedEpochSink"]
+
+def epoch_sink(
+    sink: Sink,
+    config: Any,
+    ctx: RunContext,
+    *,
+    stream: bool,
+    staging: Path,
+    sink_ctx: RunContext,
+) -> EpochSink:
+    """The adapter a run drives ``sink`` (built from ``config``) through: a built-in file sink's
+    parts per epoch (:class:`FileEpochSink`; in a batch run named after ``ctx.run_id``), an
+    :class:`~sluice.plugins.EpochPublisher` staged under ``staging`` and published under
+    ``sink_ctx`` (:class:`StagedEpochSink`), any other sink committed after the checkpoint
+    (:class:`PlainEpochSink`)."""
+    if isinstance(config, FileSinkBase) and type(sink).__module__.startswith(
+        "sluice.connectors.files"
+    ):
+        name = None if stream else ctx.run_id
+        return FileEpochSink(config, ctx, batch=not stream, name=name)
+    if isinstance(sink, EpochPublisher):
+        return StagedEpochSink(sink, staging, sink_ctx, mode=getattr(config, "mode", None))
+    return PlainEpochSink(sink, ctx, batch=not stream)
+
+
+__all__ = [
+    "DEAD_LETTER_TOKEN",
+    "EpochSink",
+    "FileEpochSink",
+    "PlainEpochSink",
+    "StagedEpochSink",
+    "epoch_sink",
+    "sink_tokens",
+]

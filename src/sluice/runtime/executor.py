@@ -59,7 +59,7 @@ from sluice.batch import (
     frame_rows,
     rows_dead_letters,
 )
-from sluice.config.models import FileSinkBase, JsonlSink, ParquetSink, PipelineConfig
+from sluice.config.models import JsonlSink, ParquetSink, PipelineConfig
 from sluice.config.validate import build_components, step_kind
 from sluice.connectors.files.writers import remove_temporaries
 from sluice.errors import ConfigError, SinkError, SluiceError, TerminalError, TransientError
@@ -79,6 +79,7 @@ from sluice.runtime.epochs import (
     FileEpochSink,
     PlainEpochSink,
     StagedEpochSink,
+    epoch_sink,
     sink_tokens,
 )
 from sluice.runtime.faults import crash_point
@@ -279,15 +280,14 @@ class Executor:
     # ------------------------------------------------------------------ construction
 
     def _epoch_sink(self, sink: Sink, cfg: Any) -> EpochSink:
-        if isinstance(cfg, FileSinkBase) and type(sink).__module__.startswith(
-            "sluice.connectors.files"
-        ):
-            name = self.run_id if not self.streaming else None
-            return FileEpochSink(cfg, self.ctx, batch=not self.streaming, name=name)
-        if isinstance(sink, EpochPublisher):
-            mode = getattr(cfg, "mode", None)
-            return StagedEpochSink(sink, self.staging, self.sink_ctx, mode=mode)
-        return PlainEpochSink(sink, self.ctx, batch=not self.streaming)
+        return epoch_sink(
+            sink,
+            cfg,
+            self.ctx,
+            stream=self.streaming,
+            staging=self.staging,
+            sink_ctx=self.sink_ctx,
+        )
 
     def _dead_letter_output(self) -> tuple[Path, FileEpochSink]:
         """A batch run writes its dead letters to one file named after the run."""

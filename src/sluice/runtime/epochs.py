@@ -14,18 +14,19 @@ Three adapters cover every sink:
 * :class:`FileEpochSink` (Parquet, CSV, JSONL, and the dead-letter output): part files written
   under hidden temporary names and fsynced at ``prepare``; ``publish`` renames them. In a
   stream each epoch has its own parts, ``part-e<epoch>-<n>.<ext>``; on restart the checkpointed
-  epoch's files are renamed if that had not happened yet, and every temporary file and every
-  part of a newer epoch (output of work the checkpoint does not cover) is deleted: the replayed
-  epoch replaces, never duplicates. In a batch run the parts are named after the run
-  (``part-<run id>-<n>.<ext>``) and the file sink's ``mode`` applies at publish: ``overwrite``
-  deletes every other part file of the folder (or, with ``overwrite_partitions``, of the
-  partition folders the run wrote) right after the new parts were renamed in; the previous
-  output is intact until the commit point.
+  epoch's files are renamed if that had not happened yet, and this pipeline's temporary files
+  and every part of a newer epoch (output of work the checkpoint does not cover) are deleted:
+  the replayed epoch replaces, never duplicates. In a batch run the parts are named after the
+  run (``part-<run id>-<n>.<ext>``) and the file sink's ``mode`` applies at publish:
+  ``overwrite`` deletes every other part file of the output (the folder and its ``partition_by``
+  folders; or, with ``overwrite_partitions``, of the partition folders the run wrote) right
+  after the new parts were renamed in; the previous output is intact until the commit point.
+  A file that is gone at publish (neither temporary nor final) raises instead of being skipped.
 * :class:`StagedEpochSink` (PostgreSQL, Delta Lake, DuckDB, Redis Streams, Kafka: anything
   implementing :class:`~sluice.plugins.EpochPublisher`): the epoch's rows are staged in Arrow IPC
   files next to the checkpoint store, written as they arrive (memory stays bounded whatever the
-  epoch's size), then published in one transaction with the sink's epoch marker. A staged epoch
-  is re-published after a crash only if the marker is older.
+  epoch's size), then published with the sink's epoch marker (in slices: see each publisher).
+  A staged epoch is re-published after a crash only if the marker is older.
 * :class:`PlainEpochSink`: any other batch :class:`~sluice.plugins.Sink` is opened per epoch and
   committed after the checkpoint — at-least-once across a crash.
 
@@ -37,6 +38,10 @@ them into that epoch's dead-letter output (:meth:`FileEpochSink.write_extra`, a 
 the epoch and the sink, skipped when already there) before :meth:`StagedEpochSink.forget`
 deletes the journal. A restart reads the journal of the epoch it rolls forward: the letters are
 neither lost nor doubled.
+
+Every token says what its publish needs: a file sink's folder, files, mode and partition
+columns; a staged sink's files, the names of the sources its rows came from, and its mode. The
+dead-letter output's token is kept under :data:`DEAD_LETTER_TOKEN` (never a step id).
 """
 
 from __future__ import annotations
@@ -347,8 +352,8 @@ def _conflict(schema: pa.Schema, other: pa.Schema) -> str:
                 promote_options="permissive",
             )
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-            return field.name
-    return other.names[0]
+            return str(field.name)
+    return str(other.names[0])
 
 
 class StagedEpochSink:
@@ -384,7 +389,8 @@ class StagedEpochSink:
 
     def use_context(self, ctx: RunContext) -> None:
         """Publish under another run context from now on (the publisher's epoch marker is keyed
-        by its run id: the stream's checkpoint history, the batch runs' history)."""
+        by its run id: the stream's checkpoint history, or the batch runs' history of the
+        state store)."""
         if ctx == self.ctx:
             return
         if self._opened:

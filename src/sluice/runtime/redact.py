@@ -106,7 +106,7 @@ class Redactor:
         return redact_text(message, keep=self.names)
 
     def render(self, exc: BaseException) -> str:
-        """``render_error``: the one rendering of an exception for reports and stderr."""
+        """The one rendering of an exception for reports and stderr."""
         return self.text(describe(exc))
 
     def scrub(self, exc: BaseException) -> None:

@@ -72,7 +72,8 @@ REASONS: Final = {
     "step_error": "a step failed on this record's values (stream mode isolates the record)",
     "late": "the record's event time is behind the watermark: its window was already closed",
     "missing_file": "a watched file vanished before it could be read",
-    "replay_error": "a replayed dead letter could not be parsed back",
+    "replay_error": "a dead letter that cannot be replayed: its payload cannot be parsed back, "
+    "or its PII values were redacted when it was written",
 }
 
 DEAD_LETTER_SCHEMA: Final = pa.schema(

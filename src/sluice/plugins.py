@@ -51,10 +51,13 @@ Stream mode (:mod:`sluice.runtime.stream`) adds two interfaces:
     a transactional marker returns ``None`` and is at-least-once for the epoch in flight at a
     crash; its documentation says so. Batch runs use the same protocol, one epoch per run
     (the rows of the whole run are staged on disk: ``table`` may be larger than memory, memory
-    mapped; a publisher that converts it should do so in slices). In a batch run the ``ctx``
-    given to ``open`` names the run (``batch-<run id>``), so the marker is per run and a mode
-    that replaces the target at the first epoch of a history (Delta ``overwrite``, DuckDB
-    ``replace``) replaces it in every run.
+    mapped; a publisher converts and sends it in slices, so that its memory stays bounded).
+    The ``ctx`` given to ``open`` names the history the marker belongs to: the stream's
+    checkpoint history (``stream-<id>``), or the batch runs of the pipeline's state store
+    (``batch-<id>``, one marker per sink for all runs, epochs numbered by the store). For
+    batch runs ``ctx.batch`` is true: a mode that replaces the target (Delta ``overwrite``,
+    DuckDB ``replace``) replaces it at every epoch (each run), not only at the first epoch of
+    the history as in a stream.
 
 ``JournalingPublisher``
     An ``EpochPublisher`` that can refuse rows at publish (constraint violations, the
@@ -63,8 +66,9 @@ Stream mode (:mod:`sluice.runtime.stream`) adds two interfaces:
     ``journal(dead_letters)`` exactly once per attempt, after the rows are written and *before*
     its transaction commits (an empty table when nothing was refused), and returns nothing. The
     runtime makes the letters durable in that call, so a crash right after the commit loses
-    none. For a plain ``EpochPublisher`` the runtime journals what ``publish`` returned, right
-    after it returned (a crash in between loses those letters).
+    none. Every built-in publisher implements it. For a plain ``EpochPublisher`` (a third
+    party's) the runtime journals what ``publish`` returned, right after it returned (a crash
+    in between loses those letters).
 """
 
 from __future__ import annotations
@@ -88,6 +92,10 @@ class RunContext:
     pipeline: str
     run_id: str
     base_dir: Path = field(default_factory=Path.cwd)
+    #: the epochs published under this context are whole batch runs (see ``EpochPublisher``):
+    #: a mode that replaces the target (Delta ``overwrite``, DuckDB ``replace``) replaces it at
+    #: every epoch, not only at the first epoch of the history
+    batch: bool = False
 
     def resolve(self, path: str) -> Path:
         """Resolve a configured path: relative paths are relative to the pipeline file's folder."""

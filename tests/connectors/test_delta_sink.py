@@ -1,4 +1,9 @@
-"""Delta sink against real Delta tables in tmp_path."""
+"""Delta sink against real Delta tables in tmp_path.
+
+Runs go through the runtime's epoch adapter (:class:`run_path.RunPath`: rows staged on disk,
+then published as one Delta commit with the run's application transaction), as ``sluice run``
+drives the sink. The writer's own batch-sink calls (``write``/``commit``/``abort``) are no
+longer used by runs (kept until issue 9 removes them)."""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ import pyarrow.compute as pc
 import pytest
 
 deltalake = pytest.importorskip("deltalake")
+
+from run_path import RunPath  # noqa: E402
 
 from sluice.batch import with_positions  # noqa: E402
 from sluice.config.models import DeltaSink  # noqa: E402
@@ -51,11 +58,18 @@ def read(path: Path) -> pa.Table:
     return t.sort_by("id")
 
 
+def start(w: DeltaWriter, tmp_path: Path, run_id: str) -> RunPath:
+    """A batch run of ``w`` as the runtime drives it, opened."""
+    rp = RunPath(w, w.config)
+    rp.open(RunContext("p", run_id, tmp_path))
+    return rp
+
+
 def run(w: DeltaWriter, tmp_path: Path, *batches: pa.Table, run_id: str = "r1") -> None:
-    w.open(RunContext("p", run_id, tmp_path))
+    rp = start(w, tmp_path, run_id)
     for b in batches:
-        assert w.write(b).num_rows == 0
-    w.commit()
+        assert rp.write(b).num_rows == 0
+    assert rp.commit().num_rows == 0
 
 
 def test_write_and_read_back(tmp_path: Path) -> None:
@@ -101,16 +115,14 @@ def test_partitioned_table(tmp_path: Path) -> None:
 
 def test_abort_leaves_no_version(tmp_path: Path) -> None:
     table = tmp_path / "t"
-    w = sink(table)
-    w.open(RunContext("p", "r1", tmp_path))
-    w.write(rows(0, 5))
-    w.abort()
+    rp = start(sink(table), tmp_path, "r1")
+    rp.write(rows(0, 5))
+    rp.abort()
     assert not deltalake.DeltaTable.is_deltatable(str(table))
     run(sink(table), tmp_path, rows(0, 2))
-    w = sink(table)
-    w.open(RunContext("p", "r2", tmp_path))
-    w.write(rows(2, 5))
-    w.abort()
+    rp = start(sink(table), tmp_path, "r2")
+    rp.write(rows(2, 5))
+    rp.abort()
     assert read(table)["id"].to_pylist() == [0, 1]
 
 
@@ -132,22 +144,20 @@ def test_i8_F_delta_abort_never_undoes_a_concurrent_commit(
     monkeypatch.setattr(DeltaWriter, "max_buffer_bytes", 1, raising=False)
     table = tmp_path / "t"
     run(sink(table), tmp_path, rows(0, 3))
-    w = sink(table, mode="overwrite")
-    w.open(RunContext("p", "r2", tmp_path))
-    w.write(rows(10, 3))
-    w.write(rows(13, 3))
+    rp = start(sink(table, mode="overwrite"), tmp_path, "r2")
+    rp.write(rows(10, 3))
+    rp.write(rows(13, 3))
     assert deltalake.DeltaTable(str(table)).version() == 0  # nothing of the run is visible
     _concurrent_append(table, rows(50, 2))
-    w.abort()
+    rp.abort()
     assert read(table)["id"].to_pylist() == [0, 1, 2, 50, 51]
     assert deltalake.DeltaTable(str(table)).version() == 1  # theirs only: no restore of ours
 
     # a concurrent append between open and commit: both writers' rows are in the table
-    w = sink(table)
-    w.open(RunContext("p", "r3", tmp_path))
-    w.write(rows(20, 2))
+    rp = start(sink(table), tmp_path, "r3")
+    rp.write(rows(20, 2))
     _concurrent_append(table, rows(60, 1))
-    w.commit()
+    rp.commit()
     assert read(table)["id"].to_pylist() == [0, 1, 2, 20, 21, 50, 51, 60]
     assert deltalake.DeltaTable(str(table)).version() == 3
 
@@ -155,11 +165,10 @@ def test_i8_F_delta_abort_never_undoes_a_concurrent_commit(
 def test_a_big_run_is_one_commit_and_abort_leaves_the_table(tmp_path: Path) -> None:
     table = tmp_path / "t"
     run(sink(table), tmp_path, rows(0, 3))
-    w = sink(table, mode="overwrite")
-    w.open(RunContext("p", "r2", tmp_path))
-    for start in range(10, 10 + 50 * 1000, 1000):
-        w.write(rows(start, 1000))
-    w.abort()
+    rp = start(sink(table, mode="overwrite"), tmp_path, "r2")
+    for first in range(10, 10 + 50 * 1000, 1000):
+        rp.write(rows(first, 1000))
+    rp.abort()
     assert read(table)["id"].to_pylist() == [0, 1, 2]
     assert deltalake.DeltaTable(str(table)).version() == 0
     run(
@@ -175,14 +184,13 @@ def test_a_big_run_is_one_commit_and_abort_leaves_the_table(tmp_path: Path) -> N
 def test_schema_alignment_against_existing_table(tmp_path: Path) -> None:
     table = tmp_path / "t"
     run(sink(table), tmp_path, rows(0, 2))
-    w = sink(table)
-    w.open(RunContext("p", "r2", tmp_path))
+    rp = start(sink(table), tmp_path, "r2")
     reordered = rows(2, 2).select(["note", "at", "amount", "region", "id", "__sluice_row"])
-    assert w.write(reordered).num_rows == 0
+    assert rp.write(reordered).num_rows == 0
     bad = rows(4, 2).set_column(0, "id", pa.array(["a", "b"]))
-    dead = w.write(bad)
+    rp.write(bad)
+    dead = rp.commit()  # refused at publish, against the table's schema
     assert dead.num_rows == 2 and "'id'" in dead["message"][0].as_py()
-    w.commit()
     assert read(table)["id"].to_pylist() == [0, 1, 2, 3]
 
 
@@ -191,21 +199,19 @@ def test_null_column_and_empty_overwrite(tmp_path: Path) -> None:
     t = pa.table({"id": [1, 2], "nothing": pa.nulls(2)})
     run(sink(table), tmp_path, t)
     assert read(table)["nothing"].to_pylist() == [None, None]
-    w = sink(table, mode="overwrite")
-    w.open(RunContext("p", "r2", tmp_path))
-    assert w.write(t.slice(0, 0)).num_rows == 0
-    w.commit()
+    rp = start(sink(table, mode="overwrite"), tmp_path, "r2")
+    assert rp.write(t.slice(0, 0)).num_rows == 0
+    rp.commit()
     assert deltalake.DeltaTable(str(table)).to_pyarrow_table().num_rows == 0
 
 
 def test_incompatible_partitioning_is_a_sink_error(tmp_path: Path) -> None:
     table = tmp_path / "t"
     run(sink(table), tmp_path, rows(0, 2))
-    w = sink(table, partition_by=["region"])
-    w.open(RunContext("p", "r2", tmp_path))
-    w.write(rows(2, 2))
+    rp = start(sink(table, partition_by=["region"]), tmp_path, "r2")
+    rp.write(rows(2, 2))
     with pytest.raises(SinkError, match="lake"):
-        w.commit()
+        rp.commit(attempts=1)
     assert pc.max(read(table)["id"]).as_py() == 1
 
 

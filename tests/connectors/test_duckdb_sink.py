@@ -1,4 +1,9 @@
-"""DuckDB sink: read back, one transaction per run, replace mode."""
+"""DuckDB sink: read back, one transaction per run, replace mode.
+
+Runs go through the runtime's epoch adapter (:class:`run_path.RunPath`: rows staged, then
+published with the run's marker), as ``sluice run`` drives the sink. The plain batch-sink calls
+(``write``/``commit``/``abort`` on the writer) are no longer used by runs; the tests of their
+own guarantees are at the end, until that path is removed (issue 9)."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pytest
+from run_path import RunPath
 
 from sluice.batch import with_positions
 from sluice.config.models import DuckdbSink
@@ -39,11 +45,14 @@ def query(tmp_path: Path, sql: str) -> list[tuple[object, ...]]:
         return con.execute(sql).fetchall()
 
 
-def run(w: DuckdbWriter, tmp_path: Path, *batches: pa.Table) -> None:
-    w.open(RunContext("p", "r1", tmp_path))
+def run(w: DuckdbWriter, tmp_path: Path, *batches: pa.Table, run_id: str = "r1") -> RunPath:
+    """One batch run of ``w`` as the runtime drives it."""
+    rp = RunPath(w, w.config)
+    rp.open(RunContext("p", run_id, tmp_path))
     for b in batches:
-        assert w.write(b).num_rows == 0
-    w.commit()
+        assert rp.write(b).num_rows == 0
+    assert rp.commit().num_rows == 0
+    return rp
 
 
 def test_write_and_read_back(tmp_path: Path) -> None:
@@ -62,50 +71,57 @@ def test_write_and_read_back(tmp_path: Path) -> None:
 
 def test_append_and_alignment(tmp_path: Path) -> None:
     run(sink(), tmp_path, rows(0, 3))
-    w = sink(table="orders")
-    w.open(RunContext("p", "r2", tmp_path))
-    assert w.write(rows(3, 2).select(["name", "id", "day", "amount"])).num_rows == 0
-    dead = w.write(rows(5, 1).set_column(0, "id", pa.array(["x"])))
+    rp = RunPath(w := sink(table="orders"), w.config)
+    rp.open(RunContext("p", "r2", tmp_path))
+    assert rp.write(rows(3, 2).select(["name", "id", "day", "amount"])).num_rows == 0
+    rp.write(rows(5, 1).set_column(0, "id", pa.array(["x"])))
+    dead = rp.commit()  # refused at publish, where the table's schema is known
     assert dead.num_rows == 1 and "'id'" in dead["message"][0].as_py()
-    w.commit()
+    assert dead["position"].to_pylist() == [5]
     assert query(tmp_path, "SELECT id FROM orders") == [(i,) for i in range(5)]
 
 
 def test_abort_rolls_back(tmp_path: Path) -> None:
     run(sink(), tmp_path, rows(0, 3))
-    w = sink()
-    w.open(RunContext("p", "r2", tmp_path))
-    w.write(rows(3, 3))
-    w.abort()
+    rp = RunPath(w := sink(), w.config)
+    rp.open(RunContext("p", "r2", tmp_path))
+    rp.write(rows(3, 3))
+    rp.abort()
     assert query(tmp_path, "SELECT count(*) FROM orders") == [(3,)]
 
 
 def test_replace_is_transactional(tmp_path: Path) -> None:
     run(sink(), tmp_path, rows(0, 3))
-    w = sink(mode="replace")
-    w.open(RunContext("p", "r2", tmp_path))
-    w.write(pa.table({"other": ["a"]}))
-    w.abort()
+    rp = RunPath(w := sink(mode="replace"), w.config)
+    rp.open(RunContext("p", "r2", tmp_path))
+    rp.write(pa.table({"other": ["a"]}))
+    rp.abort()
     assert query(tmp_path, "SELECT count(*) FROM orders") == [(3,)]  # old table kept
-    run(sink(mode="replace"), tmp_path, pa.table({"other": ["a", "b"]}))
+    run(sink(mode="replace"), tmp_path, pa.table({"other": ["a", "b"]}), run_id="r3")
     assert query(tmp_path, "SELECT * FROM orders") == [("a",), ("b",)]
+    run(sink(mode="replace"), tmp_path, pa.table({"other": ["c"]}), run_id="r4")
+    assert query(tmp_path, "SELECT * FROM orders") == [("c",)]  # every run replaces it
 
 
 def test_new_schema_and_empty_run(tmp_path: Path) -> None:
     w = sink(table="stage.empty")
     run(w, tmp_path, rows(0, 0))
     assert query(tmp_path, "SELECT count(*) FROM stage.empty") == [(0,)]
+    # a replace run without rows replaces the table by an empty one
+    run(sink(table="stage.full"), tmp_path, rows(0, 3), run_id="r2")
+    run(sink(table="stage.full", mode="replace"), tmp_path, rows(0, 3).slice(0, 0), run_id="r3")
+    assert query(tmp_path, "SELECT count(*) FROM stage.full") == [(0,)]
 
 
 def test_constraint_violation_fails_the_run(tmp_path: Path) -> None:
     with duckdb.connect(str(tmp_path / "w.duckdb")) as con:
         con.execute("CREATE TABLE orders (id BIGINT PRIMARY KEY, v VARCHAR)")
-    w = sink()
-    w.open(RunContext("p", "r1", tmp_path))
-    w.write(pa.table({"id": [1, 2], "v": ["a", "b"]}))
-    with pytest.raises(SinkError, match="orders"):
-        w.write(pa.table({"id": [2], "v": ["dup"]}))
-    w.abort()
+    rp = RunPath(w := sink(), w.config)
+    rp.open(RunContext("p", "r1", tmp_path))
+    rp.write(pa.table({"id": [1, 2], "v": ["a", "b"]}))
+    rp.write(pa.table({"id": [2], "v": ["dup"]}))
+    with pytest.raises(SinkError, match="orders"):  # the publish's transaction rolls back
+        rp.commit(attempts=1)
     assert query(tmp_path, "SELECT count(*) FROM orders") == [(0,)]
 
 

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pytest
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from kafka_broker import FAST_GROUP, create_topic, tansu_broker
+from run_path import RunPath
 
 from sluice.batch import ROW_COL, SOURCE_COL, source_names, with_positions
 from sluice.config.models import KafkaSink, KafkaSource
@@ -64,6 +65,17 @@ def _sink(brokers: str, topic: str, **extra: Any) -> KafkaWriter:
     writer = lookup("sink", "kafka")(config)
     assert isinstance(writer, KafkaWriter)
     return writer
+
+
+def _publish_run(writer: KafkaWriter, tmp_path: Any, *tables: pa.Table) -> pa.Table:
+    """One batch run of ``writer`` as the runtime drives it (rows staged, then published with
+    the run's epoch marker); returns every dead letter of the run."""
+    rp = RunPath(writer, writer.config)
+    rp.open(RunContext("kafka_test", f"r-{uuid.uuid4().hex[:6]}", tmp_path))
+    for t in tables:
+        rp.write(t)
+    rp.commit()
+    return rp.dead()
 
 
 class Read:
@@ -141,15 +153,12 @@ def test_protocols() -> None:
     assert isinstance(writer, EpochPublisher)
 
 
-def test_round_trip_batch_sink_to_source(brokers: str, topic: str) -> None:
+def test_round_trip_batch_sink_to_source(brokers: str, topic: str, tmp_path: Any) -> None:
     create_topic(brokers, topic, partitions=3)
     n = 500
     writer = _sink(brokers, topic, key="id")
-    writer.open(CTX)
-    for part in (_rows(300), _rows(0, 300), _rows(200, 300)):
-        dead = writer.write(part)
-        assert dead.num_rows == 0
-    writer.commit()
+    dead = _publish_run(writer, tmp_path, _rows(300), _rows(0, 300), _rows(200, 300))
+    assert dead.num_rows == 0
 
     reader = _source(brokers, topic, f"g-{topic}", schema={"id": "int64", "ts": "timestamp"})
     reader.open(CTX, None)
@@ -323,15 +332,13 @@ def test_epoch_publisher_publish_then_read_back(brokers: str, topic: str) -> Non
     assert all(b'"name":null' in v for v in unkeyed)
 
 
-def test_producer_refusal_is_a_dead_letter(brokers: str, topic: str) -> None:
+def test_producer_refusal_is_a_dead_letter(brokers: str, topic: str, tmp_path: Any) -> None:
     create_topic(brokers, topic, partitions=1)
     writer = _sink(brokers, topic, options={"message.max.bytes": 2000})
-    writer.open(CTX)
     rows = _rows(5)
     big = pc.if_else(pc.equal(rows.column("id"), 2), pa.scalar("x" * 5000), rows.column("name"))
     rows = rows.set_column(1, "name", big)
-    dead = writer.write(rows)
-    writer.commit()
+    dead = _publish_run(writer, tmp_path, rows)
     assert dead.num_rows == 1
     letter = dead.to_pylist()[0]
     assert letter["reason"] == "sink_rejected"
@@ -348,11 +355,9 @@ def test_producer_refusal_is_a_dead_letter(brokers: str, topic: str) -> None:
     assert got.table().column("id").to_pylist() == [0, 1, 3, 4]
 
 
-def test_missing_key_column_rejects_rows(brokers: str, topic: str) -> None:
-    writer = _sink(brokers, topic, key="nope")
-    writer.open(CTX)
-    dead = writer.write(_rows(3))
-    writer.abort()
+def test_missing_key_column_rejects_rows(brokers: str, topic: str, tmp_path: Any) -> None:
+    create_topic(brokers, topic, partitions=1)
+    dead = _publish_run(_sink(brokers, topic, key="nope"), tmp_path, _rows(3))
     assert dead.num_rows == 3
     assert set(dead.column("reason").to_pylist()) == {"sink_rejected"}
     assert "'nope'" in dead.column("message")[0].as_py()
@@ -476,7 +481,7 @@ def test_rebalance_is_at_least_once(brokers: str, topic: str) -> None:
         first.close()
 
 
-def test_nested_and_special_values_round_trip(brokers: str, topic: str) -> None:
+def test_nested_and_special_values_round_trip(brokers: str, topic: str, tmp_path: Any) -> None:
     create_topic(brokers, topic, partitions=1)
     table = pa.table(
         {
@@ -491,10 +496,7 @@ def test_nested_and_special_values_round_trip(brokers: str, topic: str) -> None:
             "text": ['quote " and\nnewline', "ünïcode"],
         }
     )
-    writer = _sink(brokers, topic, key="raw")
-    writer.open(CTX)
-    assert writer.write(table).num_rows == 0
-    writer.commit()
+    assert _publish_run(_sink(brokers, topic, key="raw"), tmp_path, table).num_rows == 0
 
     reader = _source(brokers, topic, f"g-{topic}", schema={"price": "decimal(5,2)"})
     reader.open(CTX, None)
@@ -516,8 +518,8 @@ def test_unreachable_broker_is_a_sink_error() -> None:
     writer = _sink(f"127.0.0.1:{port}", "nowhere", options={"message.timeout.ms": 300})
     writer.open(CTX)
     with pytest.raises(SinkError, match="were not delivered"):
-        writer.write(_rows(3))
-    writer.abort()
+        writer.publish(1, _rows(3))  # what a run's publish calls
+    writer.close()
 
 
 def _closed_port() -> int:
@@ -555,15 +557,71 @@ class _Refusing:
         return left
 
 
-def test_broker_refusal_maps_back_to_the_row(brokers: str, topic: str) -> None:
+def test_broker_refusal_maps_back_to_the_row(brokers: str, topic: str, tmp_path: Any) -> None:
     create_topic(brokers, topic, partitions=1)
     writer = _sink(brokers, topic)
-    writer.open(CTX)
+    rp = RunPath(writer, writer.config)
+    rp.open(RunContext("kafka_test", "r-refusal", tmp_path))
     assert writer._producer is not None
     writer._producer = _Refusing(writer._producer, writer, '"id":3,')  # type: ignore[assignment]
-    dead = writer.write(_rows(6))
-    writer.commit()
+    rp.write(_rows(6))
+    rp.commit()
+    dead = rp.dead()
     assert dead.column("position").to_pylist() == [3]
     assert dead.column("reason").to_pylist() == ["sink_rejected"]
     assert "refused" in dead.column("message")[0].as_py()
     assert dead.column("payload")[0].as_py().startswith('{"id":3,')
+
+
+# ------------------------------------------------- review of issue 8, finding 11: memory
+
+
+_PUBLISH_MEMORY = """
+import sys
+from pathlib import Path
+import pyarrow as pa
+from sluice.batch import with_positions
+from sluice.config.models import KafkaSink
+from sluice.connectors.kafka import KafkaWriter
+from sluice.plugins import RunContext
+from sluice.runtime.epochs import StagedEpochSink
+brokers, topic, n, folder = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+w = KafkaWriter(KafkaSink(id="o", kind="kafka", brokers=brokers, topic=topic))
+staged = StagedEpochSink(w, folder, RunContext("p", "batch-x", folder))
+staged.begin(1)
+for start in range(0, n, 100_000):
+    m = min(100_000, n - start)
+    t = pa.table({"id": pa.array(range(start, start + m), pa.int64()), "v": ["x" * 40] * m})
+    staged.write(with_positions(t, "in.parquet", start))
+token = staged.prepare()
+del t
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here
+before = status("VmRSS")
+staged.publish(1, token)
+print((status("VmHWM") - before) // 1024)
+staged.close()
+"""
+
+
+def test_i8_review_kafka_publishes_a_large_run_in_bounded_memory(
+    brokers: str, topic: str, tmp_path: Any
+) -> None:
+    """A batch run is one epoch: its publish produces the run in slices, each acknowledged
+    before the next, instead of converting the whole run to messages at once."""
+    import subprocess
+    import sys
+
+    create_topic(brokers, topic)
+    out = subprocess.run(
+        [sys.executable, "-c", _PUBLISH_MEMORY, brokers, topic, "400000", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
+    growth = int(out.stdout.strip().splitlines()[-1])
+    assert growth < 90, f"publishing 400k rows grew the peak RSS by {growth} MB"

@@ -1,4 +1,9 @@
-"""PostgreSQL sink against the real server (fixture pg_schema: a fresh schema per test)."""
+"""PostgreSQL sink against the real server (fixture pg_schema: a fresh schema per test).
+
+Runs go through the runtime's epoch adapter (:class:`run_path.RunPath`: rows staged on disk,
+then published in one transaction with the run's marker, in slices), as ``sluice run`` drives
+the sink; the writer's own batch-sink calls (``write``/``commit``) are no longer used by runs
+(kept until issue 9 removes them)."""
 
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 psycopg = pytest.importorskip("psycopg")
+
+from run_path import RunPath  # noqa: E402
 
 from sluice.batch import with_positions  # noqa: E402
 from sluice.config.models import PostgresSink  # noqa: E402
@@ -70,6 +77,22 @@ def ctx(tmp_path: Path, run_id: str = "r1") -> RunContext:
     return RunContext("p", run_id, tmp_path)
 
 
+def start(w: PostgresWriter, tmp_path: Path, run_id: str = "r1") -> RunPath:
+    """A batch run of ``w`` as the runtime drives it, opened."""
+    rp = RunPath(w, w.config)
+    rp.open(ctx(tmp_path, run_id))
+    return rp
+
+
+def run(w: PostgresWriter, tmp_path: Path, *batches: pa.Table, run_id: str = "r1") -> pa.Table:
+    """One batch run: stage the batches, publish; returns every dead letter of the run."""
+    rp = start(w, tmp_path, run_id)
+    for b in batches:
+        rp.write(b)
+    rp.commit()
+    return rp.dead()
+
+
 def test_type_mapping() -> None:
     assert pg_type(pa.int64()) == "bigint"
     assert pg_type(pa.float64()) == "double precision"
@@ -85,10 +108,7 @@ def test_type_mapping() -> None:
 def test_append_and_read_back(pg_dsn: str, pg_schema: str, tmp_path: Path) -> None:
     w = sink(pg_dsn, pg_schema)
     assert isinstance(w, Sink)
-    w.open(ctx(tmp_path))
-    for start in (0, 40, 80):
-        assert w.write(orders(start, 40)).num_rows == 0
-    w.commit()
+    assert run(w, tmp_path, *(orders(first, 40) for first in (0, 40, 80))).num_rows == 0
     columns = fetch(
         pg_dsn,
         "SELECT column_name, data_type FROM information_schema.columns "
@@ -115,17 +135,16 @@ def test_append_and_read_back(pg_dsn: str, pg_schema: str, tmp_path: Path) -> No
 
 def test_upsert_updates_existing_rows(pg_dsn: str, pg_schema: str, tmp_path: Path) -> None:
     first = pa.table({"id": [1, 2, 3], "v": ["a", "b", "c"]})
-    w = sink(pg_dsn, pg_schema, mode="upsert", key=["id"])
-    w.open(ctx(tmp_path))
-    w.write(first)
-    w.commit()
-    w = sink(pg_dsn, pg_schema, mode="upsert", key=["id"])
-    w.open(ctx(tmp_path, "r2"))
-    # duplicate keys inside one batch: the last one wins; a null key is a dead letter
-    dead = w.write(pa.table({"id": [2, 4, 2, None], "v": ["x", "d", "y", "z"]}))
+    run(sink(pg_dsn, pg_schema, mode="upsert", key=["id"]), tmp_path, first)
+    # duplicate keys inside one run: the last one wins; a null key is a dead letter
+    dead = run(
+        sink(pg_dsn, pg_schema, mode="upsert", key=["id"]),
+        tmp_path,
+        pa.table({"id": [2, 4, 2, None], "v": ["x", "d", "y", "z"]}),
+        pa.table({"v": ["w"], "id": [3]}),
+        run_id="r2",
+    )
     assert dead.num_rows == 1 and "null" in dead["message"][0].as_py()
-    assert w.write(pa.table({"v": ["w"], "id": [3]})).num_rows == 0
-    w.commit()
     assert fetch(pg_dsn, f'SELECT id, v FROM "{pg_schema}".orders ORDER BY id') == [
         (1, "a"),
         (2, "y"),
@@ -158,10 +177,7 @@ def test_check_constraint_rejects_exactly_the_bad_rows(
     for i in bad:
         qty[i] = -5
     t = with_positions(pa.table({"id": list(range(1000)), "qty": qty}), "in.csv", 0)
-    w = sink(pg_dsn, pg_schema, create=False)
-    w.open(ctx(tmp_path))
-    dead = w.write(t)
-    w.commit()
+    dead = run(sink(pg_dsn, pg_schema, create=False), tmp_path, t)
     assert dead.num_rows == 3
     assert dead["position"].to_pylist() == bad
     assert set(dead["reason"].to_pylist()) == {"sink_rejected"}
@@ -175,10 +191,8 @@ def test_check_constraint_rejects_exactly_the_bad_rows(
 def test_value_out_of_range_is_a_dead_letter(pg_dsn: str, pg_schema: str, tmp_path: Path) -> None:
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(f'CREATE TABLE "{pg_schema}".orders (id smallint, s text NOT NULL)')
-    w = sink(pg_dsn, pg_schema, create=False)
-    w.open(ctx(tmp_path))
-    dead = w.write(pa.table({"id": [1, 70000, 3, 4], "s": ["a", "b", None, "nul\x00"]}))
-    w.commit()
+    t = pa.table({"id": [1, 70000, 3, 4], "s": ["a", "b", None, "nul\x00"]})
+    dead = run(sink(pg_dsn, pg_schema, create=False), tmp_path, t)
     assert dead.num_rows == 3
     assert fetch(pg_dsn, f'SELECT id, s FROM "{pg_schema}".orders') == [(1, "a")]
 
@@ -186,16 +200,14 @@ def test_value_out_of_range_is_a_dead_letter(pg_dsn: str, pg_schema: str, tmp_pa
 def test_abort_leaves_the_table_empty(pg_dsn: str, pg_schema: str, tmp_path: Path) -> None:
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(f'CREATE TABLE "{pg_schema}".orders (id bigint, v text)')
-    w = sink(pg_dsn, pg_schema)
-    w.open(ctx(tmp_path))
-    w.write(pa.table({"id": [1, 2], "v": ["a", "b"]}))
-    w.abort()
+    rp = start(sink(pg_dsn, pg_schema), tmp_path)
+    rp.write(pa.table({"id": [1, 2], "v": ["a", "b"]}))
+    rp.abort()
     assert fetch(pg_dsn, f'SELECT count(*) FROM "{pg_schema}".orders') == [(0,)]
     # a table the run would have created is not created either
-    w = sink(pg_dsn, pg_schema, table=f"{pg_schema}.fresh")
-    w.open(ctx(tmp_path))
-    w.write(pa.table({"id": [1]}))
-    w.abort()
+    rp = start(sink(pg_dsn, pg_schema, table=f"{pg_schema}.fresh"), tmp_path)
+    rp.write(pa.table({"id": [1]}))
+    rp.abort()
     assert fetch(pg_dsn, f"SELECT to_regclass('\"{pg_schema}\".fresh')") == [(None,)]
 
 
@@ -207,10 +219,7 @@ def test_missing_table_without_create(pg_dsn: str, pg_schema: str, tmp_path: Pat
 def test_unknown_column_is_rejected(pg_dsn: str, pg_schema: str, tmp_path: Path) -> None:
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(f'CREATE TABLE "{pg_schema}".orders (id bigint)')
-    w = sink(pg_dsn, pg_schema)
-    w.open(ctx(tmp_path))
-    dead = w.write(pa.table({"id": [1], "extra": ["x"]}))
-    w.commit()
+    dead = run(sink(pg_dsn, pg_schema), tmp_path, pa.table({"id": [1], "extra": ["x"]}))
     assert dead.num_rows == 1 and "extra" in dead["message"][0].as_py()
 
 
@@ -222,32 +231,44 @@ def _terminate(dsn: str, w: PostgresWriter) -> None:
         assert conn.execute("SELECT pg_terminate_backend(%s)", [pid]).fetchone() == (True,)
 
 
-def test_connection_loss_before_rows_is_transient(
+def test_connection_loss_before_the_publish_is_transient(
     pg_dsn: str, pg_schema: str, tmp_path: Path
 ) -> None:
     w = sink(pg_dsn, pg_schema)
-    w.open(ctx(tmp_path))
+    rp = start(w, tmp_path)
+    rp.write(orders(0, 5))  # staged
+    w.published_epoch()
     _terminate(pg_dsn, w)
     with pytest.raises(TransientError):
-        w.write(orders(0, 5))
-    # the executor retries the write: the sink reconnects and goes on in a new transaction
-    assert w.write(orders(0, 5)).num_rows == 0
-    w.commit()
+        w.published_epoch()  # what the publish meets first
+    # the runtime retries the publish: the sink reconnects
+    assert rp.commit().num_rows == 0
     assert fetch(pg_dsn, f'SELECT count(*) FROM "{pg_schema}".orders') == [(5,)]
 
 
-def test_connection_loss_after_rows_fails_the_run(
-    pg_dsn: str, pg_schema: str, tmp_path: Path
+def test_connection_loss_inside_the_publish_rolls_it_back_and_the_retry_writes_once(
+    pg_dsn: str, pg_schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     w = sink(pg_dsn, pg_schema)
-    w.open(ctx(tmp_path))
-    w.write(orders(0, 5))
-    _terminate(pg_dsn, w)
-    with pytest.raises(SinkError, match="re-run") as info:
-        w.write(orders(5, 5))
-    assert not isinstance(info.value, TransientError)
-    w.abort()
-    assert fetch(pg_dsn, f"SELECT to_regclass('\"{pg_schema}\".orders')") == [(None,)]
+    rp = start(w, tmp_path)
+    for first in (0, 5):
+        rp.write(orders(first, 5))
+    real = w._write
+    calls: list[int] = []
+
+    def cut_after_first_slice(table: pa.Table, data: pa.Table) -> pa.Table:
+        calls.append(data.num_rows)
+        out = real(table, data)
+        if len(calls) == 1:
+            _terminate(pg_dsn, w)  # the session dies with rows of the run written
+        return out
+
+    monkeypatch.setattr(w, "_write", cut_after_first_slice)
+    monkeypatch.setattr("sluice.connectors.postgres.PUBLISH_SLICE_ROWS", 5)
+    assert rp.commit().num_rows == 0  # the first attempt lost its transaction; retried
+    assert len(calls) >= 3
+    got = fetch(pg_dsn, f'SELECT id FROM "{pg_schema}".orders ORDER BY id')
+    assert [r[0] for r in got] == list(range(10))  # the run once, nothing of the lost attempt
 
 
 @settings(
@@ -270,10 +291,8 @@ def test_any_text_round_trips_through_copy(
 ) -> None:
     name = f"t_{uuid.uuid4().hex[:8]}"
     w = sink(pg_dsn, pg_schema, table=f"{pg_schema}.{name}")
-    w.open(ctx(tmp_path))
     t = pa.table({"i": list(range(len(values))), "s": pa.array(values, pa.string())})
-    assert w.write(t).num_rows == 0
-    w.commit()
+    assert run(w, tmp_path, t, run_id=name).num_rows == 0
     got = fetch(pg_dsn, f'SELECT s FROM "{pg_schema}"."{name}" ORDER BY i')
     assert [r[0] for r in got] == values
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import difflib
+import os
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -812,8 +813,9 @@ class PostgresSink(SinkBase):
 
 
 class RedisStreamSink(SinkBase):
-    """XADD each row as a message (JSON in one field). In stream mode each checkpoint epoch is
-    added in one MULTI/EXEC transaction together with an epoch marker: exactly once."""
+    """XADD each row as a message (JSON in one field). Each epoch (a stream's checkpoint, or a
+    whole batch run) is added in MULTI/EXEC transactions of up to 10,000 rows, the last one
+    with the epoch marker, each recording its progress: exactly once, memory bounded."""
 
     kind: Literal["redis_stream"]
     url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL.")
@@ -911,6 +913,66 @@ class CheckpointConfig(Model):
     )
 
 
+def _output_location(path: str) -> str | None:
+    """A configured output path as a comparable location: normalized, ``{run_id}`` and what
+    follows cut off (a folder per run lives inside what comes before it)."""
+    path = path.split("{run_id}", 1)[0]
+    if not path.strip():
+        return None
+    return os.path.normpath(os.path.expanduser(path))
+
+
+def _inside(inner: str, outer: str) -> bool:
+    """Whether location ``inner`` is ``outer`` or inside it (both relative, or both absolute)."""
+    if os.path.isabs(inner) != os.path.isabs(outer):
+        return False  # relative to the pipeline file's folder: cannot be compared here
+    if outer == ".":
+        return not os.path.isabs(inner) and not inner.startswith("..")
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
+def _nested_outputs(cfg: PipelineConfig) -> list[tuple[tuple[str | int, ...], str, str]]:
+    """``(error location, path, message)`` for each output whose files would sit inside the
+    output of another sink or of the dead letters (or share its path): an overwrite of one
+    would replace the other's files, a reader of one would read the other's."""
+    outputs: list[tuple[tuple[str | int, ...], str, str, str, bool]] = []
+    for i, sink in enumerate(cfg.sinks):
+        kind = str(getattr(sink, "kind"))  # noqa: B009 - every sink config has a kind
+        if isinstance(sink, FileSinkBase) or kind == "delta":
+            path = str(getattr(sink, "path"))  # noqa: B009
+            folder = not (isinstance(sink, FileSinkBase) and sink.single_file)
+            outputs.append((("sinks", i, kind, "path"), f"sink '{sink.id}'", path, kind, folder))
+    dl_path = cfg.dead_letter.path.replace("{pipeline}", cfg.pipeline)
+    outputs.append((("dead_letter", "path"), "the dead letters", dl_path, "dead_letter", True))
+    problems: list[tuple[tuple[str | int, ...], str, str]] = []
+    for n, (loc, what, path, _kind, _folder) in enumerate(outputs):
+        here = _output_location(path)
+        if here is None:
+            continue
+        for m, (_loc2, what2, path2, _kind2, folder2) in enumerate(outputs):
+            there = _output_location(path2)
+            if m == n or there is None:
+                continue
+            same = here == there
+            if not (same or (folder2 and _inside(here, there))):
+                continue
+            if same and m > n:
+                continue  # said once, on the later output
+            relation = "is the same as" if same else "is inside"
+            problems.append(
+                (
+                    loc,
+                    path,
+                    f"the output of {what} ({path!r}) {relation} the output of {what2} "
+                    f"({path2!r}): a run would replace or read the other's files. Fix: give "
+                    "every output its own folder, side by side (e.g. out/a and out/b, not out "
+                    "and out/b)",
+                )
+            )
+            break
+    return problems
+
+
 class PipelineConfig(Model):
     """The immutable pipeline graph: one source, steps in order, sinks, a dead-letter output."""
 
@@ -944,6 +1006,12 @@ class PipelineConfig(Model):
                             ctx={"error": ValueError(msg)},
                         )
                     )
+        for loc, path, msg in _nested_outputs(cfg):
+            errors.append(
+                InitErrorDetails(
+                    type="value_error", loc=loc, input=path, ctx={"error": ValueError(msg)}
+                )
+            )
         from sluice.steps.sqlengine import plan_statement
 
         for i, step in enumerate(cfg.steps if cfg.streaming else ()):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -48,7 +49,12 @@ class DeltaWriter:
     every row refused) still makes a commit, without data files, to record its marker; only before
     any column is known (no table, an epoch without columns) is nothing written, and the marker
     stays behind, which is harmless for an empty epoch. ``mode: overwrite`` replaces the table with
-    the first epoch ever published (no marker yet); later epochs, also after a restart, append.
+    the first epoch ever published (no marker yet); later epochs, also after a restart, append;
+    in a batch run (``ctx.batch``, each epoch a whole run) every epoch replaces the table. The
+    dead letters of refused rows are handed to the runtime's journal before the commit
+    (:meth:`publish_journaled`). The history in ``app_id`` is the stream's checkpoint history or
+    the batch runs of the pipeline's state store: one application transaction per sink, not
+    one per run.
     Every epoch is one table version: compact small files now and then (``OPTIMIZE``) and keep
     Delta's transaction retention (``delta.setTransactionRetentionDuration``) unset or longer than
     any restart gap, or the marker expires and a replayed epoch would be written twice. The marker
@@ -65,6 +71,7 @@ class DeltaWriter:
         self._spool = Spool()
         self._opened = False
         self._stream_used = False  # publish() has run (overwrite is only for the first epoch)
+        self._batch = False  # epochs are whole batch runs: overwrite replaces at each
         self.app_id = ""
 
     def open(self, ctx: RunContext) -> None:
@@ -73,6 +80,7 @@ class DeltaWriter:
 
         self._dl = deltalake
         self.app_id = f"sluice:{ctx.pipeline}:{self.step_id}:{ctx.run_id}"
+        self._batch = ctx.batch
         self._stream_used = False
         path = self.config.path
         self._uri = path if "://" in path else str(ctx.resolve(path))
@@ -170,16 +178,31 @@ class DeltaWriter:
         """Append ``table`` (position columns dropped) and record ``epoch`` in one Delta commit;
         returns the dead letters of refused rows. An epoch not newer than the marker is skipped:
         nothing is written and no dead letters are returned."""
+        letters: list[pa.Table] = []
+        self.publish_journaled(epoch, table, letters.append)
+        return letters[0] if letters else empty_dead_letters()
+
+    def publish_journaled(
+        self, epoch: int, table: pa.Table, journal: Callable[[pa.Table], None]
+    ) -> None:
+        """:meth:`publish` for the runtime (:class:`~sluice.plugins.JournalingPublisher`): the
+        dead letters of the refused rows (found before anything is written) go to ``journal``
+        before the commit. In a batch run (``ctx.batch``) ``mode: overwrite`` replaces the
+        table at every epoch (each run)."""
         if not self._opened:
             raise SinkError(self.step_id, "publish() called before open() or after close()")
         if self._spool.rows:
             raise SinkError(self.step_id, "publish() called on a sink used by write()/commit()")
         published = self.published_epoch()
         if published is not None and epoch <= published:
-            return empty_dead_letters()
+            return
         dl = self._dl
         exists = bool(dl.DeltaTable.is_deltatable(self._uri))
-        overwrite = self.config.mode == "overwrite" and published is None and not self._stream_used
+        overwrite = self.config.mode == "overwrite" and (
+            self._batch or (published is None and not self._stream_used)
+        )
+        if overwrite:  # the run's own columns, whatever an earlier epoch had
+            self._aligner = SchemaAligner(self.step_id, null_as=pa.string())
         if not overwrite and exists and self._aligner.schema is None:
             current = pa.schema(dl.DeltaTable(self._uri).schema().to_arrow())
             self._aligner.schema = normalize(current.empty_table()).schema
@@ -187,7 +210,8 @@ class DeltaWriter:
         if data is None:
             schema = self._aligner.schema or self._aligner.fallback
             if schema is None or not schema.names:
-                return dead  # no columns known: no table can hold the marker yet
+                journal(dead)
+                return  # no columns known: no table can hold the marker yet
             data = schema.empty_table()
         if self.config.partition_by and not exists:
             missing = [c for c in self.config.partition_by if c not in data.column_names]
@@ -197,6 +221,7 @@ class DeltaWriter:
                     f"partition columns {missing} are not in the data ({data.column_names})",
                     fix="partition_by must name columns of the data",
                 )
+        journal(dead)  # durable before the commit: a crash after it loses no letter
         try:
             dl.write_deltalake(
                 self._uri,
@@ -215,7 +240,6 @@ class DeltaWriter:
                 fix="check that the data's schema and partition_by match the existing table",
             ) from exc
         self._stream_used = True
-        return dead
 
     def close(self) -> None:
         """End stream mode (nothing is held open); a batch run not committed is aborted."""

@@ -45,12 +45,13 @@ class DuckdbWriter:
     than the marker is skipped (nothing written, no dead letters), so a re-published epoch is
     never duplicated: exactly once. The marker table is created next to the sink's table (same
     database and schema, as DuckDB writes one database per transaction); its key is the
-    pipeline name and the sink's step id with the run id (in stream mode: the checkpoint
-    history's id). ``mode: replace`` drops the old table in the
-    transaction of the first epoch ever published (no marker yet); later epochs, also after a
-    restart, append (a batch run is one epoch with a marker of its own, so it replaces the table
-    each run). Rows refused while publishing (the aligner's dead letters) are handed to the
-    runtime's journal before the commit (:meth:`publish_journaled`,
+    pipeline name and the sink's step id with the run id (the history: the stream's
+    checkpoint history, or the batch runs of the pipeline's state store). ``mode: replace``
+    drops the old table in the transaction of the first epoch ever published (no marker yet);
+    later epochs, also after a restart, append; in a batch run (``ctx.batch``, each epoch a
+    whole run) it drops the table in every epoch's transaction. Rows refused while publishing
+    (the aligner's dead letters) are handed to the runtime's journal before the commit
+    (:meth:`publish_journaled`,
     :class:`~sluice.plugins.JournalingPublisher`). A failed insert rolls the epoch's
     transaction back and raises
     :class:`SinkError`; the marker is then unchanged. A sink instance is used either in batch
@@ -252,11 +253,14 @@ class DuckdbWriter:
         published = self.published_epoch()
         if published is not None and epoch <= published:
             return
+        # a batch run (each epoch a whole run) replaces the table at every epoch
+        batch = self._ctx is not None and self._ctx.batch
+        replace = self.config.mode == "replace" and (batch or published is None)
         try:
             self._exec(con, "BEGIN TRANSACTION")
             try:
-                if not self._stream_ready:
-                    self._prepare(replace=self.config.mode == "replace" and published is None)
+                if replace or not self._stream_ready:
+                    self._prepare(replace=replace)
                 data, dead = self._aligner.prepare(table)
                 if data is not None and data.num_rows:
                     self._insert(data)

@@ -35,8 +35,15 @@ long as the broker keeps the group's offsets (``offsets.retention.minutes``, 7 d
 default): a pipeline stopped for longer re-publishes its last epoch once. Kafka transactions
 are not used: the broker available here (Tansu 0.6) shows the messages of an aborted
 transaction to ``read_committed`` consumers (checked by hand), so they could not be verified.
-A batch run (``write``/``commit``) is at-least-once: a run that fails (``abort()``) leaves the
-messages already delivered visible.
+A batch run is one epoch of the same protocol (its rows staged on disk, published after the
+run's commit record, with the marker of the pipeline's batch runs): a run that fails before its
+commit sends nothing; a crash while it is published re-publishes it once at the next start
+(the window above). The plain batch-sink calls (``write``/``commit``: at-least-once, an
+``abort()`` leaves the messages already delivered visible) are no longer used by runs.
+Dead letters of a publish are handed to the runtime's journal before the marker is recorded
+(:meth:`KafkaWriter.publish_journaled`); an epoch is produced in slices of
+:data:`PUBLISH_SLICE_ROWS` rows, each acknowledged before the next, so memory stays bounded
+whatever the size of a batch run.
 Verified against Tansu: rows written through the batch-sink and the epoch-publisher protocols
 are read back complete with their types; rows the producer refuses become dead letters; a
 stream pipeline stopped with SIGTERM and restarted leaves no duplicate in its output topic.
@@ -47,7 +54,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
@@ -546,6 +553,10 @@ def json_messages(table: pa.Table) -> list[str]:
     return out
 
 
+#: Rows produced (and acknowledged) per slice when an epoch (a whole batch run) is published.
+PUBLISH_SLICE_ROWS = 20_000
+
+
 class KafkaWriter:
     """Produce each row as one JSON message (batch ``Sink`` and stream ``EpochPublisher``).
 
@@ -677,12 +688,32 @@ class KafkaWriter:
         return None if tp.offset < 0 else int(tp.offset)
 
     def publish(self, epoch: int, table: pa.Table) -> pa.Table:
-        """Produce the epoch's rows, wait for their acknowledgements, record the marker."""
+        """Produce the epoch's rows, wait for their acknowledgements, record the marker;
+        returns the dead letters of the refused rows."""
+        letters: list[pa.Table] = []
+        self.publish_journaled(epoch, table, letters.append)
+        return letters[0] if letters else empty_dead_letters()
+
+    def publish_journaled(
+        self, epoch: int, table: pa.Table, journal: Callable[[pa.Table], None]
+    ) -> None:
+        """:meth:`publish` for the runtime (:class:`~sluice.plugins.JournalingPublisher`).
+        The rows are produced in slices of :data:`PUBLISH_SLICE_ROWS` (memory stays bounded by
+        a slice whatever the epoch's size: a batch run publishes the whole run), each slice
+        acknowledged before the next; the dead letters of the refused rows go to ``journal``
+        before the marker is recorded."""
         from confluent_kafka import KafkaException, TopicPartition
 
         if self._sent is None or self._sent[0] != epoch:  # a retry after the marker failed
-            self._sent = (epoch, self._send(table))  # does not produce the rows again
+            letters = [
+                self._send(table.slice(start, PUBLISH_SLICE_ROWS))
+                for start in range(0, table.num_rows, PUBLISH_SLICE_ROWS)
+            ]
+            letters = [t for t in letters if t.num_rows]
+            dead = pa.concat_tables(letters) if letters else empty_dead_letters()
+            self._sent = (epoch, dead)  # a retry does not produce the rows again
         crash_point("kafka_before_marker")  # recovery tests: the window of the guarantee
+        journal(self._sent[1])
         consumer = self._marker_consumer()
         marker = TopicPartition(self.config.topic, 0, epoch)
         try:
@@ -691,9 +722,7 @@ class KafkaWriter:
             raise self._marker_error("recording", exc) from exc
         if tp.error is not None:
             raise self._marker_error("recording", tp.error)
-        dead = self._sent[1]
         self._sent = None
-        return dead
 
     def close(self) -> None:
         producer, self._producer = self._producer, None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,6 +18,7 @@ from sluice.config.models import PostgresSink
 from sluice.connectors.files.writers import SchemaAligner
 from sluice.errors import ConfigError, SinkError, TransientError, require
 from sluice.plugins import RunContext
+from sluice.runtime.faults import crash_point
 
 if TYPE_CHECKING:
     import psycopg
@@ -254,7 +256,18 @@ class PostgresWriter:
 
     def publish(self, epoch: int, table: pa.Table) -> pa.Table:
         """Write one checkpoint epoch's rows and its marker row (table ``sluice_epochs``) in one
-        transaction; an epoch at or below the marker is skipped (it is already in the table)."""
+        transaction; an epoch at or below the marker is skipped (it is already in the table).
+        Returns the dead letters of the rows refused."""
+        letters: list[pa.Table] = []
+        self.publish_journaled(epoch, table, letters.append)
+        return letters[0] if letters else empty_dead_letters()
+
+    def publish_journaled(
+        self, epoch: int, table: pa.Table, journal: Callable[[pa.Table], None]
+    ) -> None:
+        """:meth:`publish` for the runtime (:class:`~sluice.plugins.JournalingPublisher`): the
+        dead letters of the refused rows go to ``journal`` after the rows are written and
+        before the transaction commits, so a crash right after the commit loses none."""
         import psycopg
         from psycopg import sql
 
@@ -273,7 +286,7 @@ class PostgresWriter:
             ).fetchone()
             if row is not None and int(row[0]) >= epoch:
                 conn.rollback()
-                return empty_dead_letters()
+                return
             # a batch run publishes the whole run as one (memory-mapped) table: write it in
             # slices, in input order, so that memory stays bounded (one transaction still)
             letters: list[pa.Table] = []
@@ -286,6 +299,10 @@ class PostgresWriter:
                     if written.num_rows:
                         letters.append(written)
             dead = pa.concat_tables(letters) if letters else empty_dead_letters()
+            if self._columns is None and self.config.create:  # no rows: still the table
+                schema = self._aligner.schema or self._aligner.fallback
+                if schema is not None and schema.names:
+                    self._create_table(schema)
             conn.execute(
                 sql.SQL(
                     "INSERT INTO {} (pipeline, sink, epoch) VALUES (%s, %s, %s) "
@@ -294,9 +311,10 @@ class PostgresWriter:
                 ).format(self._epochs_table),
                 [self._pipeline, self._marker, epoch],
             )
+            journal(dead)  # durable before the commit: a crash after it loses no letter
+            crash_point("publish_before_commit")
             conn.commit()
             self._stage_ready = False
-            return dead
         except TransientError:
             # a lock timeout or deadlock inside the epoch: start the retry from a clean slate
             self._stage_ready = False
@@ -315,6 +333,11 @@ class PostgresWriter:
             raise SinkError(
                 self.step_id, f"publishing epoch {epoch} to {self.config.table} failed: {exc}"
             ) from exc
+        except BaseException:  # e.g. the journal could not be written: nothing is committed
+            self._stage_ready = False
+            with contextlib.suppress(Exception):
+                conn.rollback()
+            raise
 
     def close(self) -> None:
         self.abort()

@@ -27,12 +27,16 @@ Source guarantees (:class:`RedisStreamReader`, verified against the Redis server
   generated ids are newer) are read, nothing is read twice. The messages the deletion removed
   and no checkpoint covered are gone with the key.
 
-Sink (:class:`RedisStreamWriter`): every row becomes one message ``{field: <row as JSON>}``. In
-stream mode each checkpoint epoch is added in one ``MULTI``/``EXEC`` transaction together with
-the epoch marker key ``<stream>:sluice-epoch:<pipeline>:<sink id>:<run id>`` (the run id names
-the checkpoint history); an epoch at or below the marker is skipped, so a replayed epoch never
-duplicates. In batch mode rows are spooled to a
-temporary Arrow file and added at ``commit()`` (``abort()`` adds nothing).
+Sink (:class:`RedisStreamWriter`): every row becomes one message ``{field: <row as JSON>}``.
+Runs publish through the epoch protocol (:meth:`RedisStreamWriter.publish_journaled`): an epoch
+is added in ``MULTI``/``EXEC`` transactions of up to :data:`PUBLISH_SLICE_ROWS` rows, the last
+one together with the epoch marker key ``<stream>:sluice-epoch:<pipeline>:<sink id>:<history>``
+(the history is the stream's checkpoint history, or the batch runs of the pipeline's state
+store: one key per sink, not one per run), the others with the epoch's progress; an epoch at or
+below the marker is skipped and a restarted publish skips the slices already in, so a replayed
+epoch never duplicates. The plain batch-sink protocol (``write``/``commit``, rows spooled to a
+temporary Arrow file and added at ``commit()``, ``abort()`` adds nothing) is kept for callers
+outside the runtime.
 """
 
 from __future__ import annotations
@@ -40,11 +44,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
 
-from sluice.batch import concat, dead_letters, rows_as_json, strip_positions
+from sluice.batch import concat, dead_letters, empty_dead_letters, rows_as_json, strip_positions
 from sluice.config.models import RedisStreamSink, RedisStreamSource
 from sluice.connectors._messages import MessageDecoder, Spool
 from sluice.connectors.files.writers import SchemaAligner
@@ -53,6 +58,8 @@ from sluice.plugins import Chunk, RunContext
 from sluice.types import parse_type
 
 _ADD_CHUNK = 2_000
+#: Rows added per MULTI/EXEC transaction when an epoch (a whole batch run) is published.
+PUBLISH_SLICE_ROWS = 10_000
 # error replies after which the same command succeeds later (Redis loading, a busy script...)
 _TRANSIENT_REPLIES = ("LOADING", "BUSY ", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN")
 log = logging.getLogger(__name__)
@@ -496,27 +503,88 @@ class RedisStreamWriter:
             ) from exc
 
     def publish(self, epoch: int, table: pa.Table) -> pa.Table:
+        """Add the epoch's rows and set the marker (see :meth:`publish_journaled`); returns
+        the dead letters of the rows refused."""
+        letters: list[pa.Table] = []
+        self.publish_journaled(epoch, table, letters.append)
+        return letters[0] if letters else empty_dead_letters()
+
+    def publish_journaled(
+        self, epoch: int, table: pa.Table, journal: Callable[[pa.Table], None]
+    ) -> None:
+        """Add one epoch's rows **in slices** of :data:`PUBLISH_SLICE_ROWS` rows, each slice
+        one ``MULTI``/``EXEC`` transaction that also records how many rows of the epoch are in
+        (the key ``<marker>:partial``, ``<epoch>:<rows>``); the last one sets the epoch marker
+        instead. Memory stays bounded by a slice, on the client and on the server, whatever
+        the epoch's size (a batch run publishes the whole run as one epoch). A publish that
+        starts again after a crash skips the slices already in: nothing is added twice. An
+        epoch of up to one slice (any usual stream epoch) is added in one transaction, atomic
+        with its marker; a longer one becomes visible slice by slice. The dead letters of the
+        refused rows go to ``journal`` before the last transaction."""
         import redis
 
-        data, dead = self._aligner.prepare(table)
-        if data is None:
-            data = table.slice(0, 0)
+        progress_key = f"{self._marker}:partial"
+        try:
+            done = self.published_epoch()
+            if done is not None and done >= epoch:
+                return
+            raw = self._client.get(progress_key)
+            skip = 0
+            if raw is not None:
+                text = raw.decode() if isinstance(raw, bytes) else str(raw)
+                at, _, rows = text.partition(":")
+                if at == str(epoch) and rows.isdigit():
+                    skip = int(rows)
+            letters: list[pa.Table] = []
+            n = table.num_rows
+            starts = list(range(0, n, PUBLISH_SLICE_ROWS)) or [0]
+            for start in starts:
+                part = table.slice(start, PUBLISH_SLICE_ROWS)
+                data, dead = self._aligner.prepare(part)
+                if dead.num_rows:
+                    letters.append(dead)
+                end = start + part.num_rows
+                last = start == starts[-1]
+                if end <= skip and not last:
+                    continue  # this slice is in already (an earlier attempt)
+                if last:
+                    journal(pa.concat_tables(letters) if letters else empty_dead_letters())
+                self._add_slice(epoch, data, progress_key, end, last)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise TransientError(self.step_id, f"lost the connection to Redis: {exc}") from exc
+        except redis.RedisError as exc:
+            raise SinkError(self.step_id, f"adding epoch {epoch} failed: {exc}") from exc
+
+    def _add_slice(
+        self, epoch: int, data: pa.Table | None, progress_key: str, end: int, last: bool
+    ) -> None:
+        """One transaction: the slice's messages and the progress (or, for the last slice,
+        the epoch marker); skipped when the marker already holds the epoch."""
+        values = (
+            rows_as_json(strip_positions(data)).to_pylist()
+            if data is not None and data.num_rows
+            else []
+        )
 
         def txn(pipe: Any) -> None:
             raw = pipe.get(self._marker)
             if raw is not None and int(raw) >= epoch:
                 return
             pipe.multi()
-            self._queue(pipe, data)
-            pipe.set(self._marker, epoch)
+            for v in values:
+                pipe.xadd(
+                    self.config.stream,
+                    {self.config.field: v},
+                    maxlen=self.config.maxlen,
+                    approximate=True,
+                )
+            if last:
+                pipe.set(self._marker, epoch)
+                pipe.delete(progress_key)
+            else:
+                pipe.set(progress_key, f"{epoch}:{end}")
 
-        try:
-            self._client.transaction(txn, self._marker)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise TransientError(self.step_id, f"lost the connection to Redis: {exc}") from exc
-        except redis.RedisError as exc:
-            raise SinkError(self.step_id, f"adding epoch {epoch} failed: {exc}") from exc
-        return dead
+        self._client.transaction(txn, self._marker, progress_key)
 
     def close(self) -> None:
         if self._client is not None:

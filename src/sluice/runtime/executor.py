@@ -59,9 +59,9 @@ from sluice.batch import (
     frame_rows,
     rows_dead_letters,
 )
-from sluice.config.models import FileSinkBase, JsonlSink, ParquetSink, PipelineConfig
+from sluice.config.models import JsonlSink, ParquetSink, PipelineConfig
 from sluice.config.validate import build_components, step_kind
-from sluice.connectors.files.writers import STREAM_TMP
+from sluice.connectors.files.writers import remove_temporaries
 from sluice.errors import ConfigError, SinkError, SluiceError, TerminalError, TransientError
 from sluice.plugins import (
     Chunk,
@@ -71,11 +71,20 @@ from sluice.plugins import (
     Source,
     Step,
     StepResult,
+    lookup,
 )
-from sluice.runtime.epochs import EpochSink, FileEpochSink, PlainEpochSink, StagedEpochSink
+from sluice.runtime.epochs import (
+    DEAD_LETTER_TOKEN,
+    EpochSink,
+    FileEpochSink,
+    PlainEpochSink,
+    StagedEpochSink,
+    epoch_sink,
+    sink_tokens,
+)
 from sluice.runtime.faults import crash_point
 from sluice.runtime.progress import RunProgress, progress_wanted
-from sluice.runtime.redact import Redactor, describe
+from sluice.runtime.redact import Redactor
 from sluice.runtime.report import RunReport, StepStats
 from sluice.runtime.retry import retry
 from sluice.state.checkpoints import Checkpoint, CheckpointStore, CorruptCheckpoint, StoreBusy
@@ -190,11 +199,16 @@ class Executor:
         source: Source | None = None,
         sinks: Mapping[str, Sink] | None = None,
         replayed: Sequence[str] = (),
+        recovery: PipelineConfig | None = None,
     ) -> None:
         """``source`` and ``sinks`` (by sink id) replace the configured connectors; the test kit
         (:mod:`sluice.testing`) uses them. ``replayed`` (``sluice replay``) are the keys of the
-        dead letters this run replays: they enter the replay ledger with the run's commit."""
+        dead letters this run replays: they enter the replay ledger with the run's commit.
+        ``recovery`` is the pipeline whose sinks can publish an earlier run found committed
+        but not completely published at the start (default: ``config``; ``sluice replay``,
+        whose runs have only some of the sinks, gives the whole pipeline)."""
         self.cfg = config
+        self.recovery_cfg = recovery or config
         self.run_id = run_id or new_run_id()
         self.ctx = RunContext(config.pipeline, self.run_id, (base_dir or Path.cwd()).resolve())
         self.show_progress = progress_wanted() if progress is None else progress
@@ -227,12 +241,19 @@ class Executor:
         self.store_path = self.ctx.resolve(config.checkpoint.path.format(**fmt))
         staging = ".staging" if self.streaming else ".batch-staging"
         self.staging = self.store_path.with_name(self.store_path.name + staging)
-        #: the context staged sinks publish under (it keys their epoch markers)
-        self.sink_ctx = RunContext(config.pipeline, f"batch-{self.run_id}", self.ctx.base_dir)
+        #: the context staged sinks publish under (it keys their epoch markers: the history of
+        #: the state store, set when the store is opened)
+        self.sink_ctx = RunContext(
+            config.pipeline, "batch", self.ctx.base_dir, batch=not self.streaming
+        )
         self.epoch_sinks: list[EpochSink] = [
             self._epoch_sink(sink, sk)
             for (sink, _), sk in zip(self.sinks, config.sinks, strict=True)
         ]
+        #: sinks that have been sent a batch (a sink is sent one batch without rows before any
+        #: other, so that it learns the columns: a single file of a run without rows is empty
+        #: but has its header)
+        self._sink_fed = [False] * len(self.sinks)
         self.dl_path, self.dl_epoch = self._dead_letter_output()
         self.epoch = 0
 
@@ -259,14 +280,14 @@ class Executor:
     # ------------------------------------------------------------------ construction
 
     def _epoch_sink(self, sink: Sink, cfg: Any) -> EpochSink:
-        if isinstance(cfg, FileSinkBase) and type(sink).__module__.startswith(
-            "sluice.connectors.files"
-        ):
-            name = self.run_id if not self.streaming else None
-            return FileEpochSink(cfg, self.ctx, batch=not self.streaming, name=name)
-        if isinstance(sink, EpochPublisher):
-            return StagedEpochSink(sink, self.staging, self.sink_ctx)
-        return PlainEpochSink(sink, self.ctx, batch=not self.streaming)
+        return epoch_sink(
+            sink,
+            cfg,
+            self.ctx,
+            stream=self.streaming,
+            staging=self.staging,
+            sink_ctx=self.sink_ctx,
+        )
 
     def _dead_letter_output(self) -> tuple[Path, FileEpochSink]:
         """A batch run writes its dead letters to one file named after the run."""
@@ -372,23 +393,23 @@ class Executor:
         *,
         recovering: bool = False,
         run_id: str | None = None,
+        sinks: Mapping[str, EpochSink] | None = None,
     ) -> tuple[list[str], int]:
         """Publish every sink of a committed epoch (retried), put each sink's publish-time dead
         letters into the epoch's dead-letter output, publish that, forget the staged data.
-        Returns the sinks published and the number of late letters."""
+        ``sinks`` (by id) publish the tokens (default: this run's epoch sinks). Returns the
+        sinks published and the number of late letters."""
         attempts, backoff = self._retry
-        dl_token = tokens.get("dead_letter")
+        by_token, dl_token = sink_tokens(dict(tokens))
+        by_id = dict(sinks) if sinks is not None else {es.step_id: es for es in self.epoch_sinks}
         done: list[str] = []
         late_total = 0
-        by_id = {es.step_id: es for es in self.epoch_sinks}
-        for sid, token in tokens.items():
-            if sid == "dead_letter":
-                continue
+        for sid, token in by_token.items():
             es = by_id.get(sid)
-            if es is None:
+            if es is None:  # a stream restarted without one of its sinks
                 self.redactor.warn(
-                    f"sink '{sid}' of the committed run {run_id or epoch} is no longer in the "
-                    "pipeline: its output of that run was not published"
+                    f"sink '{sid}' of the checkpointed epoch {epoch} is no longer in the "
+                    "pipeline: its output of that epoch was not published"
                 )
                 continue
             roll = recovering and not isinstance(es, FileEpochSink)
@@ -405,7 +426,7 @@ class Executor:
                 late_total += late.num_rows
             done.append(sid)
         dl.publish(epoch, dl_token)
-        for es in self.epoch_sinks:
+        for es in by_id.values():
             es.forget(epoch)
         return done, late_total
 
@@ -440,8 +461,10 @@ class Executor:
 
     def _recover(self, store: CheckpointStore) -> None:
         """Roll forward the newest commit record if its publish did not finish (a crash, a
-        failed publish): every sink publishes that run's output (idempotently) before this run
-        reads anything."""
+        failed publish): every sink of that run publishes its output (idempotently) before
+        this run reads anything. The record is marked published only once every one of its
+        sinks is; a sink that cannot be built for it stops the run instead (see
+        :meth:`_recovery_sinks`)."""
         cp, warnings = store.load()
         for w in warnings:
             self.redactor.warn(w)
@@ -451,22 +474,23 @@ class Executor:
         if published is not None and published >= cp.epoch:
             return
         old = str((cp.position or {}).get("batch_run", "")) if isinstance(cp.position, dict) else ""
-        dl_token = cp.sinks.get("dead_letter") or {}
+        tokens, dl_token = sink_tokens(cp.sinks)
+        dl_token = dl_token or {}
         ext = str(dl_token.get("ext") or self.cfg.dead_letter.kind)
         dl_dir = str(dl_token.get("dir") or self.dl_path.parent)
         dl = FileEpochSink(
             dead_letter_sink(self.cfg, f"{dl_dir}/{old}.{ext}", ext), self.ctx, batch=True, name=old
         )
-        old_ctx = RunContext(self.cfg.pipeline, f"batch-{old}", self.ctx.base_dir)
-        for es in self.epoch_sinks:
-            if isinstance(es, StagedEpochSink):
-                es.use_context(old_ctx)
+        built: list[EpochSink] = []
         try:
-            done, late = self._publish_epoch(cp.epoch, cp.sinks, dl, recovering=True, run_id=old)
+            sinks = self._recovery_sinks(tokens, old, built)
+            done, late = self._publish_epoch(
+                cp.epoch, cp.sinks, dl, recovering=True, run_id=old, sinks=sinks
+            )
         finally:
-            for es in self.epoch_sinks:
-                if isinstance(es, StagedEpochSink):
-                    es.use_context(self.sink_ctx)
+            for es in built:
+                with contextlib.suppress(Exception):
+                    es.close()
         store.mark_published(cp.epoch)
         self.report.recovered = {
             "run_id": old,
@@ -480,14 +504,61 @@ class Executor:
             f"(sinks: {', '.join(done) or 'none'})"
         )
 
+    def _recovery_sinks(
+        self, tokens: Mapping[str, Any], old: str, built: list[EpochSink]
+    ) -> dict[str, EpochSink]:
+        """An epoch sink for every sink of a committed run: this run's own when it publishes
+        the token as it was committed; for a file sink this run lacks, one built from the token
+        (which holds the folder and the files); for a database or broker sink this run lacks
+        (a replay runs only some sinks) or configures with another mode, one built from the
+        recovery pipeline's config with the mode the run was committed with. New ones are
+        appended to ``built`` (the caller closes them). A sink that cannot be built raises:
+        its output of that run would be lost."""
+        own = {es.step_id: es for es in self.epoch_sinks}
+        configs = {sk.id: sk for sk in self.recovery_cfg.sinks}
+        out: dict[str, EpochSink] = {}
+        for sid, token in tokens.items():
+            es = own.get(sid)
+            mode = token.get("mode") if isinstance(token, dict) else None
+            if isinstance(es, (FileEpochSink, PlainEpochSink)):
+                out[sid] = es
+                continue
+            if isinstance(es, StagedEpochSink) and mode in (None, es.mode):
+                out[sid] = es
+                continue
+            if token is None:  # a custom sink: committed when its run published, nothing staged
+                continue
+            if isinstance(token, dict) and "ext" in token and "stem" in token:
+                made: EpochSink = FileEpochSink.for_token(sid, token, self.ctx)
+            else:
+                cfg = configs.get(sid)
+                publisher = (
+                    lookup("sink", cfg.kind)(
+                        cfg if mode is None else cfg.model_copy(update={"mode": mode})
+                    )
+                    if cfg is not None
+                    else None
+                )
+                if not isinstance(publisher, EpochPublisher):
+                    raise SinkError(
+                        sid,
+                        f"run {old} of pipeline '{self.cfg.pipeline}' was committed with sink "
+                        f"'{sid}', which this pipeline does not have: that sink's output of the "
+                        "run cannot be published, so the run is not marked published",
+                        fix="run the pipeline definition that committed it once (its start "
+                        "publishes the rest), or add the sink back",
+                    )
+                made = StagedEpochSink(publisher, self.staging, self.sink_ctx, mode=mode)
+            built.append(made)
+            out[sid] = made
+        return out
+
     def _clean_dead_letter_folder(self) -> None:
-        """Delete hidden temporary dead-letter files that killed runs left behind."""
-        folder = self.dl_path.parent
-        if not folder.is_dir():
-            return
-        for path in folder.glob(f".*.{self.cfg.dead_letter.kind}.*.tmp"):
-            if not STREAM_TMP.match(path.name):
-                path.unlink(missing_ok=True)
+        """Delete the hidden temporary dead-letter files that killed runs of this pipeline left
+        behind (the caller holds the pipeline's lock; other pipelines' files stay)."""
+        remove_temporaries(
+            [self.dl_path.parent], f"*.{self.cfg.dead_letter.kind}", self.cfg.pipeline
+        )
 
     def _finish_dead_letters(self) -> None:
         """Wait until every dead letter queued so far is written; raise if writing failed."""
@@ -504,7 +575,7 @@ class Executor:
         """Prepare every sink, save the commit record, publish (see the module docstring)."""
         self._finish_dead_letters()
         tokens: dict[str, Any] = {es.step_id: es.prepare() for es in self.epoch_sinks}
-        self._dl_token = tokens["dead_letter"] = self.dl_epoch.prepare()
+        self._dl_token = tokens[DEAD_LETTER_TOKEN] = self.dl_epoch.prepare()
         if store is None:
             for es in self.epoch_sinks:  # custom sinks only: committed one after the other
                 es.publish(epoch, tokens[es.step_id])
@@ -544,6 +615,8 @@ class Executor:
                 raise
             out = res.table
             n_out = frame_rows(out) if out is not None else 0
+            if self.redactor.active and out is not None:  # the columns it made stay readable
+                self.redactor.learn(column_names(out))
             self.stats[step.step_id].add(
                 frame_rows(table),
                 n_out,
@@ -556,8 +629,11 @@ class Executor:
             self._dead(res.dead)
             outputs[step.step_id] = out
         for i, (_sink, inputs) in enumerate(self.sinks):
-            ins = [t for src in inputs if (t := outputs.get(src)) is not None and frame_rows(t)]
-            for t in ins:
+            for src in inputs:
+                t = outputs.get(src)
+                if t is None or not (frame_rows(t) or not self._sink_fed[i]):
+                    continue
+                self._sink_fed[i] = True  # a first batch without rows still says the columns
                 self._workers[i].put(t)
 
     def _call_step(self, step: Step, table: Frame) -> StepResult:
@@ -649,6 +725,7 @@ class Executor:
             fields = getattr(obj, "pii_fields", None)
             if fields:  # a contract names PII fields: no message of the run may hold them
                 self.redactor.declare(obj.step_id, fields)
+        self.redactor.follow(self.cfg)  # and every column computed from them
 
     def run(self) -> RunReport:
         """Run to the end of the input; return the report (also written as JSON)."""
@@ -675,13 +752,21 @@ class Executor:
             self._open_parts(opened)
             store = self._open_store()
             if store is not None:
+                # the marker of a staged sink is kept per sink for the store's batch runs
+                self.sink_ctx = RunContext(
+                    self.cfg.pipeline, f"batch-{store.stream_id}", self.ctx.base_dir, batch=True
+                )
+                for es in self.epoch_sinks:
+                    if isinstance(es, StagedEpochSink):
+                        es.use_context(self.sink_ctx)
                 self._recover(store)
-            for es in self.epoch_sinks:  # what killed runs left behind; error_if_exists
-                if isinstance(es, FileEpochSink):
-                    es.check_start()
-                elif isinstance(es, StagedEpochSink):
-                    es.clear()
-            self._clean_dead_letter_folder()
+                # what killed runs of this pipeline left behind (under the store's lock)
+                for es in self.epoch_sinks:
+                    if isinstance(es, FileEpochSink):
+                        es.check_start()
+                    elif isinstance(es, StagedEpochSink):
+                        es.clear()
+                self._clean_dead_letter_folder()
             self.epoch = store.next_epoch() if store is not None else 1
             for es in self.epoch_sinks:
                 es.begin(self.epoch)
@@ -753,7 +838,7 @@ class Executor:
                 with contextlib.suppress(Exception):  # closing never hides the outcome
                     obj.close()
             if store is not None:
-                store.close()
+                self._release_store(store)
             rep.seconds = time.perf_counter() - started
             rep.finished_at = dt.datetime.now(dt.UTC).isoformat()
             rep.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -761,7 +846,7 @@ class Executor:
                 quality = getattr(step, "quality_report", None)
                 result = quality() if quality is not None else None
                 if result:
-                    rep.quality[step.step_id] = result
+                    rep.quality[step.step_id] = self.redactor.quality(result)
             rep.dead_letters = self._dl_count
             rep.dead_letters_by_reason = dict(self._dl_reasons)
             if not self._dl_count:
@@ -796,8 +881,9 @@ class Executor:
             elif w.is_alive():
                 msg = (
                     f"sink '{es.step_id}' was still writing {self.join_timeout:g} s after the run "
-                    "failed; it aborts on its own thread when that write returns (temporary "
-                    "output left by an exit before that is deleted at the next start)"
+                    "failed; it aborts on its own thread when that write returns, and the "
+                    "pipeline stays locked until then (temporary output left by an exit before "
+                    "that is deleted at the next start)"
                 )
                 rep.error = f"{rep.error}; {msg}"
                 self.redactor.warn(msg)
@@ -806,6 +892,26 @@ class Executor:
                     f"{rep.error}; abort of sink '{es.step_id}' failed: "
                     f"{self.redactor.render(w.abort_error)}"
                 )
+
+    def _release_store(self, store: CheckpointStore) -> None:
+        """Close the state store, which releases the pipeline's lock — but only once no sink
+        thread can write any more: a sink still stuck in a write after the run failed (see
+        :meth:`_abort_sinks`) keeps the pipeline locked until it has aborted, so the next run
+        cannot start (and reuse its epoch number and staging files) under its feet. The process
+        exiting releases the lock too; the next start then cleans up."""
+        stuck = [w for w in self._workers if w.is_alive()]
+        if not stuck:
+            store.close()
+            return
+
+        def close_when_stopped() -> None:
+            for w in stuck:
+                w.join()
+            store.close()
+
+        threading.Thread(
+            target=close_when_stopped, name="sluice-store-release", daemon=True
+        ).start()
 
     def _close_dead_letters(self, rep: RunReport) -> None:
         """Dead letters are committed even when the run failed: they are never lost."""
@@ -830,9 +936,6 @@ class Executor:
             rep.status = "failed"
             rep.error = f"{rep.error}; {msg}" if rep.error else msg
             self.redactor.warn(msg)
-
-
-_describe = describe
 
 
 def run_pipeline(

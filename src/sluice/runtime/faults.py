@@ -4,7 +4,10 @@ kill itself with SIGKILL (no cleanup, like ``kill -9``) the n-th time it reaches
 Points: ``before_checkpoint`` (sinks prepared, checkpoint not written), ``in_checkpoint_write``
 (inside the checkpoint's SQLite transaction, before COMMIT), ``after_checkpoint`` (saved, nothing
 published), ``mid_publish`` (after the first sink published), ``before_ack`` (published, source
-not acknowledged). Unset (always, outside tests) it costs one dictionary lookup.
+not acknowledged), ``before_journal`` (a plain publisher committed, its letters not journaled
+yet), ``publish_before_commit`` (PostgreSQL: rows written and letters journaled, transaction
+not committed), ``kafka_before_marker``. Unset (always, outside tests) it costs one dictionary
+lookup.
 """
 
 from __future__ import annotations

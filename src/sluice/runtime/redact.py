@@ -13,18 +13,26 @@ so every message that leaves a run goes through the run's :class:`Redactor`:
   that whoever prints it later (``sluice run``, a user's ``except``) prints the redacted text;
 * anything the runtime prints to stderr: :meth:`Redactor.warn`.
 
-Column names, step ids and type names stay readable. Without declared PII every method
-returns its input unchanged (one attribute check).
+**PII follows the data.** A column is PII when a contract marks it ``pii: true``, and so is
+every column computed from one: :func:`pii_lineage` follows the pipeline's configuration —
+renames, derives, SQL select lists (DuckDB's own parse of the statement, CTEs and subqueries
+included), window aggregates — and the redactor treats all of them as PII (``SELECT name AS
+full_name``: ``full_name`` is redacted in a dead letter's payload, in a report's samples, in
+messages). Column names, step ids and type names stay readable. Without declared PII every
+method returns its input unchanged (one attribute check).
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import sys
 from collections.abc import Iterable
+from typing import Any
 
 import pyarrow as pa
 
-from sluice.batch import mask_pii, redact_text
+from sluice.batch import REDACTED, mask_pii, redact_text
 from sluice.errors import ConfigError, SluiceError
 
 
@@ -64,6 +72,33 @@ class Redactor:
         """Column names and step ids seen in the run stay readable in messages."""
         self.names.update(names)
 
+    def follow(self, config: Any) -> None:
+        """Extend the declared PII to every column computed from a PII column in the pipeline
+        ``config`` (:func:`pii_lineage`); the columns the configuration names stay readable.
+        Called once the contract steps have declared their fields."""
+        if not self.active:
+            return
+        pii, names = pii_lineage(config, self.pii)
+        self.pii |= pii
+        self.names |= names | pii
+
+    def quality(self, report: dict[str, Any]) -> dict[str, Any]:
+        """A contract step's quality report as the run report may hold it: the samples of every
+        check on a PII column (declared PII by any contract of the run, or computed from one)
+        are redacted, whichever contract made the check."""
+        if not self.active or not report:
+            return report
+        out = copy.deepcopy(report)
+        for check in out.get("checks") or []:
+            name = str(check.get("check") or "")
+            column = name.rsplit(".", 1)[0] if "." in name else name
+            samples = check.get("samples")
+            if samples and column in self.pii:
+                check["samples"] = [REDACTED] * len(samples)
+            if isinstance(check.get("detail"), str):
+                check["detail"] = self.text(check["detail"])
+        return out
+
     def text(self, message: str) -> str:
         """A message the runtime wrote (an error, a warning) without any record value."""
         if not self.active or not message:
@@ -71,7 +106,7 @@ class Redactor:
         return redact_text(message, keep=self.names)
 
     def render(self, exc: BaseException) -> str:
-        """``render_error``: the one rendering of an exception for reports and stderr."""
+        """The one rendering of an exception for reports and stderr."""
         return self.text(describe(exc))
 
     def scrub(self, exc: BaseException) -> None:
@@ -110,9 +145,140 @@ class Redactor:
         print(f"sluice: {self.text(message)}", file=sys.stderr)
 
 
-def render_error(exc: BaseException, redactor: Redactor | None = None) -> str:
-    """Render an exception for a person: through the run's redactor when there is one."""
-    return redactor.render(exc) if redactor is not None else describe(exc)
+# ----------------------------------------------------------------------------- PII lineage
 
 
-__all__ = ["Redactor", "describe", "render_error"]
+def _expression_refs(expr: str) -> set[str] | None:
+    from sluice.steps.sqlengine import column_refs
+
+    return column_refs(f"SELECT {expr} FROM input")
+
+
+def _select_items(tree: Any) -> list[dict[str, Any]]:
+    """Every select-list item anywhere in a parsed statement (top level, CTEs, subqueries,
+    both sides of a set operation)."""
+    items: list[dict[str, Any]] = []
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("type") == "SELECT_NODE" and isinstance(node.get("select_list"), list):
+                items.extend(i for i in node["select_list"] if isinstance(i, dict))
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return items
+
+
+def _refs_in(node: Any) -> set[str]:
+    """The column names a parsed expression (and anything nested in it) refers to."""
+    refs: set[str] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, dict):
+            if n.get("class") == "COLUMN_REF" and n.get("column_names"):
+                refs.add(str(n["column_names"][-1]))
+            stack.extend(n.values())
+        elif isinstance(n, list):
+            stack.extend(n)
+    return refs
+
+
+def _sql_derivations(sql: str) -> list[tuple[str, set[str]]]:
+    """``(output column, columns it is computed from)`` for each select-list item of ``sql``
+    (DuckDB's parse; a ``*`` keeps the names, so it adds nothing). An item without an alias
+    gets the name DuckDB gives it (its expression's text)."""
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        row = con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()
+        tree = json.loads(row[0]) if row else {"error": True}
+        if tree.get("error"):
+            return []
+        out: list[tuple[str, set[str]]] = []
+        for item in _select_items(tree.get("statements")):
+            refs = _refs_in(item)
+            if item.get("class") == "STAR" or not refs:
+                continue
+            name = item.get("alias") or ""
+            if not name and item.get("class") == "COLUMN_REF":
+                name = str(item["column_names"][-1])
+            if not name:  # DuckDB names it after the expression's text
+                one = {
+                    "error": False,
+                    "statements": [
+                        {
+                            "node": {
+                                "type": "SELECT_NODE",
+                                "modifiers": [],
+                                "cte_map": {"map": []},
+                                "select_list": [item],
+                                "from_table": {
+                                    "type": "EMPTY",
+                                    "alias": "",
+                                    "sample": None,
+                                    "query_location": 18446744073709551615,
+                                },
+                                "where_clause": None,
+                                "group_expressions": [],
+                                "group_sets": [],
+                                "aggregate_handling": "STANDARD_HANDLING",
+                                "having": None,
+                                "sample": None,
+                                "qualify": None,
+                            }
+                        }
+                    ],
+                }
+                try:
+                    text = con.execute(
+                        "SELECT json_deserialize_sql(?::JSON)", [json.dumps(one)]
+                    ).fetchone()
+                except duckdb.Error:
+                    continue
+                if not text:
+                    continue
+                name = str(text[0]).removeprefix("SELECT ").strip()
+            out.append((name, refs))
+        return out
+    except duckdb.Error:
+        return []
+    finally:
+        con.close()
+
+
+def pii_lineage(config: Any, declared: Iterable[str]) -> tuple[set[str], set[str]]:
+    """The columns of a pipeline that hold PII: those ``declared`` (contracts' ``pii: true``)
+    and every column computed from one of them — by a rename, a derive, an SQL select-list
+    item or a window aggregate — transitively (a fixpoint over every step, so the order of
+    steps and CTEs does not matter; a name computed from PII anywhere is treated as PII
+    everywhere, which can only redact more). Returns ``(PII columns, every column name the
+    configuration defines)`` (the latter stay readable in messages)."""
+    from sluice.config.models import DeriveStep, RenameStep, SqlStep, WindowStep
+
+    derivations: list[tuple[str, set[str]]] = []
+    for step in getattr(config, "steps", ()):
+        if isinstance(step, RenameStep):
+            derivations += [(new, {old}) for old, new in step.rename.items()]
+        elif isinstance(step, DeriveStep):
+            derivations += [(out, _expression_refs(e) or set()) for out, e in step.derive.items()]
+        elif isinstance(step, WindowStep):
+            derivations += [
+                (out, _expression_refs(e) or set()) for out, e in step.aggregate.items()
+            ]
+        elif isinstance(step, SqlStep):
+            derivations += _sql_derivations(step.sql)
+    pii = set(declared)
+    grew = True
+    while grew:
+        grew = False
+        for name, refs in derivations:
+            if name not in pii and refs & pii:
+                pii.add(name)
+                grew = True
+    return pii, {name for name, _ in derivations}
+
+
+__all__ = ["Redactor", "describe", "pii_lineage"]

@@ -17,14 +17,26 @@ dead letters in a subfolder ``replay-<time>/`` of the pipeline's dead-letter fol
 replaying the original folder again never picks them up (only files directly inside the given
 folder are read).
 
-**Each letter is replayed once.** A letter's key is a hash of its run id, step, reason, source,
-position, line and payload (and which occurrence of identical letters it is). Each replay run
-is a batch run with its own commit record in the pipeline's state store
-(``checkpoint.path``); the keys of the letters it replays go into the store's ``replayed``
-ledger in the same transaction as that commit record. A later replay skips the letters already
-in the ledger, with a message on stderr, and refuses when nothing is left. A replay that
-crashed after its commit is completed at the next start of the pipeline (or of a replay),
-like any batch run. Deleting the state store forgets the ledger.
+**Each record is replayed once.** A letter's key is a hash of its step, reason, source,
+position, line and payload — not of the run that wrote it: a pipeline run twice over the same
+input writes the same letter twice, and it is one record (identical letters of one run, which
+have no position to tell them apart, stay distinct: the n-th of them in one run is the n-th in
+another). Identical letters in the folder are replayed once. Each replay run is a batch run
+with its own commit record in the pipeline's state store (``checkpoint.path``); the keys of the
+letters it replays go into the store's ``replayed`` ledger in the same transaction as that
+commit record (a key already there makes that transaction fail: the run is not committed). A
+later replay skips the letters already in the ledger, with a message on stderr, and refuses
+when nothing is left; one replay of a pipeline runs at a time (the lock
+``<store>.replay.lock``, held from the ledger check to the last commit). A replay that crashed
+after its commit is completed at the next start of the pipeline (or of a replay), like any
+batch run; a replay rolls an earlier committed run forward with all of the pipeline's sinks.
+Deleting the state store forgets the ledger.
+
+**Letters with redacted PII are not replayed.** When the pipeline declares PII, the PII
+values of a letter's payload (or a raw record as a whole) were replaced by ``<redacted>``
+before the letter was written: its record is gone. Such letters are written again, as
+``replay_error`` letters saying so, in the replay's folder (and their keys enter the ledger);
+nothing of them reaches a sink.
 """
 
 from __future__ import annotations
@@ -33,22 +45,27 @@ import datetime as dt
 import hashlib
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import polars as pl
+import pyarrow as pa
 
+from sluice.batch import REDACTED, dead_letters
 from sluice.config.loader import parse_pipeline
 from sluice.config.models import PipelineConfig
-from sluice.errors import ConfigError
-from sluice.plugins import RunContext
+from sluice.errors import ConfigError, SluiceError
+from sluice.plugins import Chunk, RunContext
 from sluice.runtime.executor import Executor
 from sluice.runtime.report import RunReport
-from sluice.state.checkpoints import CheckpointStore
+from sluice.state.checkpoints import CheckpointStore, StoreBusy, exclusive
 
 _SINGLE_FILE_EXT = {"parquet": ".parquet", "csv": ".csv", "jsonl": ".jsonl"}
-_KEY_COLS = ["run_id", "step_id", "reason", "source", "position", "line", "payload"]
+#: what identifies a dead letter's record: not the run that wrote it (a re-run that rejects
+#: the same record again writes an identical letter: it is one record, replayed once)
+_KEY_COLS = ["step_id", "reason", "source", "position", "line", "payload"]
 #: modes that replace a sink's target: a replay appends instead
 _REPLACING = {"overwrite", "replace", "error_if_exists"}
 
@@ -75,8 +92,12 @@ def read_dead_letters(path: Path) -> pl.DataFrame:
         f.select(
             *[pl.col(c).cast(pl.String) for c in cols],
             *[
+                (pl.col(c) if c in f.columns else pl.lit(None)).cast(pl.Int64).alias(c)
+                for c in ("position", "line")
+            ],
+            *[
                 (pl.col(c) if c in f.columns else pl.lit(None)).cast(pl.String).alias(f"_k_{c}")
-                for c in _KEY_COLS
+                for c in [*_KEY_COLS, "run_id"]
             ],
         )
         for f in frames
@@ -84,14 +105,17 @@ def read_dead_letters(path: Path) -> pl.DataFrame:
     letters = pl.concat(keyed)
     parts = [pl.col(f"_k_{c}").fill_null("\x00") for c in _KEY_COLS]
     content = pl.concat_str(parts, separator="\x1f")
-    letters = letters.with_columns(_content=content, _n=pl.int_range(pl.len()).over(content)).drop(
-        [f"_k_{c}" for c in _KEY_COLS]
-    )
+    # identical letters of one run are different records (no position to tell them apart):
+    # the n-th of them in one run is the n-th in another run that rejected the same input
+    letters = letters.with_columns(
+        _content=content, _n=pl.int_range(pl.len()).over(content, "_k_run_id")
+    ).drop([f"_k_{c}" for c in [*_KEY_COLS, "run_id"]])
     keys = [
         hashlib.sha256(f"{c}\x1e{n}".encode()).hexdigest()[:40]
         for c, n in zip(letters["_content"], letters["_n"], strict=True)
     ]
-    return letters.drop("_content", "_n").with_columns(key=pl.Series(keys, dtype=pl.String))
+    letters = letters.drop("_content", "_n").with_columns(key=pl.Series(keys, dtype=pl.String))
+    return letters.unique(subset="key", keep="first", maintain_order=True)
 
 
 def _ledger(cfg: PipelineConfig, base_dir: Path) -> Path:
@@ -152,6 +176,20 @@ def replay(
     letters = read_dead_letters(dead_letters)
     if reasons:
         letters = letters.filter(pl.col("reason").is_in(reasons))
+    try:
+        # one replay of a pipeline at a time, from the ledger check to its last commit
+        with exclusive(_ledger(cfg, base_dir), "replay"):
+            return _replay(cfg, letters, base_dir, progress)
+    except StoreBusy as exc:
+        raise SluiceError(
+            f"{exc}: another `sluice replay` of pipeline '{cfg.pipeline}' is running; wait "
+            "until it has finished, then replay again (the letters it replays are skipped)"
+        ) from None
+
+
+def _replay(
+    cfg: PipelineConfig, letters: pl.DataFrame, base_dir: Path, progress: bool | None
+) -> list[RunReport]:
     letters = _skip_replayed(cfg, letters, base_dir)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     cfg = cfg.model_copy(
@@ -161,7 +199,13 @@ def replay(
             )
         }
     )
+    masked = letters.filter(
+        pl.col("payload").map_elements(_redacted, return_dtype=pl.Boolean).fill_null(False)
+    )
+    letters = letters.filter(~pl.col("key").is_in(masked["key"].implode()))
     reports: list[RunReport] = []
+    if masked.height:
+        reports.append(_refuse_redacted(cfg, masked, base_dir, progress))
     with tempfile.TemporaryDirectory(prefix="sluice-replay-") as tmp:
         tmpdir = Path(tmp)
         src_id = cfg.source.id
@@ -172,6 +216,85 @@ def replay(
         for (step_id,), group in from_steps.group_by(["step_id"], maintain_order=True):
             reports.append(_replay_rows(cfg, str(step_id), group, tmpdir, base_dir, progress))
     return reports
+
+
+def _redacted(payload: str | None) -> bool:
+    """Whether a letter's payload had PII redacted when it was written (``<redacted>`` in
+    place of a value, or of the whole raw record): its record is no longer there to replay."""
+    if not payload or REDACTED not in payload:
+        return False
+    if payload.startswith(REDACTED):
+        return True
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and any(v == REDACTED for v in obj.values())
+
+
+class _Letters:
+    """A source that yields nothing but the given dead letters."""
+
+    def __init__(self, step_id: str, letters: pa.Table) -> None:
+        self.step_id = step_id
+        self.letters = letters
+
+    def open(self, ctx: RunContext) -> None:
+        return None
+
+    def read(self) -> Iterator[Chunk]:
+        yield Chunk(dead=self.letters)
+
+    def size_hint(self) -> int | None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+_REDACTED_MESSAGE = (
+    "not replayed: the letter's payload was redacted when it was written (the pipeline "
+    "declares PII fields), so the record it held is gone and replaying it would write "
+    "'<redacted>' as data. Fix the input it came from (see source, position, line) and run "
+    "the pipeline on it again"
+)
+
+
+def _refuse_redacted(
+    cfg: PipelineConfig, letters: pl.DataFrame, base_dir: Path, progress: bool | None
+) -> RunReport:
+    """Letters whose payload was redacted cannot be replayed faithfully: a run writes each
+    of them again as a ``replay_error`` letter (in the replay's folder, with the reason), and
+    their keys enter the ledger with its commit; nothing reaches a sink."""
+    print(
+        f"sluice: {letters.height} dead letter(s) hold redacted PII and cannot be replayed; "
+        "they are written as replay_error letters",
+        file=sys.stderr,
+    )
+    table = dead_letters(
+        step_id="",
+        reason="replay_error",
+        message=_REDACTED_MESSAGE,
+        payload=letters["payload"].to_list(),
+        source=letters["source"].to_list(),
+        position=letters["position"].to_list(),
+        line=letters["line"].to_list(),
+    )
+    steps = pa.array([str(x) for x in letters["step_id"].to_list()], pa.string())
+    table = table.set_column(table.schema.get_field_index("step_id"), "step_id", steps)
+    raw = cfg.model_dump(by_alias=True, exclude_none=True)
+    raw["source"] = {"kind": "jsonl", "path": "redacted.jsonl", "id": "replay_redacted"}
+    raw["steps"] = []
+    raw["sinks"] = []
+    sub = parse_pipeline(raw, env={})
+    return Executor(
+        sub,
+        base_dir=base_dir,
+        progress=progress,
+        replayed=letters["key"].to_list(),
+        source=_Letters("replay_redacted", table),
+        recovery=cfg,
+    ).run()
 
 
 def _is_object(payload: str | None) -> bool:
@@ -375,4 +498,6 @@ def _run(
     raw["steps"] = new_steps
     raw["sinks"] = sinks
     sub = parse_pipeline(raw, env={})
-    return Executor(sub, base_dir=base_dir, progress=progress, replayed=keys).run()
+    # an earlier run found committed but not completely published is rolled forward with the
+    # whole pipeline's sinks, not only with those of this part
+    return Executor(sub, base_dir=base_dir, progress=progress, replayed=keys, recovery=cfg).run()

@@ -60,7 +60,13 @@ from sluice.config.models import STREAM_SOURCE_KINDS, PipelineConfig
 from sluice.errors import ConfigError, StepError, TerminalError
 from sluice.plugins import RunContext, Sink, Step, StepResult, StreamSource
 from sluice.quality.engine import ContractFailure
-from sluice.runtime.epochs import EpochSink, FileEpochSink, StagedEpochSink
+from sluice.runtime.epochs import (
+    DEAD_LETTER_TOKEN,
+    EpochSink,
+    FileEpochSink,
+    StagedEpochSink,
+    sink_tokens,
+)
 from sluice.runtime.executor import Executor, dead_letter_sink
 from sluice.runtime.faults import crash_point
 from sluice.runtime.report import RunReport
@@ -303,7 +309,7 @@ class StreamExecutor(Executor):
         t0 = time.perf_counter()
         epoch = self.epoch
         tokens: dict[str, Any] = {s.step_id: s.prepare() for s in self.epoch_sinks}
-        tokens["dead_letter"] = self.dl_epoch.prepare()
+        tokens[DEAD_LETTER_TOKEN] = self.dl_epoch.prepare()
         state = {s.step_id: s.snapshot() for s in self._stateful}
         crash_point("before_checkpoint")
         store.save(Checkpoint(epoch=epoch, position=self.position, state=state, sinks=tokens))
@@ -347,10 +353,11 @@ class StreamExecutor(Executor):
                         attempts=attempts,
                         backoff=max(backoff, 0.5),
                     )
-        self.dl_epoch.recover(epoch, tokens.get("dead_letter"))
+        by_sink, dl_token = sink_tokens(tokens)
+        self.dl_epoch.recover(epoch, dl_token)
         for s in self.epoch_sinks:
             if isinstance(s, FileEpochSink):
-                s.recover(epoch, tokens.get(s.step_id))
+                s.recover(epoch, by_sink.get(s.step_id))
         if cp is not None:
             self.restored_from = cp.epoch
             for step in self._stateful:
@@ -446,6 +453,7 @@ class StreamExecutor(Executor):
                 fields = getattr(step, "pii_fields", None)
                 if fields:
                     self.redactor.declare(step.step_id, fields)
+            self.redactor.follow(self.cfg)
             self._restore(store)
             self._dl_open = True
             self.stream_source.open(self.ctx, self.position)

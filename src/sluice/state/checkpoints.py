@@ -31,7 +31,7 @@ import os
 import sqlite3
 import struct
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -39,6 +39,7 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from sluice.errors import SluiceError
 from sluice.runtime.faults import crash_point
 
 State = dict[str, dict[str, pa.Table]]  # step id -> name -> table
@@ -59,6 +60,41 @@ class CorruptCheckpoint(Exception):
 
 class StoreBusy(Exception):
     """Another process holds the store's lock for this history (another run is going on)."""
+
+
+class AlreadyReplayed(SluiceError):
+    """A run that replays dead letters found, at its commit, that another replay had already
+    consumed some of them: it is not committed (nothing of it is published)."""
+
+
+def _lock(lock_path: Path, what: str) -> IO[bytes] | None:
+    """Take the exclusive advisory lock ``lock_path`` (held while the file stays open); raise
+    :class:`StoreBusy` naming ``what`` when another process (or another open of it) holds it."""
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks on this platform
+        return None
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(lock_path, "ab")  # noqa: SIM115 - held open while the lock is
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise StoreBusy(f"{what} (lock {lock_path.name})") from None
+    return fh
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, name: str) -> Iterator[None]:
+    """Hold the lock ``<store file>.<name>.lock`` for the ``with`` block (e.g. ``replay``: one
+    replay of a pipeline at a time, from the ledger check to its last commit); raise
+    :class:`StoreBusy` when it is held elsewhere."""
+    fh = _lock(path.with_name(f"{path.name}.{name}.lock"), f"another {name} of {path} is going on")
+    try:
+        yield
+    finally:
+        if fh is not None:
+            fh.close()
 
 
 TABLES = ("checkpoints", "batch_runs")
@@ -165,21 +201,10 @@ class CheckpointStore:
         self.stream_id: str = row[0]
 
     def _take_lock(self) -> IO[bytes] | None:
-        try:
-            import fcntl
-        except ImportError:  # no advisory locks on this platform
-            return None
-        lock_path = self.path.with_name(f"{self.path.name}.{self.table}.lock")
-        fh = open(lock_path, "ab")  # noqa: SIM115 - held open while the store is
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.close()
-            raise StoreBusy(
-                f"another process is using the checkpoint store {self.path} ({self.table}; "
-                f"lock {lock_path.name})"
-            ) from None
-        return fh
+        return _lock(
+            self.path.with_name(f"{self.path.name}.{self.table}.lock"),
+            f"another process is using the checkpoint store {self.path} ({self.table})",
+        )
 
     def _release(self) -> None:
         lock, self._lock = self._lock, None
@@ -198,10 +223,17 @@ class CheckpointStore:
                 f"INSERT OR REPLACE INTO {self.table} VALUES (?, ?, ?, ?)",
                 (cp.epoch, cp.created, digest, body),
             )
-            self._db.executemany(
-                "INSERT OR IGNORE INTO replayed VALUES (?, ?, ?, ?)",
-                [(key, cp.epoch, run_id, cp.created) for key in replayed],
-            )
+            try:
+                self._db.executemany(
+                    "INSERT INTO replayed VALUES (?, ?, ?, ?)",
+                    [(key, cp.epoch, run_id, cp.created) for key in replayed],
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyReplayed(
+                    "some of the dead letters this run replays were replayed by another run "
+                    "while it ran: it is not committed (nothing of it is published), so they "
+                    "are not written twice"
+                ) from None
             crash_point("in_checkpoint_write")
             self._db.execute(
                 f"DELETE FROM {self.table} WHERE epoch NOT IN "
@@ -284,17 +316,19 @@ class CheckpointStore:
 
 def remove_store(path: Path) -> None:
     """Delete a store file with its WAL and lock files (tests, and starting over)."""
-    for suffix in ("", "-wal", "-shm", *(f".{t}.lock" for t in TABLES)):
+    for suffix in ("", "-wal", "-shm", ".replay.lock", *(f".{t}.lock" for t in TABLES)):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path.with_name(path.name + suffix))
 
 
 __all__ = [
+    "AlreadyReplayed",
     "Checkpoint",
     "CheckpointStore",
     "CorruptCheckpoint",
     "StoreBusy",
     "decode",
     "encode",
+    "exclusive",
     "remove_store",
 ]

@@ -2,8 +2,9 @@
 
 ``path`` is a directory of part files (``part-{run_id}-{seq:05d}.{ext}``), unless it ends with the
 format's extension, then it is a single file. Every file is written under a hidden temporary name
-in its final directory (``.{name}.{run_id}.tmp``), fsync'ed, and renamed into place with
-:func:`os.replace` only in :meth:`commit`. So:
+in its final directory (``.{name}.{pipeline}.{run_id}.tmp``: :func:`temporary_name`; the owner in
+the name keeps one pipeline's clean-up away from another's files), fsync'ed, and renamed into
+place with :func:`os.replace` only in :meth:`commit` (or by the runtime's publish). So:
 
 * a crash (even ``kill -9``) never leaves a file under a final name that looks complete: at worst
   hidden ``*.tmp`` leftovers, which readers (pyarrow datasets, Spark, DuckDB globs on
@@ -17,7 +18,9 @@ Which output a run replaces (``mode: overwrite``), keeps (``append``) or refuses
 (``error_if_exists``) is decided by the runtime's epoch protocol (:mod:`sluice.runtime.epochs`):
 the writers only write part files under temporary names and hand them over with
 :meth:`_FileWriter.prepare`. :func:`existing_output`, :func:`remove_temporaries` and
-:func:`replace_output` are the file-level helpers it uses.
+:func:`replace_output` are the file-level helpers it uses; they only look at the output's own
+files: part files directly in the folder and in its partition folders (:func:`output_dirs`),
+never in other subfolders.
 
 This module also holds :class:`SchemaAligner`, shared by every sink (the last line of defence
 before anything is written):
@@ -41,6 +44,7 @@ import os
 import re
 import urllib.parse
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, ClassVar
@@ -371,7 +375,8 @@ class _Part:
     buffered_bytes: int = 0
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the entries of folder ``path`` durable (renames, new files); best effort."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -382,6 +387,23 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def temporary_name(final: Path, pipeline: str, run_id: str) -> Path:
+    """The hidden temporary name a file is written under before it is renamed to ``final``:
+    ``.<final name>.<pipeline>.<run id>.tmp``. It names its owner, so that the clean-up of a
+    pipeline never deletes the temporary files of another pipeline writing the same folder
+    (:func:`remove_temporaries`)."""
+    return final.with_name(f".{final.name}.{pipeline}.{run_id}.tmp")
+
+
+def temporary_owner(name: str) -> str | None:
+    """The pipeline that owns the temporary file ``name`` (see :func:`temporary_name`), or
+    None when ``name`` is not such a file."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return None
+    parts = name[1:-4].rsplit(".", 2)
+    return parts[1] if len(parts) == 3 else None
 
 
 @dataclass(eq=False)
@@ -444,10 +466,7 @@ class _FileWriter:
         if state is None:
             return
         try:
-            if state.single and not state.open_parts and not state.finished:
-                schema = state.aligner.schema or state.aligner.fallback
-                if schema is not None:  # a run without rows still leaves a valid, empty file
-                    self._new_part(state, (), schema)
+            self._empty_single_file(state)
             for key in list(state.open_parts):
                 self._finish(state, key)
             dirs = set()
@@ -455,7 +474,7 @@ class _FileWriter:
                 os.replace(part.tmp, part.final)
                 dirs.add(part.final.parent)
             for d in dirs:
-                _fsync_dir(d)
+                fsync_dir(d)
         except (OSError, pa.ArrowException) as exc:
             self.abort()
             raise SinkError(
@@ -464,12 +483,15 @@ class _FileWriter:
         self._state = None
 
     def prepare(self) -> list[tuple[Path, Path]]:
-        """Stream mode: finish every part file (closed and fsynced under its temporary name) and
-        return ``(temporary, final)`` pairs; renaming them is the caller's publish step."""
+        """Finish every part file (closed and fsynced under its temporary name) and return
+        ``(temporary, final)`` pairs; renaming them is the caller's publish step (the runtime's
+        epoch protocol). A single-file output always gets its file, empty when no row came: the
+        file a run publishes replaces the previous one, also when the run had nothing to write."""
         state = self._state
         if state is None:
             return []
         try:
+            self._empty_single_file(state)
             for key in list(state.open_parts):
                 self._finish(state, key)
         except (OSError, pa.ArrowException) as exc:
@@ -480,6 +502,13 @@ class _FileWriter:
         pairs = [(part.tmp, part.final) for part in state.finished]
         self._state = None
         return pairs
+
+    def _empty_single_file(self, state: _State) -> None:
+        """A single-file output without any row still gets its (valid, empty) file: with the
+        columns of the batches it saw (all refused, or without rows), else without columns."""
+        if state.single and not state.open_parts and not state.finished:
+            schema = state.aligner.schema or state.aligner.fallback
+            self._new_part(state, (), schema if schema is not None else pa.schema([]))
 
     def abort(self) -> None:
         state = self._state
@@ -543,7 +572,7 @@ class _FileWriter:
             self._mkdirs(state, directory)
             final = directory / f"part-{run_id}-{state.seq:05d}.{self.ext}"
             state.seq += 1
-        tmp = final.with_name(f".{final.name}.{run_id}.tmp")
+        tmp = temporary_name(final, state.ctx.pipeline, run_id)
         part = _Part(tmp, final, open(tmp, "wb"))  # noqa: SIM115 - closed in _finish/abort
         state.open_parts[key] = part
         part.writer = self._start_part(part, schema)
@@ -746,52 +775,92 @@ class JsonlWriter(_FileWriter):
 STREAM_TMP = re.compile(r"^\.part-e\d{9}-.*\.tmp$")
 
 
-def output_parts(directory: Path, ext: str) -> list[Path]:
-    """The part files (``part-*.<ext>``, any run, any partition folder) of a folder output."""
+def output_dirs(directory: Path, partition_by: Sequence[str] = ()) -> list[Path]:
+    """The folders of a folder output that hold its part files: the folder itself and, with
+    ``partition_by``, its hive partition folders (``<col>=<value>/...``, one level per partition
+    column, in that order). Any other subfolder (another output nested inside, a user's folder)
+    is not part of the output."""
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.rglob(f"part-*.{ext}") if p.is_file())
+    dirs = [directory]
+    level = [directory]
+    for col in partition_by:
+        prefix = urllib.parse.quote(col, safe="") + "="
+        level = [
+            d
+            for parent in level
+            for d in parent.iterdir()
+            if d.name.startswith(prefix) and d.is_dir() and not d.is_symlink()
+        ]
+        if not level:
+            break
+    else:
+        if partition_by:
+            dirs.extend(level)
+    return sorted(dirs)
 
 
-def existing_output(root: Path, ext: str, *, single: bool) -> list[Path]:
+def output_parts(directory: Path, ext: str, partition_by: Sequence[str] = ()) -> list[Path]:
+    """The part files (``part-*.<ext>``, any run) of a folder output: in the folder itself and
+    in its partition folders (see :func:`output_dirs`)."""
+    return sorted(
+        p
+        for d in output_dirs(directory, partition_by)
+        for p in d.glob(f"part-*.{ext}")
+        if p.is_file()
+    )
+
+
+def existing_output(
+    root: Path, ext: str, *, single: bool, partition_by: Sequence[str] = ()
+) -> list[Path]:
     """What ``mode: error_if_exists`` refuses: the file, or the folder's part files."""
     if single:
         return [root] if root.exists() else []
-    return output_parts(root, ext)
+    return output_parts(root, ext, partition_by)
 
 
-def remove_temporaries(root: Path, *, single: bool) -> list[Path]:
-    """Delete the hidden temporary files a killed batch run of this output left behind
-    (``.part-*.tmp`` in the folder and its partition folders, or ``.<file>.*.tmp`` next to a
-    single file); temporary files of a stream's epochs are left alone. Returns what was
-    deleted."""
+def remove_temporaries(dirs: Iterable[Path], pattern: str, pipeline: str) -> list[Path]:
+    """Delete the hidden temporary files that killed batch runs of ``pipeline`` left in
+    ``dirs``: those of a final name matching ``pattern`` (a glob) that name ``pipeline`` as
+    their owner (:func:`temporary_name`). Another pipeline's temporary files (it may be
+    writing right now) and those of a stream's epochs are never touched. The caller holds
+    the pipeline's lock (its state store), so no run of ``pipeline`` is writing them. Returns
+    what was deleted."""
     removed: list[Path] = []
-    if single:
-        candidates = root.parent.glob(f".{root.name}.*.tmp") if root.parent.is_dir() else []
-    else:
-        candidates = root.rglob(".part-*.tmp") if root.is_dir() else []
-    for path in candidates:
-        if STREAM_TMP.match(path.name) or not path.is_file():
+    for d in dirs:
+        if not d.is_dir():
             continue
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            removed.append(path)
+        for path in d.glob(f".{pattern}.{pipeline}.*.tmp"):
+            if STREAM_TMP.match(path.name) or temporary_owner(path.name) != pipeline:
+                continue
+            if not path.is_file():
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
     return removed
 
 
 def replace_output(
-    directory: Path, ext: str, keep: set[Path], *, partitions: bool = False
+    directory: Path,
+    ext: str,
+    keep: set[Path],
+    *,
+    partitions: bool = False,
+    partition_by: Sequence[str] = (),
 ) -> set[Path]:
-    """``mode: overwrite`` at publish: delete every part file of the folder output that is not
-    in ``keep`` (the run's own parts, already renamed into place) — with ``partitions`` only in
-    the partition folders that hold a part of ``keep`` — and the partition folders left
-    empty. Idempotent. Returns the folders that changed (to fsync)."""
+    """``mode: overwrite`` at publish: delete every part file of the folder output (see
+    :func:`output_parts`) that is not in ``keep`` (the run's own parts, already renamed into
+    place) — with ``partitions`` only in the partition folders that hold a part of ``keep`` —
+    and the partition folders left empty. Idempotent. Returns the folders that changed (to
+    fsync)."""
     changed: set[Path] = set()
     if partitions:
         scopes = {p.parent for p in keep}
         old = [p for d in scopes if d.is_dir() for p in d.glob(f"part-*.{ext}") if p.is_file()]
     else:
-        old = output_parts(directory, ext)
+        old = output_parts(directory, ext, partition_by)
     for path in old:
         if path not in keep:
             with contextlib.suppress(FileNotFoundError):
